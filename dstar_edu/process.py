@@ -1,0 +1,388 @@
+"""Forward noising processes ``x_t = alpha(t) * x0 + sigma(t) * eps`` (handbook Def. 2.1).
+
+Every process gives ``alpha(t)``, ``sigma(t)``, their time derivatives, its time domain, its prior
+and the marginal sample. Nothing else in the library knows which process it is talking to.
+
+Notation map (handbook "Demystify notations", Sec. 2.2.1, 2.3, 2.4, 2.5, 2.7), written once here:
+
+=========================  ======================================================================
+this library               other papers
+=========================  ======================================================================
+``alpha(t)``               handbook Def. 2.1 ``a_bar_t``; Sec. 2.7 ``alpha_t``; LCM/DMD ``alpha_t``;
+                           DDPM ``sqrt(alpha_bar_t)``; DDIM ``sqrt(alpha_t)``; TrigFlow ``cos t``;
+                           rectified flow ``1 - t``.
+``sigma(t)``               handbook Def. 2.1 ``b_bar_t``; Sec. 2.7 ``beta_t``; LCM ``sigma_t``;
+                           DDPM ``sqrt(1 - alpha_bar_t)``; TrigFlow ``sigma_d sin t``; RF ``t``.
+``alpha_bar(t)``           DDPM ``alpha_bar_t`` = DDIM ``alpha_t`` = (LCM ``alpha_t``)^2, for VP;
+                           in general alpha^2 / (alpha^2 + sigma^2) (the VP process of x_t/|(a,s)|).
+``edm_sigma(t)``           EDM / SiD / SIM / VE noise level ``sigma = sigma(t) / alpha(t)``.
+=========================  ======================================================================
+
+diffusers convention map: the handbook's discrete DDPM time ``t in {1..T}`` is diffusers'
+``timestep = t - 1`` (``scheduler.alphas_cumprod[k] == alpha_bar(k + 1)``); handbook ``t = 0`` is
+clean data (``alpha_bar_0 = 1``, diffusers' ``set_alpha_to_one``). FlowMatch sigmas are rectified
+flow times ``t``; EDM sigmas are ``VE`` times ``t``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "Process", "DDPM", "VP", "VE", "RectifiedFlow", "TrigFlow", "make_process", "PROCESSES",
+    "time_tensor", "expand_like",
+]
+
+
+def time_tensor(t, x: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` as a tensor of x's dtype/device, either 0-d or shaped ``(batch,)`` matching ``x``."""
+    if dtype is None:
+        dtype = x.dtype if (x is not None and x.is_floating_point()) else torch.float64
+    device = x.device if x is not None else None
+    t = torch.as_tensor(t, dtype=dtype, device=device)
+    if t.ndim > 1:
+        raise ValueError(f"t must be a scalar or a 1-d tensor of shape (batch,), got shape {tuple(t.shape)}")
+    if x is not None and t.ndim == 1:
+        if x.ndim == 0 or t.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"t has shape {tuple(t.shape)} but x_t has shape {tuple(x.shape)}: "
+                "t must be a scalar or have one entry per batch element (x_t.shape[0])")
+    return t
+
+
+def expand_like(coef: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample coefficient ``(batch,)`` to broadcast against ``x`` of shape (batch, *shape)."""
+    if coef.ndim == 0:
+        return coef
+    return coef.reshape(coef.shape[0], *([1] * (x.ndim - 1)))
+
+
+class Process:
+    """Base class: subclasses implement ``_alpha, _sigma, _d_alpha, _d_sigma`` on validated tensors."""
+
+    name = "process"
+    t_min: float = 0.0
+    t_max: float = 1.0
+    prior_std: float = 1.0
+    discrete = False
+
+    # ---- public API (validates t) -------------------------------------------------------------
+    def check_t(self, t, x: Tensor | None = None) -> Tensor:
+        t = time_tensor(t, x)
+        if torch.isnan(t).any():
+            raise ValueError(f"t contains NaN; allowed: the time domain [{self.t_min}, {self.t_max}] of {self.name}")
+        lo, hi = t.min().item(), t.max().item()
+        if lo < self.t_min or hi > self.t_max:
+            bad = lo if lo < self.t_min else hi
+            raise ValueError(f"t={bad:g} is outside the time domain [{self.t_min:g}, {self.t_max:g}] of {self}")
+        return t
+
+    def alpha(self, t, x: Tensor | None = None) -> Tensor:
+        return self._alpha(self.check_t(t, x))
+
+    def sigma(self, t, x: Tensor | None = None) -> Tensor:
+        return self._sigma(self.check_t(t, x))
+
+    def d_alpha(self, t, x: Tensor | None = None) -> Tensor:
+        """d alpha / dt."""
+        return self._d_alpha(self.check_t(t, x))
+
+    def d_sigma(self, t, x: Tensor | None = None) -> Tensor:
+        """d sigma / dt."""
+        return self._d_sigma(self.check_t(t, x))
+
+    def coefficients(self, t, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, sigma)`` shaped to broadcast against ``x``."""
+        t = self.check_t(t, x)
+        return expand_like(self._alpha(t), x), expand_like(self._sigma(t), x)
+
+    def alpha_bar(self, t, x: Tensor | None = None) -> Tensor:
+        """DDPM ``alpha_bar`` of the variance-normalised process (= alpha^2 for VP processes)."""
+        t = self.check_t(t, x)
+        a, s = self._alpha(t), self._sigma(t)
+        return a * a / (a * a + s * s)
+
+    def edm_sigma(self, t, x: Tensor | None = None) -> Tensor:
+        """VE/EDM noise level sigma(t)/alpha(t) of the equivalent variance-exploding process."""
+        t = self.check_t(t, x)
+        return self._sigma(t) / self._alpha(t)
+
+    def q_sample(self, x0: Tensor, t, eps: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Marginal sample ``x_t = alpha x0 + sigma eps`` (handbook Eq. 6); returns ``(x_t, eps)``."""
+        if eps is None:
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        elif eps.shape != x0.shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)} but x0 has shape {tuple(x0.shape)}")
+        a, s = self.coefficients(t, x0)
+        return a * x0 + s * eps, eps
+
+    def prior_sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+        """Sample the prior at ``t_max``: ``N(0, prior_std^2 I)``."""
+        return self.prior_std * torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _AlphaBarProcess(Process):
+    """Variance-preserving process specified by ``log alpha_bar(t)``: alpha = sqrt(ab), sigma = sqrt(1-ab)."""
+
+    def _log_alpha_bar(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must define _log_alpha_bar")
+
+    def _d_log_alpha_bar(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must define _d_log_alpha_bar")
+
+    def _alpha(self, t):
+        return torch.exp(0.5 * self._log_alpha_bar(t))
+
+    def _sigma(self, t):
+        return torch.sqrt(-torch.expm1(self._log_alpha_bar(t)))
+
+    def _d_alpha(self, t):
+        return 0.5 * self._d_log_alpha_bar(t) * self._alpha(t)
+
+    def _d_sigma(self, t):
+        # d sqrt(1 - ab)/dt = -ab' / (2 sigma) = -(ab dlogab)/(2 sigma)
+        ab = torch.exp(self._log_alpha_bar(t))
+        return -0.5 * ab * self._d_log_alpha_bar(t) / self._sigma(t)
+
+
+def ddpm_betas(T: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+               cosine_s: float = 0.008) -> Tensor:
+    """Per-step variances beta_1..beta_T (float64). Linear (Ho et al.) or cosine (Nichol & Dhariwal)."""
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":  # Stable Diffusion's schedule
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+        ab = f / f[0]
+        return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
+    raise ValueError(f"schedule={schedule!r} is not supported; allowed: 'linear', 'scaled_linear', 'cosine'")
+
+
+class DDPM(_AlphaBarProcess):
+    """Discrete DDPM (handbook Sec. 2.2.1, Eq. 5-6): ``alpha_t = 1 - beta_t``, ``alpha_bar_t = prod alpha_i``.
+
+    Time is ``t in {0, 1, ..., T}`` with ``alpha_bar_0 = 1`` (clean data). Non-integer ``t`` in [0, T]
+    is allowed and interpolates ``log alpha_bar`` linearly between integers: this is the continuous
+    VP process whose rate ``beta(t) = -log(alpha_t)`` is constant on each step ``(t-1, t]``, so the
+    time derivatives are those of that piecewise-linear interpolant (at an integer ``t`` the slope of
+    the step ending at ``t``).
+    """
+
+    name = "ddpm"
+    discrete = True
+
+    def __init__(self, T: int = 1000, schedule: str = "linear", betas: Tensor | None = None, **kw):
+        self.schedule = schedule if betas is None else "custom"
+        if betas is None:
+            if not isinstance(T, int) or T < 1:
+                raise ValueError(f"T={T!r} must be a positive integer number of diffusion steps")
+            betas = ddpm_betas(T, schedule, **kw)
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if ((betas <= 0) | (betas >= 1)).any():
+            raise ValueError("betas must lie in (0, 1); got values in "
+                             f"[{betas.min().item():g}, {betas.max().item():g}]")
+        self.betas = betas
+        self.T = int(betas.numel())
+        self.t_max = float(self.T)
+        self.log_alphas = torch.log1p(-betas)                                # log alpha_t, t = 1..T
+        self.log_alpha_bars = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                         torch.cumsum(self.log_alphas, 0)])  # index t = 0..T
+
+    @property
+    def alphas(self) -> Tensor:
+        """Per-step DDPM ``alpha_t = 1 - beta_t`` for t = 1..T (index t-1)."""
+        return 1 - self.betas
+
+    @property
+    def alpha_bars(self) -> Tensor:
+        """``alpha_bar_t`` for t = 0..T (index t), with ``alpha_bar_0 = 1``."""
+        return torch.exp(self.log_alpha_bars)
+
+    def step_alpha(self, t) -> Tensor:
+        """Per-step ``alpha_t = alpha_bar_t / alpha_bar_{t-1}`` for integer t in 1..T (Eq. 5)."""
+        t = self.check_t(t)
+        ti = t.round().long()
+        if (ti < 1).any() or (ti.to(t.dtype) != t).any():
+            raise ValueError(f"step_alpha needs integer t in 1..{self.T}, got {t.tolist()}")
+        return torch.exp(self.log_alphas.to(t.dtype)[ti - 1])
+
+    def _segment(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        lo = torch.clamp(torch.ceil(t) - 1, 0, self.T - 1).long()
+        return lo, t - lo.to(t.dtype)
+
+    def _log_alpha_bar(self, t):
+        lo, frac = self._segment(t)
+        tab = self.log_alpha_bars.to(t.dtype)
+        return tab[lo] + frac * (tab[lo + 1] - tab[lo])
+
+    def _d_log_alpha_bar(self, t):
+        lo, _ = self._segment(t)
+        return self.log_alphas.to(t.dtype)[lo]
+
+    @classmethod
+    def from_diffusers_config(cls, config) -> "DDPM":
+        """Build from a diffusers scheduler (or its config): same betas, handbook t = diffusers timestep + 1."""
+        cfg = getattr(config, "config", config)
+        get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+        T = int(get("num_train_timesteps", 1000))
+        trained = get("trained_betas", None)
+        if trained is not None:
+            return cls(betas=torch.as_tensor(trained, dtype=torch.float64))
+        schedule = get("beta_schedule", "linear")
+        mapping = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+        if schedule not in mapping:
+            raise ValueError(f"beta_schedule={schedule!r} is not supported; allowed: {sorted(mapping)}")
+        if mapping[schedule] == "cosine":
+            return cls(T, "cosine")
+        return cls(T, mapping[schedule], beta_start=float(get("beta_start", 1e-4)),
+                   beta_end=float(get("beta_end", 0.02)))
+
+    def __repr__(self):
+        return f"DDPM(T={self.T}, schedule={self.schedule!r})"
+
+
+class VP(_AlphaBarProcess):
+    """Continuous variance-preserving process (score SDE, Song et al. 2021; handbook Sec. 2.1).
+
+    ``linear``: ``beta(t) = beta_min + t (beta_max - beta_min)``, ``log alpha_bar = -int_0^t beta``.
+    ``cosine``: ``alpha_bar(t) = cos^2((t+s)/(1+s) pi/2) / cos^2(s/(1+s) pi/2)``, t in [0, 1 - 1e-3]
+    (the cosine schedule reaches alpha = 0 at t = 1, so its domain stops just short).
+    """
+
+    name = "vp"
+
+    def __init__(self, schedule: str = "linear", beta_min: float = 0.1, beta_max: float = 20.0,
+                 cosine_s: float = 0.008):
+        if schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule={schedule!r} is not supported; allowed: 'linear', 'cosine'")
+        if not 0 < beta_min < beta_max:
+            raise ValueError(f"need 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        self.schedule, self.beta_min, self.beta_max, self.s = schedule, beta_min, beta_max, cosine_s
+        self.t_max = 1.0 if schedule == "linear" else 1.0 - 1e-3
+
+    def beta(self, t) -> Tensor:
+        """SDE rate beta(t) = -d log alpha_bar / dt."""
+        return -self._d_log_alpha_bar(self.check_t(t))
+
+    def _log_alpha_bar(self, t):
+        if self.schedule == "linear":
+            return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t)
+        c = math.pi / (2 * (1 + self.s))
+        return 2 * (torch.log(torch.cos((t + self.s) * c)) - math.log(math.cos(self.s * c)))
+
+    def _d_log_alpha_bar(self, t):
+        if self.schedule == "linear":
+            return -(self.beta_min + (self.beta_max - self.beta_min) * t)
+        c = math.pi / (2 * (1 + self.s))
+        return -2 * c * torch.tan((t + self.s) * c)
+
+    def __repr__(self):
+        return f"VP(schedule={self.schedule!r})"
+
+
+class VE(Process):
+    """Variance-exploding / EDM process: ``alpha = 1``, ``sigma = t`` (handbook Sec. 2.3, Karras et al.).
+
+    Time equals the noise level, ``t in [0, sigma_max]``; the prior is ``N(0, sigma_max^2 I)``.
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_max: float = 80.0):
+        if not sigma_max > 0:
+            raise ValueError(f"sigma_max={sigma_max} must be positive")
+        self.t_max = float(sigma_max)
+        self.prior_std = float(sigma_max)
+
+    def _alpha(self, t):
+        return torch.ones_like(t)
+
+    def _sigma(self, t):
+        return t.clone()
+
+    def _d_alpha(self, t):
+        return torch.zeros_like(t)
+
+    def _d_sigma(self, t):
+        return torch.ones_like(t)
+
+    def __repr__(self):
+        return f"VE(sigma_max={self.t_max:g})"
+
+
+class RectifiedFlow(Process):
+    """Rectified flow / flow matching (handbook Sec. 2.4): ``alpha = 1 - t``, ``sigma = t``, t in [0, 1].
+
+    The handbook writes ``y_t = t y_1 + (1 - t) y_0`` with ``y_0`` data and ``y_1`` noise: same thing.
+    """
+
+    name = "rectified_flow"
+
+    def _alpha(self, t):
+        return 1 - t
+
+    def _sigma(self, t):
+        return t.clone()
+
+    def _d_alpha(self, t):
+        return -torch.ones_like(t)
+
+    def _d_sigma(self, t):
+        return torch.ones_like(t)
+
+    def __repr__(self):
+        return "RectifiedFlow()"
+
+
+class TrigFlow(Process):
+    """TrigFlow (handbook Sec. 2.5, Lu & Song 2024): ``x_t = cos(t) x0 + sin(t) z``, ``z ~ N(0, sigma_d^2 I)``.
+
+    In our ``alpha, sigma`` form with a standard ``eps``: ``alpha = cos t``, ``sigma = sigma_d sin t``,
+    ``t in [0, pi/2]``, prior ``N(0, sigma_d^2 I)``.
+    """
+
+    name = "trigflow"
+
+    def __init__(self, sigma_data: float = 0.5):
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data={sigma_data} must be positive")
+        self.sigma_data = float(sigma_data)
+        self.t_max = math.pi / 2
+        self.prior_std = self.sigma_data
+
+    def _alpha(self, t):
+        return torch.cos(t)
+
+    def _sigma(self, t):
+        return self.sigma_data * torch.sin(t)
+
+    def _d_alpha(self, t):
+        return -torch.sin(t)
+
+    def _d_sigma(self, t):
+        return self.sigma_data * torch.cos(t)
+
+    def __repr__(self):
+        return f"TrigFlow(sigma_data={self.sigma_data:g})"
+
+
+PROCESSES = {"ddpm": DDPM, "vp": VP, "ve": VE, "edm": VE, "rectified_flow": RectifiedFlow,
+             "rf": RectifiedFlow, "trigflow": TrigFlow}
+
+
+def make_process(name: str, **kwargs) -> Process:
+    """Build a process by name (``ddpm``, ``vp``, ``ve``/``edm``, ``rectified_flow``/``rf``, ``trigflow``)."""
+    if name not in PROCESSES:
+        raise ValueError(f"process name={name!r} is unknown; allowed: {sorted(PROCESSES)}")
+    return PROCESSES[name](**kwargs)

@@ -1,0 +1,152 @@
+"""The registry of theorem checks shared by the CLI, the test suite and the notebooks.
+
+A check is a function ``fn(dim) -> CheckResult`` registered with an id, a title and the seed
+equation it verifies. Results are built with three constructors that fix how "passed" is decided:
+
+* ``identity``: a deterministic identity in float64, ``|lhs - rhs| <= atol + rtol * |rhs|``;
+* ``monte_carlo``: an estimate compared with its reference within ``n_sigma`` of its own standard error;
+* ``erratum``: the seed's formula *as printed* fails while the corrected formula passes.
+"""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_carlo", "erratum",
+           "run_check", "run_checks", "select", "DIMS"]
+
+#: the two data dimensions every check that makes sense at both runs at: 2D points and 3x32x32 images
+DIMS = (2, 3072)
+
+
+@dataclass
+class CheckResult:
+    kind: str                      # "identity" | "monte_carlo" | "erratum"
+    passed: bool
+    abs_err: float
+    tol: float
+    lhs: str = ""                  # short summaries, JSON-friendly
+    rhs: str = ""
+    stderr: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Check:
+    id: str
+    title: str
+    source: str
+    fn: Callable[[int], CheckResult]
+    dim: int | None
+    printed: str = ""              # erratum checks: the formula as printed in the seed
+    corrected: str = ""            # ... and the formula that holds instead
+    tags: tuple = ()
+
+
+REGISTRY: dict[str, Check] = {}
+
+
+def register(base_id: str, title: str, source: str, dims=(None,), printed: str = "", corrected: str = ""):
+    """Decorator: register ``fn(dim)`` once per entry of ``dims`` (ids ``base_id.2d``, ``base_id.3072d``)."""
+    def deco(fn):
+        for d in dims:
+            cid = base_id if d is None else f"{base_id}.{d}d"
+            if cid in REGISTRY:
+                raise ValueError(f"check id {cid!r} is registered twice")
+            REGISTRY[cid] = Check(cid, title, source, fn, d, printed, corrected)
+        return fn
+    return deco
+
+
+def _summary(x) -> str:
+    if isinstance(x, str):
+        return x
+    x = torch.as_tensor(x).detach()
+    if x.numel() == 1:
+        return f"{x.item():.6g}"
+    return f"tensor{tuple(x.shape)} |.|max={x.abs().max().item():.4g}"
+
+
+def _max_abs(x) -> float:
+    return float(torch.as_tensor(x).detach().abs().max()) if torch.as_tensor(x).numel() else 0.0
+
+
+def identity(lhs, rhs, rtol: float = 1e-10, atol: float = 1e-12, **details) -> CheckResult:
+    """Deterministic identity: passes when ``max|lhs - rhs| <= atol + rtol * max|rhs|``."""
+    lhs_t, rhs_t = torch.as_tensor(lhs), torch.as_tensor(rhs)
+    if lhs_t.shape != rhs_t.shape:
+        raise ValueError(f"lhs shape {tuple(lhs_t.shape)} != rhs shape {tuple(rhs_t.shape)}")
+    err = _max_abs(lhs_t - rhs_t)
+    tol = atol + rtol * _max_abs(rhs_t)
+    ok = math.isfinite(err) and err <= tol
+    return CheckResult("identity", ok, err, tol, _summary(lhs_t), _summary(rhs_t), None, details)
+
+
+def monte_carlo(estimate, reference, stderr, n_sigma: float = 5.0, **details) -> CheckResult:
+    """Monte-Carlo statement: passes when ``max|estimate - reference| <= n_sigma * stderr``.
+
+    ``stderr`` is the estimate's own standard error (scalar or elementwise); the tolerance is reported.
+    """
+    est, ref, se = (torch.as_tensor(v, dtype=torch.float64) for v in (estimate, reference, stderr))
+    z = ((est - ref).abs() / se).max().item()
+    err = _max_abs(est - ref)
+    tol = float(n_sigma * se.max())
+    ok = math.isfinite(z) and z <= n_sigma
+    return CheckResult("monte_carlo", ok, err, tol, _summary(est), _summary(ref), float(se.max()),
+                       {"n_sigma": n_sigma, "max_z": z, **details})
+
+
+def erratum(printed: CheckResult, corrected: CheckResult, **details) -> CheckResult:
+    """Seed formula fails as printed and the corrected one passes: the check passes (the erratum holds)."""
+    ok = (not printed.passed) and corrected.passed
+    return CheckResult("erratum", ok, corrected.abs_err, corrected.tol, corrected.lhs, corrected.rhs,
+                       corrected.stderr,
+                       {"printed_abs_err": printed.abs_err, "printed_passed": printed.passed,
+                        "corrected_kind": corrected.kind, **corrected.details, **details})
+
+
+def run_check(check: Check) -> dict:
+    """Run one check; an exception is a failure whose message is kept."""
+    start = time.perf_counter()
+    try:
+        res = check.fn(check.dim) if check.dim is not None else check.fn()
+        if not isinstance(res, CheckResult):
+            raise TypeError(f"check {check.id} returned {type(res).__name__}, not CheckResult")
+        error = None
+    except Exception as exc:  # noqa: BLE001 - a crashing check is reported, not hidden
+        res = CheckResult("identity", False, math.nan, math.nan)
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+    out = {"id": check.id, "title": check.title, "source": check.source, "kind": res.kind,
+           "dim": check.dim, "passed": bool(res.passed), "abs_err": res.abs_err, "tol": res.tol,
+           "stderr": res.stderr, "seconds": time.perf_counter() - start, "lhs": res.lhs, "rhs": res.rhs,
+           "details": res.details}
+    if check.printed or check.corrected:
+        out["printed"], out["corrected"] = check.printed, check.corrected
+    if error:
+        out["error"] = error
+    return out
+
+
+def select(pattern: str | None = None) -> list[Check]:
+    """Registered checks whose id contains ``pattern`` (all when None), in registration order."""
+    _load_all()
+    return [c for cid, c in REGISTRY.items() if pattern is None or pattern in cid]
+
+
+def run_checks(pattern: str | None = None, progress: bool = False) -> list[dict]:
+    checks = select(pattern)
+    if progress:
+        from tqdm.auto import tqdm
+        checks = tqdm(checks, desc="verify", unit="check", leave=False)
+    return [run_check(c) for c in checks]
+
+
+def _load_all() -> None:
+    """Import every check module so that its ``@register`` decorators run."""
+    from . import checks  # noqa: F401
+

@@ -1,0 +1,250 @@
+"""Exact models: Gaussian mixtures and empirical point sets with closed-form diffused marginals.
+
+Under any process ``x_t = alpha x0 + sigma eps`` a mixture ``sum_k w_k N(mu_k, Sigma_k)`` diffuses to
+``sum_k w_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)``, so the density, the score, the component
+responsibilities and the posterior mean ``E[x0 | x_t]`` (Tweedie, handbook Eq. 7) are exact. An
+empirical distribution (a finite point set such as a batch of CIFAR images) is the mixture with
+``Sigma_k = 0``. Both are predictors (``prediction = "score"``) so the same theorem checks and losses
+run on them and on neural networks. Shapes: parameters ``(K, *event_shape)``, inputs
+``(batch, *event_shape)``; 2D points and 3x32x32 images go through the same code.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from dstar_edu.conversions import check_prediction, convert
+from dstar_edu.predictors import Predictor
+from dstar_edu.process import Process
+
+from .datasets2d import EIGHT_GAUSSIANS_STD, GRID25_STD, eight_gaussians_means, grid25_means
+
+Tensor = torch.Tensor
+
+__all__ = ["GaussianMixture", "EmpiricalDistribution", "eight_gaussians_mixture", "grid25_mixture"]
+
+
+class GaussianMixture(Predictor):
+    """Gaussian mixture with fixed weights, in any dimension, optionally class-conditional.
+
+    Args:
+        means: ``(K, *event_shape)``.
+        covs: a float (shared isotropic variance), ``(K,)`` isotropic variances, ``(K, *event_shape)``
+            diagonal variances, or ``(K, D, D)`` full covariances (``D = prod(event_shape)``).
+        weights: ``(K,)`` non-negative, summing to one (default uniform).
+        labels: optional ``(K,)`` integer class of each component; ``cond`` then selects a class.
+        process: the forward process that defines ``t`` (needed for diffused quantities).
+    """
+
+    def __init__(self, means: Tensor, covs=1.0, weights: Tensor | None = None, labels: Tensor | None = None,
+                 process: Process | None = None, *, _allow_zero_cov: bool = False):
+        nn.Module.__init__(self)
+        self.prediction = "score"
+        self.process = process
+        means = torch.as_tensor(means, dtype=torch.float64)
+        if means.ndim < 2:
+            raise ValueError(f"means must have shape (K, *event_shape), got shape {tuple(means.shape)}")
+        K = means.shape[0]
+        self.event_shape = tuple(means.shape[1:])
+        D = math.prod(self.event_shape)
+        self.K, self.D = K, D
+        self.means = means.reshape(K, D)
+        self.weights = _check_weights(weights, K)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).flatten()
+        if self.labels is not None and self.labels.numel() != K:
+            raise ValueError(f"labels has {self.labels.numel()} entries but there are K={K} components")
+        self.eigvecs = None  # (K, D, D) for full covariances
+        covs = torch.as_tensor(covs, dtype=torch.float64)
+        if covs.ndim == 0 or tuple(covs.shape) == (K,):
+            lam = covs.reshape(-1, 1).expand(K, D)
+            self.cov_type = "isotropic"
+        elif tuple(covs.shape) in ((K, D), (K, *self.event_shape)):
+            lam = covs.reshape(K, D)
+            self.cov_type = "diagonal"
+        elif tuple(covs.shape) == (K, D, D):
+            asym = (covs - covs.transpose(1, 2)).abs().max().item()
+            if asym > 1e-10 * max(1.0, covs.abs().max().item()):
+                raise ValueError(f"covs must be symmetric; max |Sigma - Sigma^T| = {asym:.3g}")
+            lam, self.eigvecs = torch.linalg.eigh(covs)
+            self.cov_type = "full"
+        else:
+            raise ValueError(f"covs has shape {tuple(covs.shape)}; allowed: scalar, (K,)=({K},), "
+                             f"(K, *event_shape)={(K, *self.event_shape)}, or (K, D, D)=({K}, {D}, {D})")
+        bad = ((lam < 0) if _allow_zero_cov else (lam <= 0)).any(1) | torch.isnan(lam).any(1)
+        if bad.any():
+            k = int(torch.nonzero(bad)[0])
+            raise ValueError(f"covs[{k}] is not positive definite (smallest eigenvalue "
+                             f"{lam[k].min().item():.3g}); covariances must be positive definite")
+        self.eigvals = lam.contiguous()
+
+    # ---- construction helpers ---------------------------------------------------------------------
+    def with_process(self, process: Process) -> "GaussianMixture":
+        """A copy of this distribution whose ``t`` is measured by ``process``."""
+        new = copy.copy(self)
+        new.process = process
+        return new
+
+    def conditional(self, label: int) -> "GaussianMixture":
+        """The mixture restricted to the components of one class."""
+        if self.labels is None:
+            raise ValueError("this mixture has no labels; pass labels=... to make it class-conditional")
+        keep = self.labels == label
+        if not keep.any():
+            raise ValueError(f"label={label} is not a class of this mixture; allowed: {sorted(set(self.labels.tolist()))}")
+        new = copy.copy(self)
+        new.means, new.eigvals = self.means[keep], self.eigvals[keep]
+        new.eigvecs = None if self.eigvecs is None else self.eigvecs[keep]
+        new.weights = self.weights[keep] / self.weights[keep].sum()
+        new.labels, new.K = self.labels[keep], int(keep.sum())
+        return new
+
+    # ---- data distribution --------------------------------------------------------------------------
+    def mean(self) -> Tensor:
+        return (self.weights @ self.means).reshape(self.event_shape)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, cond=None,
+               dtype: torch.dtype = torch.float64, return_components: bool = False):
+        """``n`` samples of x0 (seeded by ``generator``); ``cond`` restricts to one class."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} must be a positive integer")
+        logw = self._log_weights(cond, n)
+        k = torch.multinomial(torch.softmax(logw, -1), 1, replacement=True, generator=generator).squeeze(1)
+        z = torch.randn(n, self.D, generator=generator, dtype=torch.float64)
+        scaled = self.eigvals[k].sqrt() * z
+        if self.eigvecs is not None:
+            scaled = torch.einsum("bij,bj->bi", self.eigvecs[k], scaled)
+        x = (self.means[k] + scaled).to(dtype).reshape(n, *self.event_shape)
+        return (x, k) if return_components else x
+
+    # ---- diffused marginal -------------------------------------------------------------------------
+    def _coef(self, t, x: Tensor) -> tuple[Tensor, Tensor]:
+        B = x.shape[0]
+        if t is None:
+            return torch.ones(B, dtype=x.dtype), torch.zeros(B, dtype=x.dtype)
+        if self.process is None:
+            raise ValueError("this mixture has no process: build it with process=... or use .with_process(p)")
+        t = self.process.check_t(t, x)
+        a, s = self.process._alpha(t), self.process._sigma(t)
+        return a.expand(B).to(x.dtype), s.expand(B).to(x.dtype)
+
+    def _log_weights(self, cond, B: int) -> Tensor:
+        logw = torch.log(self.weights).expand(B, self.K).clone()
+        if cond is None:
+            return logw
+        if self.labels is None:
+            raise ValueError("cond was given but this mixture has no labels (pass labels=...)")
+        cond = torch.as_tensor(cond, dtype=torch.long).expand(B)
+        unknown = set(cond.tolist()) - set(self.labels.tolist())
+        if unknown:
+            raise ValueError(f"cond contains labels {sorted(unknown)}; allowed: {sorted(set(self.labels.tolist()))}")
+        mask = self.labels[None, :] == cond[:, None]
+        logw = logw.masked_fill(~mask, -math.inf)
+        return logw - torch.logsumexp(logw, -1, keepdim=True)
+
+    def _stats(self, x_t: Tensor, t, cond, need_post: bool):
+        """Per-sample log p_t, responsibilities, score and (optionally) posterior mean, all exact."""
+        if x_t.shape[1:] != self.event_shape:
+            raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (batch, *{self.event_shape})")
+        dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
+        x = x_t.reshape(x_t.shape[0], self.D).to(dtype)
+        a, s = self._coef(t, x)                                        # (B,)
+        mu, lam = self.means.to(dtype), self.eigvals.to(dtype)         # (K,D)
+        c = a[:, None, None] ** 2 * lam[None] + s[:, None, None] ** 2  # (B,K,D) marginal eigenvalues
+        if (c <= 0).any():
+            raise ValueError("the diffused covariance is singular at this t (sigma(t)=0 with a zero "
+                             "covariance component); use t > t_min")
+        inv_c = 1.0 / c
+        if self.eigvecs is None:  # diagonal in the standard basis: expand the quadratic form, no (B,K,D) diff
+            xx = x[:, None, :]
+            maha = (inv_c * (xx - a[:, None, None] * mu[None]) ** 2).sum(-1)
+            log_norm = -0.5 * (maha + torch.log(c).sum(-1) + self.D * math.log(2 * math.pi))
+        else:
+            U = self.eigvecs.to(dtype)                                  # (K,D,D)
+            z = torch.einsum("kdj,bkd->bkj", U, x[:, None, :] - a[:, None, None] * mu[None])
+            log_norm = -0.5 * ((z * z * inv_c).sum(-1) + torch.log(c).sum(-1) + self.D * math.log(2 * math.pi))
+        logw = self._log_weights(cond, x.shape[0]).to(dtype)
+        joint = logw + log_norm
+        log_p = torch.logsumexp(joint, -1)
+        r = torch.softmax(joint, -1)                                     # (B,K)
+        if self.eigvecs is None:
+            diff = x[:, None, :] - a[:, None, None] * mu[None]
+            w = r[:, :, None] * inv_c
+            score = -(w * diff).sum(1)
+            post = None
+            if need_post:
+                post = r @ mu + a[:, None] * (w * lam[None] * diff).sum(1)
+        else:
+            g = z * inv_c                                                # C^-1 diff in eigenbasis
+            score = -torch.einsum("bk,kdj,bkj->bd", r, U, g)
+            post = None
+            if need_post:
+                post = r @ mu + a[:, None] * torch.einsum("bk,kdj,bkj->bd", r, U, g * lam[None])
+        return log_p, r, score, post
+
+    def log_prob(self, x_t: Tensor, t=None, cond=None) -> Tensor:
+        """Exact ``log p_t(x_t)`` (``t=None``: the data density)."""
+        return self._stats(x_t, t, cond, False)[0]
+
+    def responsibilities(self, x_t: Tensor, t=None, cond=None) -> Tensor:
+        """``p(component k | x_t)``, shape (batch, K)."""
+        return self._stats(x_t, t, cond, False)[1]
+
+    def score(self, x_t: Tensor, t=None, cond=None) -> Tensor:
+        """Exact ``grad_x log p_t(x)`` (handbook Eq. 15 with the posterior expectation)."""
+        return self._stats(x_t, t, cond, False)[2].reshape(x_t.shape)
+
+    def posterior_mean(self, x_t: Tensor, t, cond=None) -> Tensor:
+        """Exact ``E[x0 | x_t]`` by Gaussian conditioning inside each component."""
+        return self._stats(x_t, t, cond, True)[3].reshape(x_t.shape)
+
+    def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
+        return self.score(x_t, t, cond)
+
+    def predict(self, target: str, x_t: Tensor, t, cond=None) -> Tensor:
+        check_prediction(target)
+        if target == "score":
+            return self.score(x_t, t, cond)
+        x0 = self.posterior_mean(x_t, t, cond)
+        return x0 if target == "x0" else convert(x0, "x0", target, x_t, t, self.process)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(K={self.K}, event_shape={self.event_shape}, cov_type={self.cov_type!r}, "
+                f"process={self.process})")
+
+
+class EmpiricalDistribution(GaussianMixture):
+    """Uniform mixture of Diracs at ``points`` (e.g. CIFAR images): the exact optimal denoiser of a data set.
+
+    Its diffused score is that of ``(1/N) sum_i N(alpha x_i, sigma^2 I)``; ``E[x0 | x_t]`` is a
+    softmax-weighted average of the points. Undefined at ``sigma(t) = 0``.
+    """
+
+    def __init__(self, points: Tensor, process: Process | None = None, labels: Tensor | None = None):
+        points = torch.as_tensor(points, dtype=torch.float64)
+        super().__init__(points, covs=0.0, labels=labels, process=process, _allow_zero_cov=True)
+
+
+def _check_weights(weights, K: int) -> Tensor:
+    if weights is None:
+        return torch.full((K,), 1.0 / K, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != K:
+        raise ValueError(f"weights has {w.numel()} entries but there are K={K} components")
+    if (w < 0).any() or torch.isnan(w).any():
+        raise ValueError(f"weights must be non-negative, got {w.tolist()[:8]}")
+    if abs(w.sum().item() - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to one, got sum(weights)={w.sum().item():.6g}")
+    return w
+
+
+def eight_gaussians_mixture(process: Process | None = None) -> GaussianMixture:
+    """The ``eight_gaussians`` toy data set as an exact mixture (same means and std)."""
+    return GaussianMixture(eight_gaussians_means(), EIGHT_GAUSSIANS_STD ** 2, process=process)
+
+
+def grid25_mixture(process: Process | None = None) -> GaussianMixture:
+    """The ``grid25`` toy data set ({-2,...,2}^2) as an exact mixture."""
+    return GaussianMixture(grid25_means(), GRID25_STD ** 2, process=process)
