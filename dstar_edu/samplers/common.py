@@ -1,0 +1,90 @@
+"""What every sampler shares: validated time grids and one loop with a progress bar and a trajectory.
+
+A sampler is ``fn(predictor, timesteps, x_init, *, generator=None, cond=None, return_trajectory=False,
+progress=False, **options)``: ``timesteps`` is a strictly decreasing sequence of times of the
+predictor's process (from noise towards data; the last entry is where sampling stops, e.g. 0), and
+the result is the final sample, or ``(sample, trajectory)`` with ``trajectory = [x_init, ..., sample]``.
+"""
+from __future__ import annotations
+
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..process import Process
+
+Tensor = torch.Tensor
+
+__all__ = ["check_timesteps", "run_loop", "uniform_grid", "karras_sigmas", "subsequence"]
+
+
+def check_timesteps(timesteps, process: Process, dtype=torch.float64) -> Tensor:
+    """Validate a strictly decreasing 1-d time grid inside the process domain."""
+    ts = torch.as_tensor(timesteps, dtype=dtype).flatten()
+    if ts.numel() < 2:
+        raise ValueError(f"timesteps needs at least 2 entries (start and end), got {ts.tolist()}")
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError(f"timesteps must be strictly decreasing (noise -> data), got {ts.tolist()[:6]}...")
+    process.check_t(ts)
+    return ts
+
+
+def run_loop(step: Callable[[Tensor, Tensor, Tensor, int], Tensor], timesteps: Tensor, x_init: Tensor,
+             return_trajectory: bool = False, progress: bool = False, desc: str = "sampling"):
+    """Apply ``x <- step(x, t_cur, t_next, i)`` over consecutive pairs of ``timesteps``."""
+    x, traj = x_init, [x_init]
+    pairs = range(len(timesteps) - 1)
+    if progress:
+        from tqdm.auto import tqdm
+        pairs = tqdm(pairs, desc=desc, leave=False)
+    for i in pairs:
+        x = step(x, timesteps[i], timesteps[i + 1], i)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"{desc}: non-finite values after step {i} (t={timesteps[i].item():g} -> "
+                                     f"{timesteps[i + 1].item():g}); check the predictor and the time grid")
+        if return_trajectory:
+            traj.append(x)
+    return (x, traj) if return_trajectory else x
+
+
+def uniform_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None,
+                 dtype=torch.float64) -> Tensor:
+    """``n_steps + 1`` equally spaced times from ``t_start`` (default t_max) down to ``t_end`` (default t_min)."""
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    t0 = process.t_max if t_start is None else t_start
+    t1 = process.t_min if t_end is None else t_end
+    return check_timesteps(torch.linspace(t0, t1, n_steps + 1, dtype=dtype), process)
+
+
+def subsequence(T: int, n_steps: int, spacing: str = "linspace") -> Tensor:
+    """DDIM sub-sequence ``{t_N > ... > t_1 > t_0 = 0}`` of the discrete grid {0..T} (handbook Eq. 14).
+
+    ``linspace``: round(linspace(T, 0, n+1)); ``leading``: multiples of T//n (+ 0); ``trailing``:
+    T, T - T/n, ... These reproduce diffusers' spacings shifted to the handbook's t = timestep + 1.
+    """
+    if not 1 <= n_steps <= T:
+        raise ValueError(f"n_steps={n_steps} must be in 1..T={T}")
+    if spacing == "linspace":
+        ts = torch.linspace(T, 0, n_steps + 1, dtype=torch.float64).round()
+    elif spacing == "leading":
+        ts = torch.cat([torch.arange(n_steps, 0, -1, dtype=torch.float64) * (T // n_steps), torch.zeros(1, dtype=torch.float64)])
+    elif spacing == "trailing":
+        ts = torch.cat([(torch.arange(T, 0, -T / n_steps, dtype=torch.float64)).round(), torch.zeros(1, dtype=torch.float64)])
+    else:
+        raise ValueError(f"spacing={spacing!r} is unknown; allowed: 'linspace', 'leading', 'trailing'")
+    return torch.unique_consecutive(ts)
+
+
+def karras_sigmas(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  append_zero: bool = True, dtype=torch.float64) -> Tensor:
+    """EDM (Karras et al. 2022) noise levels ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
+    if n_steps < 2:
+        raise ValueError(f"n_steps={n_steps} must be at least 2")
+    ramp = torch.linspace(0, 1, n_steps, dtype=dtype)
+    inv = 1.0 / rho
+    s = (sigma_max ** inv + ramp * (sigma_min ** inv - sigma_max ** inv)) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=dtype)]) if append_zero else s
+
+
