@@ -1,0 +1,1 @@
+"""Checks registered in this module (see dstar_edu/verify/registry.py)."""
