@@ -97,7 +97,7 @@ def _draw(trial: int, g: torch.Generator) -> dict[str, Tensor]:
 
 
 # ---- the exercises ---------------------------------------------------------------------------------------
-_AB = "alpha_bar: DDPM alpha_bar_t, a tensor that broadcasts against x_t (shape (batch, 1, ...) or 0-d)"
+_AB = "DDPM alpha_bar_t, a tensor that broadcasts against x_t (shape (batch, 1, ...) or 0-d)"
 
 EXERCISES: dict[str, Exercise] = {}
 _INPUTS: dict[str, Callable[[dict], dict]] = {}   # exercise name -> picks its arguments from a _draw
@@ -122,7 +122,8 @@ _add(Exercise(
           "signal coefficient."),
     mistakes=(
         (lambda x_t, eps_hat, alpha_bar: (x_t - (1 - alpha_bar) * eps_hat) / alpha_bar,
-         "both square roots are missing: use sqrt(1 - alpha_bar) and sqrt(alpha_bar), not 1 - alpha_bar and alpha_bar."),
+         "both square roots are missing: use sqrt(1 - alpha_bar) and sqrt(alpha_bar), "
+         "not 1 - alpha_bar and alpha_bar."),
         (lambda x_t, eps_hat, alpha_bar: (x_t - torch.sqrt(1 - alpha_bar) * eps_hat) / alpha_bar,
          "you divide by alpha_bar; the signal coefficient in Eq. 6 is sqrt(alpha_bar)."),
         (lambda x_t, eps_hat, alpha_bar: (x_t - (1 - alpha_bar) * eps_hat) / torch.sqrt(alpha_bar),
@@ -199,7 +200,8 @@ _add(Exercise(
          "your v has the opposite sign: that is diffusers' 'v_prediction' (v_bar = -v, the forward direction). "
          "The handbook's v = sqrt(1 - alpha_bar) x0 - sqrt(alpha_bar) eps."),
         (lambda x0, eps, alpha_bar: torch.sqrt(alpha_bar) * x0 - torch.sqrt(1 - alpha_bar) * eps,
-         "the coefficients are swapped: x0 goes with cos(phi) = sqrt(1 - alpha_bar), eps with sin(phi) = sqrt(alpha_bar)."),
+         "the coefficients are swapped: x0 goes with cos(phi) = sqrt(1 - alpha_bar), "
+         "eps with sin(phi) = sqrt(alpha_bar)."),
         (lambda x0, eps, alpha_bar: (1 - alpha_bar) * x0 - alpha_bar * eps,
          "square roots are missing: cos(phi) = sqrt(1 - alpha_bar), sin(phi) = sqrt(alpha_bar)."),
         (lambda x0, eps, alpha_bar: x0 - eps,
@@ -278,7 +280,8 @@ def describe(name: str) -> None:
     lines += [f"        # {a}: {meaning}" for a, meaning in ex.args]
     lines += ["        ...  # return a torch.Tensor of the same shape as the first argument", "",
               f"Graded by exercises.check({ex.name!r}, my_{ex.name}) on {len(TRIAL_SHAPES)} random float64 inputs "
-              f"(2D points and 3x32x32 images, DDPM T=1000): max|got - expected| <= {RTOL:g} * max|expected| + {ATOL:g}."]
+              f"(2D points and 3x32x32 images, DDPM T=1000): "
+              f"max|got - expected| <= {RTOL:g} * max|expected| + {ATOL:g}."]
     print("\n".join(lines))
 
 
@@ -308,7 +311,8 @@ def _entries(expected: Tensor, got: Tensor, k: int = 3) -> str:
     rows = []
     for i in idx.tolist():
         pos = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), expected.shape))
-        rows.append(f"    at index {pos}: expected {expected.flatten()[i].item(): .10g}, got {got.flatten()[i].item(): .10g}")
+        want, have = expected.flatten()[i].item(), got.flatten()[i].item()
+        rows.append(f"    at index {pos}: expected {want: .10g}, got {have: .10g}")
     return "\n".join(rows)
 
 
@@ -330,13 +334,15 @@ def check(name: str, student_fn: Callable[..., Tensor], n_trials: int = 5, seed:
               f"Define it as `{ex.signature}` and pass its name without calling it.")
         return False
     arg_names = ", ".join(a for a, _ in ex.args)
+    fn_name = getattr(student_fn, "__name__", f"my_{name}")
+    fn_name = f"my_{name}" if fn_name == "<lambda>" else fn_name
     for trial, (inputs, t) in enumerate(_trials(name, n_trials, seed)):
         where = f"trial {trial + 1}/{n_trials} ({_describe_inputs(inputs, t)})"
         expected = ex.reference(**{k: v.clone() for k, v in inputs.items()})
         try:
             got = student_fn(*[v.clone() for v in inputs.values()])
         except NotImplementedError:
-            print(f"Not implemented yet: my_{name}({arg_names}) raised NotImplementedError on {where}.\n"
+            print(f"Not implemented yet: {fn_name}({arg_names}) raised NotImplementedError on {where}.\n"
                   f"Replace the body with your formula. Hint: {ex.hint}")
             return False
         except Exception as exc:  # noqa: BLE001 - the student's error is reported, not raised
@@ -370,7 +376,8 @@ def check(name: str, student_fn: Callable[..., Tensor], n_trials: int = 5, seed:
                f"  max |got - expected| = {err:.3g} (allowed {tol:.3g}); the entries that differ most:",
                _entries(expected, got.to(torch.float64))]
         if not torch.isfinite(got).all():
-            msg.append("  Your result contains NaN or inf: check for a division by zero or the sqrt of a negative number.")
+            msg.append("  Your result contains NaN or inf: check for a division by zero "
+                       "or the sqrt of a negative number.")
         diagnosis = next((why for wrong, why in ex.mistakes
                           if _close(got, wrong(**{k: v.clone() for k, v in inputs.items()}))[0]), None)
         if diagnosis:
@@ -378,10 +385,11 @@ def check(name: str, student_fn: Callable[..., Tensor], n_trials: int = 5, seed:
         elif got.dtype != torch.float64:
             msg.append(f"  Your result is {got.dtype}: keep float64 all the way (no .float() or float32 constants).")
         elif err <= 1e-4 * max(expected.abs().max().item(), 1.0):
-            msg.append("  Very close: a rounding-level difference, e.g. a float32 intermediate or an approximate constant.")
+            msg.append("  Very close: a rounding-level difference, e.g. a float32 intermediate "
+                       "or an approximate constant.")
         msg.append(f"Hint ({ex.source}): {ex.hint}")
         print("\n".join(msg))
         return False
-    print(f"Correct! my_{name} matches the reference ({ex.source}) on {n_trials} random inputs "
+    print(f"Correct! {fn_name} matches the reference ({ex.source}) on {n_trials} random inputs "
           f"(2D points and 3x32x32 images, several t) to rtol {RTOL:g}.")
     return True

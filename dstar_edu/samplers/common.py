@@ -58,22 +58,39 @@ def uniform_grid(process: Process, n_steps: int, t_start: float | None = None, t
     return check_timesteps(torch.linspace(t0, t1, n_steps + 1, dtype=dtype), process)
 
 
-def subsequence(T: int, n_steps: int, spacing: str = "linspace") -> Tensor:
+def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: int = 0) -> Tensor:
     """DDIM sub-sequence ``{t_N > ... > t_1 > t_0 = 0}`` of the discrete grid {0..T} (handbook Eq. 14).
 
-    ``linspace``: round(linspace(T, 0, n+1)); ``leading``: multiples of T//n (+ 0); ``trailing``:
-    T, T - T/n, ... These reproduce diffusers' spacings shifted to the handbook's t = timestep + 1.
+    The entries ``t_N..t_1`` are exactly diffusers' ``DDIMScheduler.set_timesteps(n_steps)`` timesteps
+    ``k`` for ``timestep_spacing=spacing`` (and ``steps_offset``), shifted to the handbook's time
+    ``t = k + 1``; ``t_0 = 0`` is clean data (diffusers' ``set_alpha_to_one=True``):
+
+    * ``linspace``: ``k = round(linspace(0, T - 1, n))`` reversed (e.g. T=1000, n=10: t = 1000, 889, ..., 1, 0);
+    * ``leading``:  ``k = (T // n) * arange(n) + steps_offset`` reversed (t = 901, 801, ..., 1, 0);
+    * ``trailing``: ``k = round(arange(T, 0, -T / n)) - 1`` (t = 1000, 900, ..., 100, 0).
+
+    diffusers' DDIM *step* goes from ``k`` to ``k - T // n`` whatever the spacing, which is the next
+    entry of this list only for ``leading`` (and ``trailing`` when n divides T); see
+    ``dstar_edu.diffusers_interop.diffusers_ddim_transitions`` for the pairs diffusers really uses.
+    Rounding follows numpy (half to even), as diffusers does.
     """
-    if not 1 <= n_steps <= T:
-        raise ValueError(f"n_steps={n_steps} must be in 1..T={T}")
+    import numpy as np
+
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T={T!r} must be a positive integer (number of DDPM steps)")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= T:
+        raise ValueError(f"n_steps={n_steps!r} must be an integer in 1..T={T}")
     if spacing == "linspace":
-        ts = torch.linspace(T, 0, n_steps + 1, dtype=torch.float64).round()
+        k = np.linspace(0, T - 1, n_steps).round()[::-1].astype(np.int64)
     elif spacing == "leading":
-        ts = torch.cat([torch.arange(n_steps, 0, -1, dtype=torch.float64) * (T // n_steps), torch.zeros(1, dtype=torch.float64)])
+        k = (np.arange(0, n_steps) * (T // n_steps)).round()[::-1].astype(np.int64) + int(steps_offset)
     elif spacing == "trailing":
-        ts = torch.cat([(torch.arange(T, 0, -T / n_steps, dtype=torch.float64)).round(), torch.zeros(1, dtype=torch.float64)])
+        k = np.round(np.arange(T, 0, -T / n_steps)).astype(np.int64) - 1
     else:
         raise ValueError(f"spacing={spacing!r} is unknown; allowed: 'linspace', 'leading', 'trailing'")
+    if k.max() > T - 1 or k.min() < 0:
+        raise ValueError(f"steps_offset={steps_offset!r} puts timesteps outside 0..T-1={T - 1}")
+    ts = torch.cat([torch.as_tensor(k.copy() + 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     return torch.unique_consecutive(ts)
 
 

@@ -1,0 +1,510 @@
+"""Diffusion samplers: DDPM, DDIM, SMLD (annealed Langevin), reverse SDE, PF-ODE and DPM-Solver.
+
+Every sampler follows the contract of ``samplers/common.py``::
+
+    x = sampler(predictor, timesteps, x_init, *, generator=None, cond=None,
+                return_trajectory=False, progress=False, **options)
+
+``timesteps`` is strictly decreasing in the predictor's process time (``x_init`` lives at
+``timesteps[0]``, sampling stops at ``timesteps[-1]``); works on any ``(batch, *shape)``. The single
+steps are exposed (``ddpm_step``, ``ddim_step``, ``langevin_step``, ``reverse_sde_step``,
+``pf_ode_step``, ``dpm_solver_step``) for cross-checks and for distillation code.
+
+Notation (handbook Sec. 2.2.1, "Demystify notations"; ``process.py`` holds the map). The process is
+``x_t = alpha(t) x0 + sigma(t) eps``; ``alpha_bar = alpha^2 / (alpha^2 + sigma^2)`` is DDPM's
+``alpha_bar_t``. The DDPM/DDIM formulas are written for variance-preserving processes; any other
+process is the VP process of ``x_t / sqrt(alpha^2 + sigma^2)``, so the steps divide by that scale,
+apply the handbook's formula, and multiply by the scale at the new time (identity for DDPM/VP).
+
+On a sub-sequence ``t_n -> t_{n-1}`` (DDIM, handbook Sec. 2.2.3) the *effective* per-step alpha is
+``alpha_bar_{t_n} / alpha_bar_{t_{n-1}}``: the forward kernel ``q(x_{t_n} | x_{t_{n-1}})`` has exactly
+that coefficient, so Eq. 8-10 and ``sigma_t(eta)`` hold on a sub-sequence with it (and reduce to the
+per-step ``alpha_t`` on the full grid). Eq. 10 with the *original* per-step ``alpha_t`` does not
+(checked in ``samplers.subsequence_eq10``).
+
+The handbook's algorithm boxes (Alg. 1-3) have typos that this module does not copy; the
+``samplers.alg*`` checks run the boxes as printed against the exact posterior and record the errata.
+Loops run ``t = T, T-1, ..., 1`` (the boxes write ``for t in [T]``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..conversions import convert, to_x0_eps
+from ..predictors import Predictor
+from ..process import DDPM, Process, expand_like
+from .common import check_timesteps, run_loop
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "denoise", "velocity", "ddpm_step", "ddim_step", "langevin_step", "reverse_sde_step", "pf_ode_step",
+    "dpm_solver_step", "ddpm", "ddim", "smld", "reverse_sde", "pf_ode", "dpm_solver",
+    "ddpm_grid", "logsnr_grid", "log_snr", "time_from_log_snr", "smld_step_sizes",
+]
+
+
+# ---- shared helpers --------------------------------------------------------------------------------------
+def _check_predictor(predictor) -> Process:
+    process = getattr(predictor, "process", None)
+    if not isinstance(process, Process):
+        raise ValueError(f"predictor={type(predictor).__name__} has no dstar_edu process (predictor.process="
+                         f"{process!r}); allowed: a Predictor whose .process is a dstar_edu Process")
+    if not hasattr(predictor, "prediction"):
+        raise ValueError(f"predictor={type(predictor).__name__} does not declare .prediction")
+    return process
+
+
+def _check_x(x: Tensor, name: str = "x_init") -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
+        got = f"{type(x).__name__}" + (f" of dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
+        raise ValueError(f"{name} must be a floating tensor of shape (batch, *shape), got {got}")
+    return x
+
+
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+    return generator
+
+
+def _randn(x: Tensor, generator) -> Tensor:
+    """Standard normal like ``x`` (same call as diffusers' ``randn_tensor`` on CPU, so seeds agree)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def _noise_arg(noise, x: Tensor, generator) -> Tensor:
+    if noise is None:
+        return _randn(x, generator)
+    if not isinstance(noise, Tensor) or noise.shape != x.shape:
+        raise ValueError(f"noise has shape {tuple(getattr(noise, 'shape', ()))} but x has shape {tuple(x.shape)}; "
+                         "allowed: None or a tensor shaped like x")
+    return noise
+
+
+def _vp_coefs(process: Process, t, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(alpha_bar, scale)`` at t shaped like x: x_t / scale is VP with this alpha_bar (scale = 1 for VP)."""
+    a, s = process.coefficients(t, x)
+    scale = torch.sqrt(a * a + s * s)
+    return (a / scale) ** 2, scale
+
+
+def denoise(predictor: Predictor, x_t: Tensor, t, cond=None) -> tuple[Tensor, Tensor]:
+    """One predictor evaluation -> ``(x0_hat, eps_hat)`` (handbook Eq. 7 and Sec. 2.6 conversions).
+
+    Exact models (predictors exposing ``posterior_mean``, e.g. ``toy_data.mixtures``) give ``x0_hat``
+    by Gaussian conditioning and ``eps_hat = -sigma * score`` (Eq. 18), which stays defined where
+    ``alpha(t) = 0`` (rectified flow at t = 1, TrigFlow at pi/2).
+    """
+    process = _check_predictor(predictor)
+    out = predictor(x_t, t, cond)
+    if predictor.prediction == "score" and hasattr(predictor, "posterior_mean"):
+        a, s = process.coefficients(t, x_t)
+        return predictor.posterior_mean(x_t, t, cond), -s * out
+    return to_x0_eps(predictor.prediction, out, x_t, t, process)
+
+
+def velocity(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
+    """PF-ODE drift (handbook Eq. 4 = Sec. 2.7): ``dx/dt = alpha' x0_hat + sigma' eps_hat``.
+
+    Equals ``f - g^2/2 * score`` with ``f = alpha'/alpha x``, ``g^2 = 2 sigma sigma' - 2 alpha'/alpha sigma^2``.
+    """
+    process = _check_predictor(predictor)
+    x0, eps = denoise(predictor, x_t, t, cond)
+    tt = process.check_t(t, x_t)
+    return expand_like(process.d_alpha(tt), x_t) * x0 + expand_like(process.d_sigma(tt), x_t) * eps
+
+
+def _score(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
+    out = predictor(x_t, t, cond)
+    if predictor.prediction == "score":
+        return out
+    return convert(out, predictor.prediction, "score", x_t, t, predictor.process)
+
+
+# ---- single steps ---------------------------------------------------------------------------------------
+_VARIANCES = ("posterior", "beta")
+_FORMS = ("eq10", "eq9")
+
+
+def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str = "posterior",
+              form: str = "eq10", noise: Tensor | None = None, generator: torch.Generator | None = None,
+              cond=None) -> Tensor:
+    """One ancestral DDPM step ``x_t -> x_{t_prev}`` (handbook Alg. 1 corrected, Eq. 7, 8, 10).
+
+    ``form="eq10"`` (Alg. 1): ``x0_hat`` by Eq. 7, then the posterior mean of Eq. 8 / 10::
+
+        mu = sqrt(ab_prev) (1 - alpha) / (1 - ab_t) x0_hat + sqrt(alpha) (1 - ab_prev) / (1 - ab_t) x_t
+
+    ``form="eq9"`` (Alg. 2, simplified): ``mu = (x_t - (1 - alpha) / sqrt(1 - ab_t) eps_hat) / sqrt(alpha)``.
+    ``variance="posterior"``: ``sigma^2 = (1 - alpha)(1 - ab_prev)/(1 - ab_t)`` (Eq. 8, diffusers
+    "fixed_small"); ``"beta"``: ``sigma^2 = 1 - alpha`` (Ho et al.'s alternative, "fixed_large").
+    Here ``alpha = ab_t / ab_prev``: on the full grid (``t_prev = t - 1``, the default) this is the
+    per-step ``alpha_t`` of Eq. 5; on a sub-sequence it is the only choice for which Eq. 10 is the
+    posterior (handbook Sec. 2.2.3; diffusers' DDPMScheduler with ``set_timesteps`` does the same).
+    No noise is added on a step that lands on ``sigma(t_prev) = 0`` (Ho et al. Alg. 2: z = 0 at t = 1).
+    """
+    process = _check_predictor(predictor)
+    x = _check_x(x, "x")
+    if variance not in _VARIANCES:
+        raise ValueError(f"variance={variance!r} is unknown; allowed: {_VARIANCES}")
+    if form not in _FORMS:
+        raise ValueError(f"form={form!r} is unknown; allowed: {_FORMS}")
+    t = process.check_t(t)
+    t_prev = process.check_t(t - 1 if t_prev is None else t_prev)
+    if t_prev.ndim or t.ndim:
+        raise ValueError("ddpm_step takes scalar t and t_prev (one time for the whole batch)")
+    if not t_prev < t:
+        raise ValueError(f"t_prev={t_prev.item():g} must be smaller than t={t.item():g}")
+    x0, eps = denoise(predictor, x, t, cond)
+    ab_t, r_t = _vp_coefs(process, t, x)
+    ab_p, r_p = _vp_coefs(process, t_prev, x)
+    alpha = ab_t / ab_p                                                     # effective per-step alpha
+    xv = x / r_t
+    if form == "eq10":
+        mu = (ab_p.sqrt() * (1 - alpha) / (1 - ab_t)) * x0 + (alpha.sqrt() * (1 - ab_p) / (1 - ab_t)) * xv
+    else:
+        mu = (xv - (1 - alpha) / (1 - ab_t).sqrt() * eps) / alpha.sqrt()
+    var = (1 - alpha) * (1 - ab_p) / (1 - ab_t) if variance == "posterior" else (1 - alpha)
+    if bool((process.sigma(t_prev) > 0).all()):
+        mu = mu + var.sqrt() * _noise_arg(noise, x, generator)
+    return r_p * mu
+
+
+def ddim_sigma(ab_t: Tensor, ab_prev: Tensor, eta: float) -> Tensor:
+    """DDIM noise scale (handbook Sec. 2.2.1 (ii)) on a sub-sequence, with ``alpha = ab_t / ab_prev``:
+    ``sigma_{t_n}(eta) = eta sqrt((1 - alpha)(1 - ab_{t_{n-1}}) / (1 - ab_{t_n}))``."""
+    return eta * torch.sqrt((1 - ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t))
+
+
+def ddim_step(predictor: Predictor, x: Tensor, t, t_prev, eta: float = 0.0, noise: Tensor | None = None,
+              cond=None, generator: torch.Generator | None = None) -> Tensor:
+    """One DDIM step ``x_{t_n} -> x_{t_{n-1}}`` on any sub-sequence (handbook Eq. 14, Alg. 3 corrected)::
+
+        x_{t_{n-1}} = sqrt(ab_{t_{n-1}}) x0_hat + sqrt(1 - ab_{t_{n-1}} - sigma^2) eps_hat + sigma z,
+        x0_hat = (x_{t_n} - sqrt(1 - ab_{t_n}) eps_hat) / sqrt(ab_{t_n})         (Eq. 7)
+
+    with ``sigma = ddim_sigma(ab_{t_n}, ab_{t_{n-1}}, eta)``. ``eta = 0`` is deterministic (a
+    first-order step of the PF-ODE, Eq. 4); ``eta = 1`` is the DDPM posterior step (Eq. 10 with the
+    effective alpha). ``noise`` defaults to a fresh normal drawn whenever ``eta > 0`` (as diffusers'
+    DDIMScheduler does, so seeded runs agree).
+    """
+    process = _check_predictor(predictor)
+    x = _check_x(x, "x")
+    eta = _check_eta(eta)
+    t, t_prev = process.check_t(t), process.check_t(t_prev)
+    if t_prev.ndim or t.ndim:
+        raise ValueError("ddim_step takes scalar t and t_prev (one time for the whole batch)")
+    if not t_prev < t:
+        raise ValueError(f"t_prev={t_prev.item():g} must be smaller than t={t.item():g}")
+    x0, eps = denoise(predictor, x, t, cond)
+    ab_t, _ = _vp_coefs(process, t, x)
+    ab_p, r_p = _vp_coefs(process, t_prev, x)
+    sig = ddim_sigma(ab_t, ab_p, eta)
+    out = ab_p.sqrt() * x0 + torch.clamp(1 - ab_p - sig * sig, min=0).sqrt() * eps
+    if eta > 0:
+        out = out + sig * _noise_arg(noise, x, generator)
+    return r_p * out
+
+
+def _check_eta(eta) -> float:
+    try:
+        e = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta={eta!r} must be a number in [0, 1]") from None
+    if not 0.0 <= e <= 1.0:
+        raise ValueError(f"eta={eta!r} must be in [0, 1] (0: deterministic DDIM, 1: DDPM posterior)")
+    return e
+
+
+def langevin_step(predictor: Predictor, x: Tensor, t, step_size: float, noise: Tensor | None = None,
+                  cond=None, generator: torch.Generator | None = None) -> Tensor:
+    """One Langevin step targeting p_t (handbook Sec. 2.2.3 (3), SMLD):
+    ``x <- x + delta/2 * s_theta(x, t) + sqrt(delta) z``."""
+    _check_predictor(predictor)
+    x = _check_x(x, "x")
+    if not step_size > 0:
+        raise ValueError(f"step_size={step_size!r} must be positive")
+    return x + 0.5 * step_size * _score(predictor, x, t, cond) + math.sqrt(step_size) * _noise_arg(noise, x, generator)
+
+
+def _sde_coefs(process: Process, t, x: Tensor):
+    """``alpha', sigma', and g^2 = 2 sigma (sigma' - alpha'/alpha sigma)`` at t (Eq. 1 for the process)."""
+    tt = process.check_t(t, x)
+    a, s = process.coefficients(tt, x)
+    da, ds = expand_like(process.d_alpha(tt), x), expand_like(process.d_sigma(tt), x)
+    if bool((a == 0).any()):
+        raise ValueError(f"t={tt.flatten()[0].item():g}: alpha(t) = 0, so the SDE coefficients f = alpha'/alpha x and "
+                         "g^2 = 2 sigma sigma' - 2 alpha'/alpha sigma^2 are infinite there (rectified flow at t=1, "
+                         "TrigFlow at pi/2); allowed: start the reverse SDE at a time with alpha(t) > 0")
+    return a, s, da, ds, 2 * s * (ds - da / a * s)
+
+
+def reverse_sde_step(predictor: Predictor, x: Tensor, t, t_next, noise: Tensor | None = None, cond=None,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Euler-Maruyama step of the reverse SDE (handbook Eq. 3) from t to t_next < t::
+
+        x <- x + [f(x, t) - g(t)^2 score] dt + g(t) sqrt(|dt|) z,   dt = t_next - t < 0,
+
+    with ``f = alpha'/alpha x`` and ``g^2 = 2 sigma sigma' - 2 alpha'/alpha sigma^2`` derived from the
+    process (for VP: f = -beta/2 x, g^2 = beta; for VE: f = 0, g^2 = 2 t). In (x0_hat, eps_hat):
+    ``f - g^2 score = alpha' x0_hat + (2 sigma' - alpha' sigma / alpha) eps_hat``.
+    """
+    process = _check_predictor(predictor)
+    x = _check_x(x, "x")
+    t, t_next = process.check_t(t), process.check_t(t_next)
+    dt = float(t_next - t)
+    if not dt < 0:
+        raise ValueError(f"t_next={float(t_next):g} must be smaller than t={float(t):g}")
+    a, s, da, ds, g2 = _sde_coefs(process, t, x)
+    x0, eps = denoise(predictor, x, t, cond)
+    drift = da * x0 + (2 * ds - da * s / a) * eps
+    return x + drift * dt + torch.sqrt(torch.clamp(g2, min=0) * (-dt)) * _noise_arg(noise, x, generator)
+
+
+_ODE_METHODS = ("euler", "heun")
+
+
+def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler", cond=None) -> Tensor:
+    """One step of the probability-flow ODE (handbook Eq. 4) ``dx/dt = alpha' x0_hat + sigma' eps_hat``.
+
+    ``euler``: ``x + v(x, t) dt``; ``heun`` (Karras et al. 2022, Alg. 1): Euler predictor then the
+    trapezoidal corrector ``x + (v(x, t) + v(x_e, t_next)) dt / 2``; a step that lands on
+    ``sigma(t_next) = 0`` stays Euler (the velocity is not defined from an exact noise prediction there).
+    """
+    process = _check_predictor(predictor)
+    x = _check_x(x, "x")
+    if method not in _ODE_METHODS:
+        raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
+    t, t_next = process.check_t(t), process.check_t(t_next)
+    dt = t_next - t
+    v = velocity(predictor, x, t, cond)
+    x_e = x + v * dt
+    if method == "euler" or float(process.sigma(t_next)) == 0.0:
+        return x_e
+    return x + 0.5 * (v + velocity(predictor, x_e, t_next, cond)) * dt
+
+
+# ---- DPM-Solver (Lu et al. 2022; Wang talk "DPM-Solver") -----------------------------------------------
+def log_snr(process: Process, t) -> Tensor:
+    """``lambda(t) = log(alpha(t) / sigma(t))`` (half the log-SNR), decreasing in t."""
+    t = process.check_t(t)
+    return torch.log(process.alpha(t)) - torch.log(process.sigma(t))
+
+
+def time_from_log_snr(process: Process, lam, t_lo, t_hi, iters: int = 80) -> Tensor:
+    """Inverse ``t_lambda``: the t in [t_lo, t_hi] with ``lambda(t) = lam`` (bisection in float64)."""
+    lo = torch.as_tensor(t_lo, dtype=torch.float64).clone()
+    hi = torch.as_tensor(t_hi, dtype=torch.float64).clone()
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = log_snr(process, mid) > lam          # lambda decreases in t: root lies later
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def _eps(predictor, x, t, cond):
+    return denoise(predictor, x, t, cond)[1]
+
+
+def dpm_solver_step(predictor: Predictor, x: Tensor, t, t_next, order: int = 2, cond=None) -> Tensor:
+    """One single-step DPM-Solver step of order 1, 2 or 3 from t to t_next < t (Lu et al. 2022, Alg. 1-2).
+
+    The exact solution of the PF-ODE in log-SNR ``lambda = log(alpha/sigma)`` (Wang talk, "Exact
+    solution form of PF-ODE") is ``x_t = alpha_t/alpha_s x_s - alpha_t int_{lambda_s}^{lambda_t}
+    e^{-lambda} eps_theta d lambda``; Taylor-expanding eps_theta in lambda to order k - 1 gives,
+    with ``h = lambda_t - lambda_s``:
+
+    * order 1: ``x_t = alpha_t/alpha_s x_s - sigma_t (e^h - 1) eps_s`` (= DDIM, eta = 0);
+    * order 2 (r1 = 1/2): a midpoint evaluation at ``lambda_s + h/2``;
+    * order 3 (r1 = 1/3, r2 = 2/3): two intermediate evaluations.
+
+    A step that lands on ``sigma(t_next) = 0`` (lambda = +inf) is the limit h -> inf of order 1,
+    ``x = alpha(t_next) x0_hat`` (DDIM's last step to t = 0).
+    """
+    process = _check_predictor(predictor)
+    x = _check_x(x, "x")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order={order!r} is not supported; allowed: 1, 2, 3")
+    t, t_next = process.check_t(t), process.check_t(t_next)
+    if not t_next < t:
+        raise ValueError(f"t_next={float(t_next):g} must be smaller than t={float(t):g}")
+    a_s, s_s = process.alpha(t), process.sigma(t)
+    if float(a_s) == 0.0:
+        raise ValueError(f"t={float(t):g}: alpha(t) = 0, lambda = -inf; allowed: start DPM-Solver where alpha(t) > 0")
+    a_t, s_t = process.alpha(t_next), process.sigma(t_next)
+    if float(s_t) == 0.0:
+        x0, _ = denoise(predictor, x, t, cond)
+        return a_t * x0
+    lam_s, lam_t = log_snr(process, t), log_snr(process, t_next)
+    h = lam_t - lam_s
+    eps_s = _eps(predictor, x, t, cond)
+    if order == 1:
+        return (a_t / a_s) * x - s_t * torch.expm1(h) * eps_s
+    if order == 2:
+        r1 = 0.5
+        s1 = time_from_log_snr(process, lam_s + r1 * h, t_next, t)
+        u1 = (process.alpha(s1) / a_s) * x - process.sigma(s1) * torch.expm1(r1 * h) * eps_s
+        d1 = _eps(predictor, u1, s1, cond) - eps_s
+        return (a_t / a_s) * x - s_t * torch.expm1(h) * eps_s - s_t / (2 * r1) * torch.expm1(h) * d1
+    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+    s1 = time_from_log_snr(process, lam_s + r1 * h, t_next, t)
+    s2 = time_from_log_snr(process, lam_s + r2 * h, t_next, t)
+    u1 = (process.alpha(s1) / a_s) * x - process.sigma(s1) * torch.expm1(r1 * h) * eps_s
+    d1 = _eps(predictor, u1, s1, cond) - eps_s
+    sig2 = process.sigma(s2)
+    u2 = ((process.alpha(s2) / a_s) * x - sig2 * torch.expm1(r2 * h) * eps_s
+          - sig2 * r2 / r1 * (torch.expm1(r2 * h) / (r2 * h) - 1) * d1)
+    d2 = _eps(predictor, u2, s2, cond) - eps_s
+    return (a_t / a_s) * x - s_t * torch.expm1(h) * eps_s - s_t / r2 * (torch.expm1(h) / h - 1) * d2
+
+
+# ---- time grids ----------------------------------------------------------------------------------------
+def ddpm_grid(process: DDPM) -> Tensor:
+    """The full DDPM grid ``T, T-1, ..., 1, 0`` (handbook Alg. 1)."""
+    if not isinstance(process, DDPM):
+        raise ValueError(f"process={process!r} must be a DDPM process for the full discrete grid")
+    return torch.arange(process.T, -1, -1, dtype=torch.float64)
+
+
+def logsnr_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None) -> Tensor:
+    """``n_steps + 1`` times uniform in ``lambda = log(alpha/sigma)`` (Lu et al.'s DPM-Solver grid).
+
+    ``t_start`` defaults to t_max and ``t_end`` to t_min; both must have alpha > 0 and sigma > 0.
+    """
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    t0 = process.t_max if t_start is None else float(t_start)
+    t1 = process.t_min if t_end is None else float(t_end)
+    l0, l1 = log_snr(process, t0), log_snr(process, t1)
+    if not (torch.isfinite(l0) and torch.isfinite(l1)):
+        raise ValueError(f"t_start={t0:g}, t_end={t1:g}: lambda must be finite at both ends (alpha > 0 and sigma > 0); "
+                         f"got lambda = {float(l0):g}, {float(l1):g}")
+    lams = torch.linspace(float(l0), float(l1), n_steps + 1, dtype=torch.float64)
+    ts = torch.stack([time_from_log_snr(process, lam, t1, t0) for lam in lams])
+    ts[0], ts[-1] = t0, t1
+    return check_timesteps(ts, process)
+
+
+def smld_step_sizes(process: Process, levels: Tensor, step_size: float) -> Tensor:
+    """Song & Ermon (2019) Alg. 1 step sizes ``delta_i = step_size * sigma_i^2 / sigma_L^2``.
+
+    ``sigma_i = sigma(t_i)`` is the noise level of the process at each level (VE: ``sigma = t``); the
+    last (smallest) level gets ``step_size`` itself, so the signal-to-noise ratio of each update is
+    the same at every level.
+    """
+    sig = process.sigma(levels)
+    if bool((sig[-1] <= 0).any()):
+        raise ValueError(f"the last SMLD level t={float(levels[-1]):g} has sigma(t) = 0; allowed: levels with sigma > 0")
+    return step_size * (sig / sig[-1]) ** 2
+
+
+# ---- samplers ------------------------------------------------------------------------------------------
+def _prepare(predictor, timesteps, x_init, generator):
+    process = _check_predictor(predictor)
+    _check_x(x_init)
+    _check_generator(generator)
+    return process, check_timesteps(timesteps, process)
+
+
+def ddpm(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None, cond=None,
+         return_trajectory: bool = False, progress: bool = False, variance: str = "posterior",
+         form: str = "eq10"):
+    """Ancestral DDPM sampling (handbook Alg. 1, with Alg. 2 as ``form="eq9"``), see ``ddpm_step``.
+
+    Use ``ddpm_grid(process)`` for the original full grid ``T, ..., 1, 0``; a sub-sequence uses the
+    effective alpha ``ab_{t_n}/ab_{t_{n-1}}`` (= DDIM with eta = 1).
+    """
+    _, ts = _prepare(predictor, timesteps, x_init, generator)
+    return run_loop(lambda x, t, tn, i: ddpm_step(predictor, x, t, tn, variance=variance, form=form,
+                                                  generator=generator, cond=cond),
+                    ts, x_init, return_trajectory, progress, desc="ddpm")
+
+
+def ddim(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None, cond=None,
+         return_trajectory: bool = False, progress: bool = False, eta: float = 0.0):
+    """DDIM sampling on any sub-sequence (handbook Eq. 14, Alg. 3 corrected), see ``ddim_step``.
+
+    ``timesteps`` from ``samplers.subsequence`` reproduce diffusers' DDIM spacings.
+    """
+    _, ts = _prepare(predictor, timesteps, x_init, generator)
+    eta = _check_eta(eta)
+    return run_loop(lambda x, t, tn, i: ddim_step(predictor, x, t, tn, eta=eta, cond=cond, generator=generator),
+                    ts, x_init, return_trajectory, progress, desc="ddim")
+
+
+def smld(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None, cond=None,
+         return_trajectory: bool = False, progress: bool = False, n_steps_per_level: int = 100,
+         step_size: float = 2e-5, denoise_last: bool = False):
+    """Annealed Langevin dynamics (SMLD, Song & Ermon 2019; handbook Sec. 2.2.3 (3)).
+
+    ``x_init`` lives at ``timesteps[0]``; for each later level ``t_i`` (``timesteps[1:]``, decreasing
+    noise), ``n_steps_per_level`` Langevin steps ``x <- x + delta_i/2 s(x, t_i) + sqrt(delta_i) z``
+    target ``p_{t_i}``, with ``delta_i = step_size * sigma(t_i)^2 / sigma(t_L)^2`` (``smld_step_sizes``).
+    ``denoise_last`` returns Tweedie's ``E[x0 | x_{t_L}]`` (Eq. 7) at the end (Song & Ermon 2020).
+    The trajectory holds the state after each level. The handbook runs its index upwards
+    (``x_{t+1}`` from ``x_t``, data at the end); here the level index runs down like every sampler.
+    """
+    process, ts = _prepare(predictor, timesteps, x_init, generator)
+    if isinstance(n_steps_per_level, bool) or not isinstance(n_steps_per_level, int) or n_steps_per_level < 1:
+        raise ValueError(f"n_steps_per_level={n_steps_per_level!r} must be a positive integer")
+    if not step_size > 0:
+        raise ValueError(f"step_size={step_size!r} must be positive")
+    deltas = smld_step_sizes(process, ts[1:], step_size)
+
+    def level(x, t, tn, i):
+        for _ in range(n_steps_per_level):
+            x = langevin_step(predictor, x, tn, float(deltas[i]), cond=cond, generator=generator)
+        return x
+
+    out = run_loop(level, ts, x_init, return_trajectory, progress, desc="smld")
+    if not denoise_last:
+        return out
+    x = out[0] if return_trajectory else out
+    x0 = denoise(predictor, x, ts[-1], cond)[0]
+    if return_trajectory:
+        return x0, out[1] + [x0]
+    return x0
+
+
+def reverse_sde(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None,
+                cond=None, return_trajectory: bool = False, progress: bool = False):
+    """Euler-Maruyama integration of the reverse SDE (handbook Eq. 3), see ``reverse_sde_step``.
+
+    Works for every process (DDPM through its continuous interpolant, VP, VE, rectified flow and
+    TrigFlow, the last two starting where alpha > 0). Its marginals equal those of ``pf_ode`` (Sec. 2.1).
+    """
+    _, ts = _prepare(predictor, timesteps, x_init, generator)
+    return run_loop(lambda x, t, tn, i: reverse_sde_step(predictor, x, t, tn, cond=cond, generator=generator),
+                    ts, x_init, return_trajectory, progress, desc="reverse_sde")
+
+
+def pf_ode(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None, cond=None,
+           return_trajectory: bool = False, progress: bool = False, method: str = "euler"):
+    """Probability-flow ODE (handbook Eq. 4), Euler or Heun steps, see ``pf_ode_step``.
+
+    Deterministic: ``generator`` is accepted for the common signature and not used.
+    """
+    _, ts = _prepare(predictor, timesteps, x_init, generator)
+    if method not in _ODE_METHODS:
+        raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
+    return run_loop(lambda x, t, tn, i: pf_ode_step(predictor, x, t, tn, method=method, cond=cond),
+                    ts, x_init, return_trajectory, progress, desc=f"pf_ode[{method}]")
+
+
+def dpm_solver(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None,
+               cond=None, return_trajectory: bool = False, progress: bool = False, order: int = 2):
+    """Single-step DPM-Solver of order 1, 2 or 3 (Lu et al. 2022), see ``dpm_solver_step``.
+
+    ``logsnr_grid`` gives the paper's grid (uniform in lambda). Order k costs k predictor calls per
+    step; its global error is O(h^k). Order 1 is exactly DDIM with eta = 0.
+    """
+    _, ts = _prepare(predictor, timesteps, x_init, generator)
+    if order not in (1, 2, 3):
+        raise ValueError(f"order={order!r} is not supported; allowed: 1, 2, 3")
+    return run_loop(lambda x, t, tn, i: dpm_solver_step(predictor, x, t, tn, order=order, cond=cond),
+                    ts, x_init, return_trajectory, progress, desc=f"dpm_solver[{order}]")
