@@ -41,9 +41,9 @@ __all__ = [
 ]
 
 
-def check_prediction(name: str) -> str:
+def check_prediction(name: str, argument: str = "prediction") -> str:
     if name not in PREDICTIONS:
-        raise ValueError(f"prediction={name!r} is unknown; allowed: {', '.join(PREDICTIONS)}")
+        raise ValueError(f"{argument}={name!r} is unknown; allowed: {', '.join(PREDICTIONS)}")
     return name
 
 
@@ -51,6 +51,13 @@ def _nonzero(c: Tensor, what: str, t) -> Tensor:
     if (c == 0).any():
         raise ValueError(f"{what} is zero at t={torch.as_tensor(t).flatten().tolist()[:4]}: "
                          "this conversion is undefined there; use a time strictly inside the domain")
+    return c
+
+
+def _finite(c: Tensor, what: str, t) -> Tensor:
+    if not torch.isfinite(c).all():
+        raise ValueError(f"{what} is infinite at t={torch.as_tensor(t).flatten().tolist()[:4]}: the velocity "
+                         "is undefined there; use a time strictly inside the domain")
     return c
 
 
@@ -182,7 +189,7 @@ def trigflow_f(x_t: Tensor, t, F: Tensor, sigma_data: float) -> Tensor:
 # ---- generic router -------------------------------------------------------------------------------
 def to_x0_eps(source: str, value: Tensor, x_t: Tensor, t, process: Process, **cm_kw) -> tuple[Tensor, Tensor]:
     """``(x0_hat, eps_hat)`` from a prediction of kind ``source``."""
-    check_prediction(source)
+    check_prediction(source, "source")
     if value.shape != x_t.shape:
         raise ValueError(f"prediction has shape {tuple(value.shape)} but x_t has shape {tuple(x_t.shape)}")
     a, s, da, ds, tt = _coefs(process, t, x_t)
@@ -199,6 +206,7 @@ def to_x0_eps(source: str, value: Tensor, x_t: Tensor, t, process: Process, **cm
         return (a / r) * xs + (s / r) * v, (s / r) * xs - (a / r) * v
     if source in ("velocity", "trigflow_F"):
         u = value if source == "velocity" else _trig_sd(process) * value
+        da, ds = _finite(da, "d alpha/dt", tt), _finite(ds, "d sigma/dt", tt)
         det = _nonzero(a * ds - s * da, "alpha * dsigma/dt - sigma * dalpha/dt", tt)
         return (ds * x_t - s * u) / det, (a * u - da * x_t) / det
     if source == "instaflow_v":
@@ -213,7 +221,7 @@ def to_x0_eps(source: str, value: Tensor, x_t: Tensor, t, process: Process, **cm
 
 def from_x0_eps(target: str, x0: Tensor, eps: Tensor, x_t: Tensor, t, process: Process, **cm_kw) -> Tensor:
     """The prediction of kind ``target`` given ``(x0_hat, eps_hat)``."""
-    check_prediction(target)
+    check_prediction(target, "target")
     a, s, da, ds, tt = _coefs(process, t, x_t)
     if target == "eps":
         return eps
@@ -224,10 +232,9 @@ def from_x0_eps(target: str, x0: Tensor, eps: Tensor, x_t: Tensor, t, process: P
     if target in ("v", "v_bar"):
         v = (s * x0 - a * eps) / torch.sqrt(a * a + s * s)
         return v if target == "v" else -v
-    if target == "velocity":
-        return da * x0 + ds * eps
-    if target == "trigflow_F":
-        return (da * x0 + ds * eps) / _trig_sd(process)
+    if target in ("velocity", "trigflow_F"):
+        u = _finite(da, "d alpha/dt", tt) * x0 + _finite(ds, "d sigma/dt", tt) * eps
+        return u if target == "velocity" else u / _trig_sd(process)
     if target == "instaflow_v":
         return x0 - eps
     c_skip, c_out = cm_c_skip_c_out(s / _nonzero(a, "alpha(t)", tt), **cm_kw)
@@ -236,9 +243,9 @@ def from_x0_eps(target: str, x0: Tensor, eps: Tensor, x_t: Tensor, t, process: P
 
 def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, process: Process, **cm_kw) -> Tensor:
     """Convert a prediction of kind ``source`` into kind ``target`` under ``process`` at ``(x_t, t)``."""
-    check_prediction(target)
+    check_prediction(target, "target")
     if source == target:
-        check_prediction(source)
+        check_prediction(source, "source")
         return value
     x0, eps = to_x0_eps(source, value, x_t, t, process, **cm_kw)
     return from_x0_eps(target, x0, eps, x_t, t, process, **cm_kw)

@@ -37,7 +37,7 @@ class Predictor(nn.Module):
 
     def predict(self, target: str, x_t: Tensor, t, cond=None) -> Tensor:
         """Ask for any quantity (``eps``, ``x0``, ``score``, ``velocity``, ``v``, ...)."""
-        check_prediction(target)
+        check_prediction(target, "target")
         return convert(self(x_t, t, cond), self.prediction, target, x_t, t, self.process)
 
 

@@ -72,14 +72,21 @@ class Process:
 
     # ---- public API (validates t) -------------------------------------------------------------
     def check_t(self, t, x: Tensor | None = None) -> Tensor:
+        """Validate ``t`` against the domain and return it in x's dtype.
+
+        The domain test runs in float64 with a slack of one unit in the last place of ``t``'s own
+        dtype, so that e.g. float32(pi/2) counts as TrigFlow's t_max; values are then clamped into it.
+        """
         t = time_tensor(t, x)
         if torch.isnan(t).any():
-            raise ValueError(f"t contains NaN; allowed: the time domain [{self.t_min}, {self.t_max}] of {self.name}")
-        lo, hi = t.min().item(), t.max().item()
-        if lo < self.t_min or hi > self.t_max:
-            bad = lo if lo < self.t_min else hi
+            raise ValueError(f"t contains NaN; allowed: the time domain [{self.t_min}, {self.t_max}] of {self}")
+        t64 = t.detach().to(torch.float64)
+        slack = torch.finfo(t.dtype).eps * max(1.0, abs(self.t_max)) if t.dtype != torch.float64 else 0.0
+        lo, hi = t64.min().item(), t64.max().item()
+        if lo < self.t_min - slack or hi > self.t_max + slack:
+            bad = lo if lo < self.t_min - slack else hi
             raise ValueError(f"t={bad:g} is outside the time domain [{self.t_min:g}, {self.t_max:g}] of {self}")
-        return t
+        return t.clamp(self.t_min, self.t_max) if slack else t
 
     def alpha(self, t, x: Tensor | None = None) -> Tensor:
         return self._alpha(self.check_t(t, x))
@@ -143,7 +150,7 @@ class _AlphaBarProcess(Process):
         return torch.exp(0.5 * self._log_alpha_bar(t))
 
     def _sigma(self, t):
-        return torch.sqrt(-torch.expm1(self._log_alpha_bar(t)))
+        return torch.sqrt(0.0 - torch.expm1(self._log_alpha_bar(t)))  # 0.0 - 0.0 = +0.0 at t = 0
 
     def _d_alpha(self, t):
         return 0.5 * self._d_log_alpha_bar(t) * self._alpha(t)

@@ -1,5 +1,4 @@
 """Prediction conversions: round trips for every pair, closed forms written here, diffusers conventions."""
-import math
 
 import numpy as np
 import pytest

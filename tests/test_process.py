@@ -296,10 +296,7 @@ def test_prior_sample_std(name, std):
     assert torch.equal(x, p.prior_sample((n,), generator=gen(5), dtype=F64))
 
 
-# ---- library bugs --------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: Process.check_t validates t after casting it to x's dtype; "
-                   "float32(pi/2) > pi/2 and float32(0.999) > 0.999, so t = t_max is rejected for float32 data "
-                   "(process.py check_t / time_tensor)")
+# ---- regressions of fixed library bugs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["trigflow", "vp_cosine"])
 def test_t_max_accepted_for_float32_data(name):
     p = make(name)
@@ -311,9 +308,6 @@ def test_t_max_accepted_for_float32_data(name):
     torch.testing.assert_close(x_t, a * x0 + s * eps, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _AlphaBarProcess._sigma computes sqrt(-expm1(0.0)) = sqrt(-0.0) = -0.0 "
-                   "for DDPM at t=0, so sigma(0) is -0.0 and d_sigma(0) = (positive)/(-0.0) = -inf although "
-                   "sigma increases from 0 (process.py _AlphaBarProcess._sigma)")
 def test_ddpm_sigma_at_zero_is_positive_zero_and_increasing():
     p = DDPM(1000)
     h = 1e-8

@@ -204,7 +204,7 @@ class GaussianMixture(Predictor):
         return self.score(x_t, t, cond)
 
     def predict(self, target: str, x_t: Tensor, t, cond=None) -> Tensor:
-        check_prediction(target)
+        check_prediction(target, "target")
         if target == "score":
             return self.score(x_t, t, cond)
         x0 = self.posterior_mean(x_t, t, cond)

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..conversions import PREDICTIONS, check_prediction, from_x0_eps, to_x0_eps
+from ..conversions import check_prediction, from_x0_eps, to_x0_eps
 from ..process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow, expand_like
 from .distances import get_distance, squared_norm
 
@@ -223,7 +223,10 @@ def _draw_t(process: Process, x0: Tensor, t, t_sampler, generator) -> Tensor:
         return _batch_t(process, t, x0)
     B = x0.shape[0]
     if t_sampler is None or isinstance(t_sampler, str):
-        t = sample_t(process, B, t_sampler, generator=generator)
+        kind = t_sampler or ("discrete" if process.discrete else "uniform")
+        t = sample_t(process, B, kind, generator=generator)
+        if kind != "discrete":
+            return _inside(process, t.to(device=x0.device), x0)
     elif callable(t_sampler):
         t = torch.as_tensor(t_sampler(B, generator))
         if t.shape != (B,):
@@ -231,6 +234,24 @@ def _draw_t(process: Process, x0: Tensor, t, t_sampler, generator) -> Tensor:
     else:
         raise ValueError(f"t_sampler={t_sampler!r} must be None, one of {T_SAMPLERS} or a callable (n, generator) -> t")
     return _batch_t(process, t.to(device=x0.device), x0)
+
+
+def _inside(process: Process, t: Tensor, x0: Tensor) -> Tensor:
+    """Continuous samples cast to x0's dtype, kept strictly inside the domain after rounding.
+
+    A float32 cast can round a time onto an end point (rectified flow's ``t = 1`` where alpha = 0) or
+    past it (float32(pi/2) > pi/2 for TrigFlow); such samples move to the nearest representable time
+    inside the open domain.
+    """
+    dtype = x0.dtype
+    lo = torch.tensor(process.t_min, dtype=dtype)
+    hi = torch.tensor(process.t_max, dtype=dtype)
+    while float(lo) <= process.t_min:
+        lo = torch.nextafter(lo, torch.tensor(math.inf, dtype=dtype))
+    while float(hi) >= process.t_max:
+        hi = torch.nextafter(hi, torch.tensor(-math.inf, dtype=dtype))
+    t = t.to(dtype).clamp(lo.item(), hi.item())
+    return _batch_t(process, t, x0)
 
 
 # ---- loss weights --------------------------------------------------------------------------------------------

@@ -90,7 +90,10 @@ def _check_generator(generator):
 
 
 def _scalar_t(t, name: str = "t") -> float:
-    tt = torch.as_tensor(t)
+    """A scalar time as a Python float (never through float32: ``torch.as_tensor(0.1)`` would round it)."""
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return float(t)
+    tt = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
     if tt.numel() != 1:
         raise ValueError(f"{name} must be a scalar time for a sampler step, got shape {tuple(tt.shape)}")
     return float(tt)

@@ -1,0 +1,544 @@
+"""One-step score distillation objectives: SDS, VSD, DMD, Diff-Instruct, SiD, SIM (every Table 4 distance), FGM.
+
+Every generator loss is a function of the generator output ``x0 = g_theta(z)`` (carrying gradient to
+theta), two predictors of the same process (the frozen ``teacher`` = pre-trained model ``s_q``, and the
+online ``fake`` = ``s_psi`` approximating the generator's diffused score ``s_{p_sg[theta],t}``), the times
+``t`` and optional noise ``eps`` (common random numbers). It returns a scalar whose *gradient* with respect
+to theta is the method's gradient (the values of surrogate losses mean nothing). No loop here: the one
+alternating loop is ``dstar_edu.distillation.distill``.
+
+Where the gradient flows is the point, and it differs by method (checked in ``verify/checks/distill.py``):
+
+================  ==============================================================================  ===============
+method            gradient with respect to theta                                                  divergence
+================  ==============================================================================  ===============
+SDS               ``w (eps_hat_q(x_t) - eps) dx0/dtheta``  (detached teacher)                    KL, Dirac gen.
+Diff-Instruct     ``w (s_psi(x_t) - s_q(x_t)) dx_t/dtheta``  (detached score difference)         integral KL
+VSD / DMD         ``w (s_psi - s_q) dx0/dtheta`` via ``||x0 - sg(x0 - grad)||^2 / 2``               integral KL
+SIM / SiD         ``-d/dtheta E[d'(y_t)^T (s_psi(x_t) - grad log q_t(x_t|x0))]`` with ``x_t``       score div.
+                  carrying gradient *into both frozen networks' inputs* and into ``y_t``
+FGM               ``d/dtheta E[||u - v_psi||^2 + 2 (u - v_psi)^T (v_psi - u(x_t|x0))]``, ``x_t``   flow matching
+                  into both networks' inputs and ``x0`` into the conditional field ``u(x_t|x0)``
+================  ==============================================================================  ===============
+
+The networks' *parameters* are frozen inside these losses (``requires_grad`` is switched off while they
+run and restored afterwards): only the generator receives gradient. The detached forms (SDS, DI, VSD,
+DMD) run their predictors under ``torch.no_grad``.
+
+Time distributions of SIM App. B.2: ``p_edm`` (Eq. B.5-B.6), ``p_sim`` (Eq. B.9-B.10) and ``p_sid``
+(Eq. B.8), mapped to any process's time through its EDM noise level.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..process import Process, expand_like
+from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
+
+Tensor = torch.Tensor
+
+__all__ = ["sim_generator_loss", "score_divergence", "fake_score_loss", "sds_loss", "vsd_loss", "dmd_loss",
+           "dmd_regression_loss", "diff_instruct_loss", "sid_generator_loss", "fgm_generator_loss",
+           "FeatureDiscriminator", "dmd_gan_generator_loss", "dmd_gan_discriminator_loss", "p_edm", "p_sim",
+           "p_sid", "karras_sigma_grid", "frozen"]
+
+REDUCTIONS = ("mean", "sum", "none")
+SPACES = ("score", "x0")
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def frozen(*modules):
+    """Switch off ``requires_grad`` of every parameter of ``modules`` inside the block, then restore it.
+
+    Gradients still flow *through* the modules to their inputs (SIM Thm 3.1 needs exactly that); only
+    their parameters receive none.
+    """
+    changed = []
+    seen = set()
+    for m in modules:
+        if not isinstance(m, torch.nn.Module):
+            continue
+        for p in m.parameters():
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                p.requires_grad_(False)
+                changed.append(p)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
+
+
+def _check_x0(x0, name: str = "x0") -> Tensor:
+    if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.ndim < 1 or x0.shape[0] < 1:
+        got = type(x0).__name__ + (f" of dtype {x0.dtype}, shape {tuple(x0.shape)}" if isinstance(x0, Tensor) else "")
+        raise ValueError(f"{name} must be a floating tensor of shape (batch, *shape), got {got}")
+    return x0
+
+
+def _process_of(pred, role: str) -> Process:
+    process = getattr(pred, "process", None)
+    if not isinstance(process, Process):
+        raise ValueError(f"{role}={type(pred).__name__} must be a Predictor with a dstar_edu .process, "
+                         f"got process={process!r}")
+    if not hasattr(pred, "predict"):
+        raise ValueError(f"{role}={type(pred).__name__} has no .predict(target, x_t, t, cond)")
+    return process
+
+
+def _pair_process(teacher, fake) -> Process:
+    p = _process_of(teacher, "teacher")
+    if fake is not None:
+        q = _process_of(fake, "fake")
+        if repr(p) != repr(q):
+            raise ValueError(f"teacher.process={p} and fake.process={q} differ: the fake score must be trained on "
+                             "the teacher's forward process (same alpha(t), sigma(t))")
+    return p
+
+
+def _noisy(x0: Tensor, process: Process, t, eps, generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t as (B,), x_t, eps)`` with ``x_t = alpha x0 + sigma eps`` carrying x0's gradient (handbook Eq. 6)."""
+    if t is None:
+        raise ValueError("t is required: pass the (batch,) times (e.g. from p_sim(process)(n, generator))")
+    t = process.check_t(t, x0)
+    t = t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
+    if bool((process._sigma(t) <= 0).any()):
+        raise ValueError(f"t has values where sigma(t) = 0 (t_min={process.t_min:g}); score distillation needs "
+                         "sigma(t) > 0: draw t strictly inside the domain")
+    if eps is not None and (not isinstance(eps, Tensor) or eps.shape != x0.shape):
+        raise ValueError(f"eps has shape {tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}; "
+                         f"it must match x0 {tuple(x0.shape)}")
+    x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
+    return t, x_t, eps
+
+
+def _weight(weight, t: Tensor, B: int, dtype, name: str = "weight") -> Tensor:
+    """Per-sample ``w(t)`` from None (1), a number, a ``(B,)`` tensor or a callable ``w(t)``."""
+    if weight is None:
+        return torch.ones(B, dtype=dtype, device=t.device)
+    if callable(weight):
+        weight = weight(t)
+    w = torch.as_tensor(weight, dtype=dtype, device=t.device)
+    if w.ndim == 0:
+        w = w.expand(B)
+    if tuple(w.shape) != (B,):
+        raise ValueError(f"{name} has shape {tuple(w.shape)}; allowed: None, a number, a ({B},) tensor or a "
+                         "callable w(t) -> (batch,)")
+    return w.detach()
+
+
+def _sum(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
+    out = per_sample.mean() if reduction == "mean" else per_sample.sum() if reduction == "sum" else per_sample
+    if not bool(torch.isfinite(out.detach()).all()):
+        bad = per_sample.detach()
+        n_bad = int((~torch.isfinite(bad)).sum())
+        raise FloatingPointError(f"{what} is not finite ({n_bad} of {bad.numel()} per-sample values are NaN/inf); "
+                                 "check the time range (sigma(t) -> 0 blows scores up), the networks' outputs and "
+                                 "the learning rate")
+    return out
+
+
+def _check_space(space: str) -> str:
+    if space not in SPACES:
+        raise ValueError(f"space={space!r} is unknown; allowed: 'score' (SIM Eq. 3.7-3.8) or 'x0' "
+                         "(denoiser space, SIM Alg. 2 / Eq. B.13)")
+    return space
+
+
+def _resolve_distance(distance, c, alpha, beta, delta, x0: Tensor) -> ScoreDistance:
+    if distance == "pseudo_huber" and c is None:
+        c = default_pseudo_huber_c(x0[0].numel())
+    return get_distance(distance, c=c, alpha=alpha, beta=beta, delta=delta)
+
+
+# ---- SIM (SIM Sec. 3, Thm 3.1, Eq. 3.7-3.8, Table 4, Alg. 1-2) -----------------------------------------------
+def sim_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None,
+                       generator: torch.Generator | None = None, distance="pseudo_huber", c: float | None = None,
+                       weight=None, cond=None, space: str = "score", alpha: int | None = None,
+                       beta: float | None = None, delta: float | None = None, reduction: str = "mean") -> Tensor:
+    """Score Implicit Matching generator loss, SIM Eq. 3.7 (Eq. 3.8 for pseudo-Huber; Table 4 for the rest).
+
+    ``L_SIM(theta) = E_{z, eps, t}[ w(t) (-d'(y_t))^T (s_psi(x_t, t) - grad_{x_t} log q_t(x_t | x0)) ]`` with
+    ``x0 = g_theta(z)``, ``x_t = alpha x0 + sigma eps``, ``y_t = s_psi(x_t) - s_q(x_t)`` and
+    ``grad log q_t(x_t | x0) = -eps / sigma``. By SIM Thm 3.1 its gradient equals the gradient (Eq. 3.5) of
+    the score divergence ``E_{x_t ~ p_sg[theta],t} d(s_{p_theta,t} - s_q)`` (Eq. 3.4) when ``s_psi`` is the
+    generator's score. The gradient must flow through ``x_t`` into *both* score evaluations and into
+    ``d'(y_t)`` (the frozen networks' inputs), never into the networks' parameters: stopping it anywhere
+    else changes the gradient (check ``distill.sim_gradient_flow``).
+
+    ``space="x0"`` is SIM Alg. 2 (Eq. B.13): the same loss written with x0-predictions (denoisers),
+    ``(-d'(D_psi - D_q))^T (D_psi(x_t) - x0)``; it is SIM with the time-dependent distance
+    ``d_t(y) = d((sigma^2/alpha) y)`` of score differences, so Thm 3.1 covers it too.
+
+    Args:
+        x0: generator samples ``(batch, *shape)`` with gradient to theta.
+        teacher, fake: predictors of the same process (any parameterisation; ``predict("score")`` /
+            ``predict("x0")`` is used).
+        t: ``(batch,)`` times with ``sigma(t) > 0`` (e.g. ``p_sim(process)(B, generator)``).
+        eps: the forward noise (drawn from ``generator`` when None).
+        distance: a name of ``divergences.DISTANCES`` or a ``ScoreDistance``; ``c`` (pseudo-Huber, default
+            ``0.00054 sqrt(D)``), ``alpha`` (alpha_power, exp_power), ``beta`` (exp_power), ``delta`` (huber).
+        weight: ``w(t)``: None (1, SIM's choice), a number, a ``(batch,)`` tensor or a callable of ``t``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample values).
+    """
+    x0 = _check_x0(x0)
+    process = _pair_process(teacher, fake)
+    space = _check_space(space)
+    d = _resolve_distance(distance, c, alpha, beta, delta, x0)
+    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    with frozen(teacher, fake):
+        if space == "score":
+            s_q = teacher.predict("score", x_t, t, cond)
+            s_psi = fake.predict("score", x_t, t, cond)
+            sigma = expand_like(process._sigma(t).to(x0.dtype), x0)
+            per = -_sum(d.grad(s_psi - s_q) * (s_psi + eps / sigma))
+        else:
+            D_q = teacher.predict("x0", x_t, t, cond)
+            D_psi = fake.predict("x0", x_t, t, cond)
+            per = -_sum(d.grad(D_psi - D_q) * (D_psi - x0))
+    return _reduce(w * per, reduction, f"sim_generator_loss(distance={d!r}, space={space!r})")
+
+
+def score_divergence(x_t: Tensor, t, p_score, q_score, *, distance="pseudo_huber", c: float | None = None,
+                     space: str = "score", cond=None, alpha: int | None = None, beta: float | None = None,
+                     delta: float | None = None) -> Tensor:
+    """The integrand of SIM Eq. 3.3: ``d(s_p(x_t) - s_q(x_t))`` per sample, shape ``(batch,)``.
+
+    ``p_score``, ``q_score`` are predictors; ``x_t`` is used as given (the sampling distribution ``pi_t`` of
+    Eq. 3.3 is the caller's). With an exact generator's live score predictor this is differentiable in
+    theta at fixed ``x_t``: autograd then gives the intractable gradient of SIM Eq. 3.5.
+    ``space="x0"`` compares x0-predictions (the distance of Alg. 2).
+    """
+    _check_x0(x_t, "x_t")
+    process = _pair_process(q_score, p_score)
+    space = _check_space(space)
+    d = _resolve_distance(distance, c, alpha, beta, delta, x_t)
+    t = process.check_t(t, x_t)
+    target = "score" if space == "score" else "x0"
+    return d.value(p_score.predict(target, x_t, t, cond) - q_score.predict(target, x_t, t, cond))
+
+
+def fake_score_loss(fake, x0: Tensor, *, generator: torch.Generator | None = None, t=None, t_sampler=None,
+                    eps: Tensor | None = None, target: str | None = None, weighting="none", cond=None,
+                    reduction: str = "mean", **kwargs) -> Tensor:
+    """The online ("fake", "assistant") score update: denoising score matching on *detached* generator samples.
+
+    SIM Alg. 1 (first phase), Diff-Instruct Alg. 1, handbook Eq. 42: ``E ||s_psi(x_t, t) - grad log q_t(x_t | x0)||^2``
+    with ``x0 = sg(g_theta(z))``, i.e. ``objectives.pretrain.denoising_loss`` on ``x0.detach()`` (any target;
+    ``weighting="edm"`` is SIM's lambda_EDM, Eq. B.7). Other keywords go to ``denoising_loss``.
+    """
+    from .pretrain import denoising_loss
+    x0 = _check_x0(x0)
+    return denoising_loss(fake, x0.detach(), generator=generator, t=t, t_sampler=t_sampler, eps=eps, target=target,
+                          weighting=weighting, cond=cond, reduction=reduction, **kwargs)
+
+
+# ---- SiD (SIM Sec. 3.3 "SiD is a special case", App. B.2 Eq. B.11) --------------------------------------------
+def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None,
+                       generator: torch.Generator | None = None, alpha: float = 1.2, weighting="sid", cond=None,
+                       reduction: str = "mean") -> Tensor:
+    """Score identity Distillation's generator loss in denoiser space (SIM Sec. 3.3; SiD's public code).
+
+    ``w (D_q - D_psi)^T ((D_q - x0) - alpha (D_q - D_psi))`` with ``D = predict("x0")`` at ``x_t``, gradient
+    through ``x_t`` into both frozen denoisers and through ``x0``. ``alpha = 1`` is exactly SIM with the
+    squared L2 distance (Table 4 row 1) in score space with weight ``(sigma^2/alpha_t)^2 w / 2``;
+    ``alpha = 1.2`` (SiD's default) adds ``(1 - alpha) ||D_q - D_psi||^2``.
+
+    ``weighting="sid"``: ``w = 1 / sg(mean |x0 - D_q(x_t)|)`` (mean over the entries of a sample), which is
+    SIM Eq. B.11's ``C t^4 / ||x0 - d_q(x_t)||_1`` carried from score space (EDM: ``s = (D - x_t)/t^2``) to
+    denoiser space. ``"none"``: 1. A number, ``(batch,)`` tensor or callable of ``t`` is used as is.
+    """
+    x0 = _check_x0(x0)
+    process = _pair_process(teacher, fake)
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha={alpha!r} must be a finite number (SiD uses 1.2; 1.0 is SIM with squared L2)")
+    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    with frozen(teacher, fake):
+        D_q = teacher.predict("x0", x_t, t, cond)
+        D_psi = fake.predict("x0", x_t, t, cond)
+    diff = D_q - D_psi
+    per = _sum(diff * ((D_q - x0) - alpha * diff))
+    if isinstance(weighting, str):
+        if weighting == "sid":
+            w = 1.0 / (x0 - D_q).detach().abs().reshape(x0.shape[0], -1).mean(1)
+        elif weighting == "none":
+            w = torch.ones_like(per)
+        else:
+            raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'sid', 'none', a number, a (batch,) "
+                             "tensor or a callable w(t)")
+    else:
+        w = _weight(weighting, t, x0.shape[0], x0.dtype, "weighting")
+    return _reduce(w * per, reduction, f"sid_generator_loss(alpha={alpha})")
+
+
+# ---- Diff-Instruct (Luo talk Def. 3.1, Thm 3.3, Alg. 1) --------------------------------------------------------
+def diff_instruct_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None,
+                       generator: torch.Generator | None = None, weight=None, cond=None, space: str = "score",
+                       reduction: str = "mean") -> Tensor:
+    """Diff-Instruct: the integral-KL gradient of Luo talk Thm 3.3 (Eq. 3.2) as a surrogate loss.
+
+    ``Grad(theta) = E[ w(t) (s_psi(x_t) - s_q(x_t))^T dx_t/dtheta ]``: the surrogate is
+    ``w sg(s_psi(x_t) - s_q(x_t))^T x_t`` (scores evaluated without gradient; ``x_t`` carries theta through
+    ``x0``). With the generator's exact score as ``s_psi`` its expectation is the gradient of
+    ``int w(t) KL(p_theta,t || q_t) dt`` (check ``distill.di_ikl_gradient``). ``space="x0"`` uses
+    ``sg(D_psi - D_q)`` (Diff-Instruct's EDM code, weight ``sigma^2/alpha`` relative to score space).
+    """
+    x0 = _check_x0(x0)
+    process = _pair_process(teacher, fake)
+    space = _check_space(space)
+    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    target = "score" if space == "score" else "x0"
+    with torch.no_grad():
+        xd = x_t.detach()
+        g = fake.predict(target, xd, t, cond) - teacher.predict(target, xd, t, cond)
+    return _reduce(w * _sum(g * x_t), reduction, f"diff_instruct_loss(space={space!r})")
+
+
+# ---- SDS (handbook Sec. 3.2.2; DreamFusion = Diff-Instruct with a Dirac generator, Luo talk Cor. 3.4) ------------
+def sds_loss(x0: Tensor, teacher, t, *, eps: Tensor | None = None, generator: torch.Generator | None = None,
+             weight=None, cond=None, reduction: str = "mean") -> Tensor:
+    """Score Distillation Sampling: surrogate with gradient ``w(t) (eps_hat_q(x_t, t) - eps)^T dx0/dtheta``.
+
+    Handbook Sec. 3.2.2 gradient, with the sign of DreamFusion: ``grad_{x_t} log p^theta_t(x_t) = -eps/sigma``
+    for the (Dirac) generator and ``grad log q_t = -eps_hat_q/sigma`` for the teacher, so
+    ``grad_theta L_SDS = E[w (-eps/sigma + eps_hat_q/sigma) dG/dtheta]`` (up to the factor ``1/sigma``
+    absorbed in ``w``). The handbook's second line prints the opposite sign (erratum ``distill.sds_sign``).
+    ``w = sigma/alpha`` times a Diff-Instruct weight gives Diff-Instruct's gradient with the Dirac generator's
+    exact score (Luo talk Cor. 3.4, check ``distill.sds_is_di_dirac``).
+    """
+    x0 = _check_x0(x0)
+    process = _pair_process(teacher, None)
+    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    with torch.no_grad():
+        eps_hat = teacher.predict("eps", x_t.detach(), t, cond)
+    return _reduce(w * _sum((eps_hat - eps) * x0), reduction, "sds_loss")
+
+
+# ---- VSD / DMD (handbook Sec. 3.2.3-3.2.4) ------------------------------------------------------------------------
+def vsd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generator: torch.Generator | None = None,
+             weight=None, cond=None, reduction: str = "mean") -> Tensor:
+    """Variational Score Distillation, handbook Sec. 3.2.3 gradient in the detach-trick MSE form of Sec. 3.2.4:
+
+    ``(w/2) ||x0 - sg(x0 - (s_psi(x_t) - s_q(x_t)))||^2`` whose gradient is ``w (s_psi - s_q)^T dx0/dtheta``
+    (the VSD gradient; ``dx_t/dtheta = alpha dx0/dtheta`` with ``alpha`` absorbed in ``w``). ``s_psi`` is
+    the fake score trained with Eq. 42 (``fake_score_loss``).
+    """
+    x0 = _check_x0(x0)
+    process = _pair_process(teacher, fake)
+    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    with torch.no_grad():
+        xd = x_t.detach()
+        g = fake.predict("score", xd, t, cond) - teacher.predict("score", xd, t, cond)
+    return _reduce(0.5 * w * _sum((x0 - (x0 - g).detach()) ** 2), reduction, "vsd_loss")
+
+
+def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generator: torch.Generator | None = None,
+             weighting="dmd", cond=None, discriminator=None, gan_weight: float = 0.0,
+             reduction: str = "mean") -> Tensor:
+    """Distribution Matching Distillation (handbook Sec. 3.2.4): VSD in x0-space with the detach trick.
+
+    ``(w(t)/2) (alpha/sigma^2) ||x0 - sg(x0 - (D_psi(x_t) - D_q(x_t)))||^2`` (the handbook's third line, with
+    ``sqrt(ab)/(1 - ab) = alpha/sigma^2`` for VP; Eq. 45 makes it equal to ``vsd_loss`` with the same
+    ``w``). ``weighting="dmd"``: the handbook's ``w(t) = 2 (sigma^2/alpha) C / ||x0 - D_q(x_t)||_1`` with
+    ``C`` the number of entries, so the loss is ``C/||x0 - D_q||_1 ||x0 - sg(x0 - (D_psi - D_q))||^2``
+    (DMD2's normalisation by ``mean |x0 - D_q|``); ``"none"``: ``w = 1``; or a number / tensor / callable.
+
+    ``discriminator`` (e.g. :class:`FeatureDiscriminator` sharing the fake score's backbone) with
+    ``gan_weight > 0`` adds the generator's non-saturating GAN term ``gan_weight softplus(-D(x_t, t))``
+    (``L_adv`` of handbook Sec. 3.2.4, generator side).
+    """
+    x0 = _check_x0(x0)
+    process = _pair_process(teacher, fake)
+    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    with torch.no_grad():
+        xd = x_t.detach()
+        D_q = teacher.predict("x0", xd, t, cond)
+        delta = fake.predict("x0", xd, t, cond) - D_q
+    a = process._alpha(t).to(x0.dtype)
+    s = process._sigma(t).to(x0.dtype)
+    if isinstance(weighting, str):
+        if weighting == "dmd":
+            k = x0[0].numel() / (x0 - D_q).detach().abs().reshape(x0.shape[0], -1).sum(1)
+        elif weighting == "none":
+            k = 0.5 * a / (s * s)
+        else:
+            raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'dmd', 'none', a number, a (batch,) "
+                             "tensor or a callable w(t)")
+    else:
+        k = 0.5 * _weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)
+    per = k * _sum((x0 - (x0 - delta).detach()) ** 2)
+    if discriminator is not None and gan_weight:
+        if not (isinstance(gan_weight, (int, float)) and gan_weight > 0):
+            raise ValueError(f"gan_weight={gan_weight!r} must be a positive number")
+        with frozen(discriminator):
+            per = per + gan_weight * F.softplus(-discriminator(x_t, t, cond))
+    return _reduce(per, reduction, "dmd_loss")
+
+
+def dmd_regression_loss(x0: Tensor, target: Tensor, *, distance="l2", c: float | None = None,
+                        reduction: str = "mean") -> Tensor:
+    """DMD's regression loss ``E d(g_theta(z), y)`` on pairs ``(z, y)`` with ``y`` the teacher's ODE sample from
+    the same noise (Yin et al. 2024; LPIPS there, any ``objectives.distances`` distance or callable here).
+    """
+    from .distances import get_distance as get_pair_distance
+    x0 = _check_x0(x0)
+    if not isinstance(target, Tensor) or target.shape != x0.shape:
+        raise ValueError(f"target has shape {tuple(target.shape) if isinstance(target, Tensor) else type(target)}; "
+                         f"it must match x0 {tuple(x0.shape)} (one teacher sample per generator sample)")
+    d = get_pair_distance(distance, c)
+    return _reduce(d(x0, target.detach()), reduction, "dmd_regression_loss")
+
+
+class FeatureDiscriminator(torch.nn.Module):
+    """GAN discriminator sharing the fake score network's backbone (DMD2; handbook Sec. 3.2.4 "Adversarial Loss").
+
+    A forward hook captures the output of ``fake``'s submodule ``layer`` (e.g. ``"blocks.2"`` of an
+    ``MLPPredictor`` or ``"unet.mid_block"`` of a wrapped diffusers UNet); the head (global average over
+    spatial axes, then a small MLP) maps it to one logit per sample. Training the discriminator updates the
+    head *and* the shared backbone; include both in the fake optimiser (``distill(..., fake_params=...)``).
+    """
+
+    def __init__(self, fake, layer: str, features: int, hidden: int = 64):
+        super().__init__()
+        modules = dict(fake.named_modules())
+        if layer not in modules:
+            names = [n for n in modules if n][:12]
+            raise ValueError(f"layer={layer!r} is not a submodule of the fake network; some allowed: {names}")
+        object.__setattr__(self, "_fake", fake)
+        self._captured = None
+        modules[layer].register_forward_hook(self._hook)
+        self.head = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
+        self.layer = layer
+
+    def _hook(self, module, inputs, output):
+        self._captured = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
+        self._captured = None
+        self._fake(x_t, t, cond)
+        h = self._captured
+        if h is None:
+            raise RuntimeError(f"the fake network did not run its submodule {self.layer!r}")
+        if h.ndim > 2:
+            h = h.flatten(2).mean(-1)
+        return self.head(h.to(self.head[0].weight.dtype)).squeeze(-1)
+
+
+def dmd_gan_generator_loss(x0: Tensor, discriminator, t, process: Process, *, eps: Tensor | None = None,
+                           generator: torch.Generator | None = None, cond=None, reduction: str = "mean") -> Tensor:
+    """Generator side of ``L_adv``: ``softplus(-D(x_t^f, t))`` = ``-log D`` (non-saturating)."""
+    x0 = _check_x0(x0)
+    t, x_t, _ = _noisy(x0, process, t, eps, generator)
+    with frozen(discriminator):
+        return _reduce(F.softplus(-discriminator(x_t, t, cond)), reduction, "dmd_gan_generator_loss")
+
+
+def dmd_gan_discriminator_loss(x0_fake: Tensor, x0_real: Tensor, discriminator, t, process: Process, *,
+                               generator: torch.Generator | None = None, cond=None, reduction: str = "mean") -> Tensor:
+    """Discriminator side of ``L_adv`` (handbook Sec. 3.2.4): ``softplus(-D(F(x'_0))) + softplus(D(x_t^f))``,
+    i.e. ``-log D(real) - log(1 - D(fake))`` on noised real and (detached) generator samples."""
+    x0_fake, x0_real = _check_x0(x0_fake, "x0_fake"), _check_x0(x0_real, "x0_real")
+    if x0_fake.shape != x0_real.shape:
+        raise ValueError(f"x0_fake {tuple(x0_fake.shape)} and x0_real {tuple(x0_real.shape)} must have the same shape")
+    t, xf, _ = _noisy(x0_fake.detach(), process, t, None, generator)
+    _, xr, _ = _noisy(x0_real.detach(), process, t, None, generator)
+    per = F.softplus(-discriminator(xr, t, cond)) + F.softplus(discriminator(xf, t, cond))
+    return _reduce(per, reduction, "dmd_gan_discriminator_loss")
+
+
+# ---- Flow Generator Matching (Luo talk Sec. 4, Thm 4.1-4.2, Alg. 1) ----------------------------------------------
+def fgm_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None,
+                       generator: torch.Generator | None = None, weight=None, cond=None,
+                       reduction: str = "mean") -> Tensor:
+    """Flow Generator Matching, Luo talk Eq. 4.10-4.12: ``L_FGM = L_1 + L_2`` with
+
+    ``L_1 = ||u_t(x_t) - v_sg(x_t)||^2`` (Eq. 4.11) and ``L_2 = 2 (u_t(x_t) - v_sg(x_t))^T (v_sg(x_t) - u_t(x_t|x0))``
+    (Eq. 4.12), ``u_t`` = teacher velocity, ``v_sg`` = online flow ``v_psi``, ``x_t`` carrying theta into both
+    frozen networks' inputs. The conditional field ``u_t(x_t|x0) = alpha'(t) x0 + sigma'(t) eps`` (rectified
+    flow: ``eps - x0 = (x_t - x0)/t``; the talk's Eq. 3.5 prints ``(x0 - x_t)/(1 - t)``, erratum
+    ``distill.fgm_conditional_field``) keeps ``x0``'s gradient: unlike SIM's ``-eps/sigma`` it depends on theta,
+    and detaching it gives a wrong gradient. By Thm 4.2 the gradient equals that of the intractable
+    ``E_{x_t ~ p_theta,t} ||v_theta,t - u_t||^2`` (Eq. 4.1-4.3). Works for any process's PF-ODE velocity.
+    """
+    x0 = _check_x0(x0)
+    process = _pair_process(teacher, fake)
+    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    with frozen(teacher, fake):
+        u = teacher.predict("velocity", x_t, t, cond)
+        v = fake.predict("velocity", x_t, t, cond)
+    da = expand_like(process._d_alpha(t).to(x0.dtype), x0)
+    ds = expand_like(process._d_sigma(t).to(x0.dtype), x0)
+    u_cond = da * x0 + ds * eps
+    per = _sum((u - v) ** 2) + 2 * _sum((u - v) * (v - u_cond))
+    return _reduce(w * per, reduction, "fgm_generator_loss")
+
+
+# ---- time distributions of SIM App. B.2 ---------------------------------------------------------------------------
+def p_edm(process: Process, P_mean: float = -1.2, P_std: float = 1.2) -> Callable[[int, torch.Generator], Tensor]:
+    """EDM's log-normal ``ln sigma ~ N(-1.2, 1.2^2)`` (SIM Eq. B.5-B.6), in ``process``'s time; for the fake score."""
+    from .pretrain import make_t_sampler
+    return make_t_sampler(process, "lognormal", P_mean=P_mean, P_std=P_std)
+
+
+def p_sim(process: Process, P_mean: float = -3.5, P_std: float = 2.5) -> Callable[[int, torch.Generator], Tensor]:
+    """SIM's generator time distribution ``ln sigma ~ N(-3.5, 2.5^2)`` (SIM Eq. B.9-B.10), in ``process``'s time.
+
+    Noise levels outside the process's range are clamped to it; for score-space losses clamp away from
+    ``sigma = 0`` (e.g. use a process with ``t_min > 0`` or filter ``t``), since scores scale like 1/sigma^2.
+    """
+    from .pretrain import make_t_sampler
+    return make_t_sampler(process, "lognormal", P_mean=P_mean, P_std=P_std)
+
+
+def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """``sigma_k = (sigma_max^(1/rho) + k/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, k = 0..K-1 (SIM Eq. B.8)."""
+    if not (isinstance(K, int) and K >= 2):
+        raise ValueError(f"K={K!r} must be an integer >= 2")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    k = torch.arange(K, dtype=torch.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + k / (K - 1) * (b - a)) ** rho
+
+
+def p_sid(process: Process, k_max: int = 800, K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
+          rho: float = 7.0, from_end: str = "max") -> Callable[[int, torch.Generator], Tensor]:
+    """SiD's discrete generator time distribution (SIM Eq. B.8): ``k ~ U{0..k_max}``, ``t = sigma_k`` of the grid.
+
+    ``from_end="max"`` indexes the grid as printed (``k = 0`` is ``sigma_max``: sigma in [0.085, 80] for
+    the defaults); ``"min"`` counts from ``sigma_min`` (sigma in [0.002, 24.4], the range the public SiD code
+    uses per the project's reference notes). Levels beyond the process's range are clamped.
+    """
+    from .pretrain import t_from_edm_sigma
+    if from_end not in ("max", "min"):
+        raise ValueError(f"from_end={from_end!r}; allowed: 'max' (as printed in Eq. B.8) or 'min'")
+    if not (isinstance(k_max, int) and 0 <= k_max < K):
+        raise ValueError(f"k_max={k_max!r} must be an integer in 0..K-1={K - 1}")
+    grid = karras_sigma_grid(K, sigma_min, sigma_max, rho)
+    if from_end == "min":
+        grid = grid.flip(0)
+    lo, hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
+    times = t_from_edm_sigma(process, grid.clamp(lo, hi))
+
+    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
+        k = torch.randint(0, k_max + 1, (n,), generator=generator)
+        return times[k]
+    return sampler
