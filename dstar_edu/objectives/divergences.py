@@ -207,7 +207,9 @@ class PseudoHuber(ScoreDistance):
         return torch.sqrt((f * f).sum(1) + self.c ** 2)
 
     def value(self, y):
-        return self._root(y) - self.c
+        f = _flat(y)
+        r = (f * f).sum(1)
+        return r / (torch.sqrt(r + self.c ** 2) + self.c)   # = sqrt(r + c^2) - c without cancellation for r << c^2
 
     def grad(self, y):
         return y / _row(self._root(y), y)

@@ -706,8 +706,9 @@ def diffusers_edm_euler_step(dim):
       diffusers casts the sample to float32 inside ``step``: we give it our float64 sigmas and states
       exactly representable in float32, so that cast is lossless;
     * without ``pred_original_sample`` diffusers computes ``c_skip * sample`` with the float32 sample (a
-      0-d float64 times a float32 tensor stays float32): the difference must be within that rounding,
-      ``2^-24 |c_skip x| |dt| / sigma`` elementwise (``float32_product_err_over_bound`` <= 1);
+      0-d float64 times a float32 tensor is computed in float32: c_skip and the product are each rounded
+      once): the difference must be within ``2^-23 |c_skip x| |dt| / sigma`` elementwise
+      (``float32_product_err_over_bound`` <= 1);
     * diffusers' float32 Karras sigmas equal ours to float32 precision (2^-22 relative).
     """
     from diffusers import EDMEulerScheduler
@@ -738,7 +739,7 @@ def diffusers_edm_euler_step(dim):
         lhs += [pred(x, s), ours]
         rhs += [denoised, out]
         c_skip = edm_preconditioning(s, 0.5)[2]
-        bound = 2.0 ** -24 * (c_skip * x).abs() * abs(float(s_next - s)) / s + 1e-300
+        bound = 2.0 ** -23 * (c_skip * x).abs() * abs(float(s_next - s)) / s + 1e-300
         ratio = max(ratio, float(((full - ours).abs() / bound).max()))
         x = out.float().double()                  # next state, float32-representable as diffusers requires
     res = identity(torch.stack(lhs), torch.stack(rhs), rtol=1e-10, data=what, float32_sigma_rel_err=sig32_err,
