@@ -261,8 +261,9 @@ def train_2d(data, process: Process | str = "rectified_flow", prediction: str = 
         return obj(model, x0, g)
 
     model.train()
+    desc = f"train_2d {objective if isinstance(objective, str) else 'custom'}"
     with cpu_threads(threads):
         losses = train(loss_fn, model, steps, lr, generator=gen, progress=progress, callback=callback,
-                       lr_schedule=lr_schedule, desc=f"train_2d {objective if isinstance(objective, str) else 'custom'}")
+                       lr_schedule=lr_schedule, desc=desc)
     model.eval()
     return model, losses

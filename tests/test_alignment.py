@@ -16,6 +16,14 @@ from toy_data.mixtures import GaussianMixture
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
+    from dstar_edu.training import cpu_threads
+    with cpu_threads(1):
+        yield
+
+
 def _g(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -41,9 +49,12 @@ def test_guided_predictor_is_the_same_guidance_in_every_parameterisation():
     x = torch.randn(6, 2, generator=_g(0), dtype=F64)
     t, c, w = 350.0, torch.tensor([0, 1, 1, 0, 1, 0]), 2.5
     guided = GuidedPredictor(net, w)
+    from dstar_edu import exercises_align
     for target in ("eps", "score", "x0", "v", "velocity"):
         sc, su = net.predict(target, x, t, c), net.predict(target, x, t, None)
         torch.testing.assert_close(guided.predict(target, x, t, c), sc + w * (sc - su), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(guided.predict(target, x, t, c), exercises_align.reference("guided_score")(sc, su, w),
+                                   rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="cond"):
         guided(x, t)
 
@@ -258,3 +269,29 @@ def test_distar_runs_unchanged_on_a_diffusers_unet_with_a_clip_reward(tmp_path):
         r_end = float(reward(gen(z), prompt).mean())
     assert r_end > r_start
     assert all(q.grad is None or float(q.grad.abs().max()) == 0 for q in teacher.parameters())
+
+
+# ---- graded exercises (dstar_edu.exercises_align) -------------------------------------------------------------
+@pytest.mark.parametrize("name", ["cfg_implicit_reward_loss", "guided_score", "dpo_loss", "drwr_weights"])
+def test_exercise_reference_passes_and_every_catalogued_mistake_is_diagnosed(name, capsys):
+    from dstar_edu import exercises_align as ex
+    assert ex.check(name, ex.reference(name)) is True
+    assert capsys.readouterr().out.startswith("Correct!")
+    for wrong, why in ex.EXERCISES[name].mistakes:
+        assert ex.check(name, wrong) is False
+        assert f"Likely mistake: {why}" in capsys.readouterr().out
+
+
+def test_exercise_grader_reports_instead_of_raising(capsys):
+    from dstar_edu import exercises_align as ex
+
+    def stub(x_t, score, cond, weight):
+        raise NotImplementedError
+    assert ex.check("cfg_implicit_reward_loss", stub) is False
+    assert "Not implemented yet" in capsys.readouterr().out
+    assert ex.check("cfg_implicit_reward_loss", lambda x_t, score, cond, weight: x_t.detach().sum()) is False
+    assert "does not depend on x_t" in capsys.readouterr().out
+    assert ex.check("guided_score", lambda a, b, c: None) is False
+    assert "return" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown"):
+        ex.check("nope", lambda: None)

@@ -44,7 +44,7 @@ def test_affine_full_matches_multivariate_normal(process):
 
 def test_affine_diagonal_images_match_normal():
     process = VP()
-    gen = AffineGaussianGenerator((3, 4, 4), mean=torch.linspace(-1, 1, 48, dtype=F64),
+    gen = AffineGaussianGenerator((3, 4, 4), structure="diagonal", mean=torch.linspace(-1, 1, 48, dtype=F64),
                                   A=torch.linspace(0.2, 1.5, 48, dtype=F64))
     assert gen.structure == "diagonal"
     t = torch.tensor([0.2, 0.6], dtype=F64)

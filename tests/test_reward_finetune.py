@@ -1,6 +1,4 @@
 """Handbook Sec. 3.3 objectives: ReFL, DRaFT-K, QSM, DDPO_SF / DDPO_IS, DRWR (the theorems are in align.* checks)."""
-import math
-
 import pytest
 import torch
 
@@ -14,6 +12,14 @@ from dstar_edu.rewards import QuadraticReward, RegionReward
 from dstar_edu.samplers.diffusion import ddim, ddpm_step
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
+    from dstar_edu.training import cpu_threads
+    with cpu_threads(1):
+        yield
 
 
 def _g(seed):

@@ -9,7 +9,7 @@ from dstar_edu.process import DDPM, VE, VP, RectifiedFlow, TrigFlow
 from dstar_edu.samplers import consistency as cs
 from dstar_edu.samplers import flow as fl
 from dstar_edu.verify.checks.samplers_flow import ExactGaussian, law_step
-from toy_data.mixtures import EmpiricalDistribution, GaussianMixture
+from toy_data.mixtures import EmpiricalDistribution
 
 F64 = torch.float64
 

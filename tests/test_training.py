@@ -17,6 +17,13 @@ from toy_data.mixtures import eight_gaussians_mixture
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """2D models gain nothing from intra-op threads and slow down badly on a busy machine."""
+    with cpu_threads(1):
+        yield
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -124,7 +131,8 @@ def test_train_2d_rectified_flow_reaches_the_noise_floor():
     untrained = MLPPredictor(RectifiedFlow(), "velocity", dim=2, hidden=64, depth=2).double()
     sw0 = sliced_wasserstein(_euler(untrained, z, 50), data, generator=gen(9))
     assert sw0 > 3 * floor, (sw0, floor)
-    assert sw < 3 * floor, f"trained SW {sw:.4f} vs noise floor {floor:.4f} (losses {losses[0]:.3f} -> {losses[-1]:.3f})"
+    assert sw < 3 * floor, (f"trained SW {sw:.4f} vs noise floor {floor:.4f} "
+                            f"(losses {losses[0]:.3f} -> {losses[-1]:.3f})")
 
 
 def test_reflow_is_straighter_and_better_in_one_or_two_steps():

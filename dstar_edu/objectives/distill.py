@@ -387,7 +387,7 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
     if discriminator is not None and gan_weight:
         if not (isinstance(gan_weight, (int, float)) and gan_weight > 0):
             raise ValueError(f"gan_weight={gan_weight!r} must be a positive number")
-        with frozen(discriminator):
+        with frozen(discriminator, getattr(discriminator, "backbone", None), fake):
             per = per + gan_weight * F.softplus(-discriminator(x_t, t, cond))
     return _reduce(per, reduction, "dmd_loss")
 
@@ -427,6 +427,11 @@ class FeatureDiscriminator(torch.nn.Module):
         self.head = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
         self.layer = layer
 
+    @property
+    def backbone(self):
+        """The shared fake score network (not a submodule of the discriminator: it belongs to the fake score)."""
+        return self._fake
+
     def _hook(self, module, inputs, output):
         self._captured = output[0] if isinstance(output, tuple) else output
 
@@ -446,7 +451,7 @@ def dmd_gan_generator_loss(x0: Tensor, discriminator, t, process: Process, *, ep
     """Generator side of ``L_adv``: ``softplus(-D(x_t^f, t))`` = ``-log D`` (non-saturating)."""
     x0 = _check_x0(x0)
     t, x_t, _ = _noisy(x0, process, t, eps, generator)
-    with frozen(discriminator):
+    with frozen(discriminator, getattr(discriminator, "backbone", None)):
         return _reduce(F.softplus(-discriminator(x_t, t, cond)), reduction, "dmd_gan_generator_loss")
 
 
@@ -549,8 +554,8 @@ def p_sid(process: Process, k_max: int = 800, K: int = 1000, sigma_min: float = 
     """SiD's discrete generator time distribution (SIM Eq. B.8): ``k ~ U{0..k_max}``, ``t = sigma_k`` of the grid.
 
     ``from_end="max"`` indexes the grid as printed (``k = 0`` is ``sigma_max``: sigma in [0.085, 80] for
-    the defaults); ``"min"`` counts from ``sigma_min`` (sigma in [0.002, 24.4], the range the public SiD code
-    uses per the project's reference notes). Levels beyond the process's range are clamped.
+    the defaults); ``"min"`` counts from ``sigma_min`` (sigma in [0.002, 24.5]; the project's reference notes say
+    the public SiD code limits sigma to <= 24.4, i.e. this end of the grid). Levels beyond the process's range are clamped.
     """
     from .pretrain import t_from_edm_sigma
     if from_end not in ("max", "min"):

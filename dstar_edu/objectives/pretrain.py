@@ -184,7 +184,8 @@ def sample_t(process: Process, n: int, kind: str | None = None, *, generator: to
         lo = float(params.get("lo", process.t_min))
         hi = float(params.get("hi", process.t_max))
         if not process.t_min <= lo < hi <= process.t_max:
-            raise ValueError(f"need t_min={process.t_min:g} <= lo < hi <= t_max={process.t_max:g}, got lo={lo:g}, hi={hi:g}")
+            raise ValueError(f"need t_min={process.t_min:g} <= lo < hi <= t_max={process.t_max:g}, "
+                             f"got lo={lo:g}, hi={hi:g}")
         if kind == "uniform":
             u = _open_uniform(n, generator, torch.float64, device)
         else:
@@ -302,8 +303,8 @@ def loss_weight(weighting, target: str, t: Tensor, process: Process, *, min_snr_
 # ---- diffusion / flow losses (Sec. 3.1) -------------------------------------------------------------------------
 def denoising_loss(predictor, x0: Tensor, *, generator: torch.Generator | None = None, t=None, t_sampler=None,
                    eps: Tensor | None = None, target: str | None = None, weighting="none", cond=None,
-                   reduction: str = "mean", normalize_dims: bool = False, min_snr_gamma: float = 5.0,
-                   sigma_data: float = 0.5) -> Tensor:
+                   p_uncond: float = 0.0, uncond=None, reduction: str = "mean", normalize_dims: bool = False,
+                   min_snr_gamma: float = 5.0, sigma_data: float = 0.5) -> Tensor:
     """``E_{x0, t, eps}[ w(t) ||pred(x_t, t) - target(x0, eps, t)||^2 ]`` for any prediction target.
 
     Handbook Sec. 3.1.1 (L_DM for ``target="eps"``, L_DM-v for ``"v"``), Sec. 2.2.2 (the score-matching
@@ -323,17 +324,37 @@ def denoising_loss(predictor, x0: Tensor, *, generator: torch.Generator | None =
         weighting: ``"none"``, ``"snr"``, ``"min_snr"``, ``"edm"`` or a callable, see ``loss_weight``.
         reduction: ``"mean"`` / ``"sum"`` over the batch, or ``"none"`` for the per-sample values.
         normalize_dims: divide each squared norm by the number of entries per sample.
+        cond, p_uncond, uncond: conditioning passed to the predictor; with ``p_uncond > 0`` each sample's
+            ``cond`` is replaced by ``uncond`` with that probability (condition dropout, which trains the
+            unconditional branch that classifier-free guidance, Eq. 23, needs). ``cond`` then has one entry
+            per sample and ``uncond`` broadcasts against it (e.g. the MLP's null label ``num_classes``).
     """
     process = _check_process(predictor, None, "denoising_loss")
     x0 = _check_x0(x0)
     target = check_prediction(predictor.prediction if target is None else target)
     t = _draw_t(process, x0, t, t_sampler, generator)
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
+    if p_uncond:
+        cond = _drop_condition(cond, uncond, p_uncond, x0.shape[0], generator)
     tgt = from_x0_eps(target, x0, eps, x_t, t, process)
     pred = predictor.predict(target, x_t, t, cond)
     w = loss_weight(weighting, target, t, process, min_snr_gamma=min_snr_gamma, sigma_data=sigma_data,
                     dtype=x0.dtype)
     return _reduce(w * _sq_err(pred, tgt, normalize_dims), reduction, f"denoising_loss(target={target!r})")
+
+
+def _drop_condition(cond, uncond, p_uncond: float, B: int, generator):
+    if not (isinstance(p_uncond, (int, float)) and 0.0 <= p_uncond <= 1.0):
+        raise ValueError(f"p_uncond={p_uncond!r} must be a probability in [0, 1]")
+    if cond is None or uncond is None:
+        raise ValueError(f"p_uncond={p_uncond} needs both cond (one entry per sample) and uncond (the null "
+                         f"condition), got cond={type(cond).__name__}, uncond={uncond!r}")
+    cond = torch.as_tensor(cond)
+    if cond.ndim == 0 or cond.shape[0] != B:
+        raise ValueError(f"cond has shape {tuple(cond.shape)}; condition dropout needs one entry per sample ({B},)")
+    drop = torch.rand(B, generator=generator, dtype=torch.float64) < p_uncond
+    drop = drop.to(cond.device).reshape(B, *([1] * (cond.ndim - 1)))
+    return torch.where(drop, torch.as_tensor(uncond, dtype=cond.dtype, device=cond.device), cond)
 
 
 def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generator: torch.Generator | None = None,
@@ -366,7 +387,10 @@ def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generat
     s = expand_like(t.to(x0.dtype), x0)
     x_s = (1 - s) * x0 + (sigma_min + (1 - sigma_min) * s) * eps
     u = (1 - sigma_min) * eps - x0
-    pred = predictor(x_s, t, cond) if predictor.prediction == "velocity" else predictor.predict("velocity", x_s, t, cond)
+    if predictor.prediction == "velocity":
+        pred = predictor(x_s, t, cond)
+    else:
+        pred = predictor.predict("velocity", x_s, t, cond)
     return _reduce(_sq_err(pred, u, normalize_dims), reduction, f"flow_matching_loss(sigma_min={sigma_min})")
 
 

@@ -20,8 +20,8 @@ The exact consistency function of a data distribution is the PF-ODE flow map ``x
 ``GaussianFlowMap`` gives it in closed form for Gaussian data (any process), ``ODEFlowMap`` integrates it
 numerically for any predictor (e.g. the exact 2D mixtures). With the exact flow map the multistep sampler
 reproduces the exact marginal ``p_{t_n}`` after *every* step, for any number of steps (checked in
-``samplers.cm_multistep_exact``); with Tweedie's posterior mean in its place the samples lose the
-posterior variance at every re-noising (``samplers.lcm_tweedie_collapse``).
+``samplers.consistency_exact_f``); with Tweedie's posterior mean in its place the samples lose the
+posterior variance at every re-noising (``samplers.lcm_tweedie_variance_loss``).
 
 Time grids follow ``samplers/common.py``: strictly decreasing, ``x_init`` lives at ``timesteps[0]``.
 The *last* entry marks the end: the final step returns the consistency output without re-noising.
@@ -126,7 +126,7 @@ def consistency_output(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tenso
 
 
 def renoise(x_from: Tensor, t_from, t_to, process: Process, noise: Tensor) -> Tensor:
-    """Forward kernel ``q(x_{t_to} | x_{t_from})``: ``r x + sqrt(sigma_to^2 - r^2 sigma_from^2) z``, ``r = alpha_to/alpha_from``.
+    """Forward kernel ``q(x_{t_to} | x_{t_from})``: ``r x + sqrt(sigma_to^2 - r^2 sigma_from^2) z``, ``r = a_to/a_from``.
 
     From ``t_from = epsilon`` on VE this is Eq. 26 (``x + sqrt(t^2 - eps^2) z``); from ``t_from = 0``
     it is Eq. 6 / Eq. 27 (``alpha_to x0 + sigma_to z``).

@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from .. import conversions as cv
 from ..conversions import convert, to_x0_eps
 from ..predictors import Predictor
 from ..process import DDPM, Process, expand_like
@@ -84,11 +85,49 @@ def _noise_arg(noise, x: Tensor, generator) -> Tensor:
     return noise
 
 
-def _vp_coefs(process: Process, t, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(alpha_bar, scale)`` at t shaped like x: x_t / scale is VP with this alpha_bar (scale = 1 for VP)."""
-    a, s = process.coefficients(t, x)
-    scale = torch.sqrt(a * a + s * s)
-    return (a / scale) ** 2, scale
+class _Coefs:
+    """Process coefficients at validated scalar times, as Python floats (float64), computed once.
+
+    ``a, s, da, ds``: alpha, sigma and their time derivatives; ``ab = a^2/(a^2 + s^2)`` is DDPM's alpha_bar
+    of the variance-normalised process and ``r = sqrt(a^2 + s^2)`` its scale (``ab = alpha_bar``, ``r = 1``
+    for DDPM/VP). Samplers build one for the whole grid (one vectorised call instead of several per step).
+    """
+
+    def __init__(self, process: Process, ts):
+        t = process.check_t(torch.as_tensor(ts, dtype=torch.float64))
+        t1 = t.reshape(-1)
+        a, s = process._alpha(t1), process._sigma(t1)
+        self.a, self.s = a.tolist(), s.tolist()
+        self.da, self.ds = process._d_alpha(t1).tolist(), process._d_sigma(t1).tolist()
+        r2 = a * a + s * s
+        self.ab, self.r = (a * a / r2).tolist(), torch.sqrt(r2).tolist()
+
+    def __getitem__(self, i):
+        return self.a[i], self.s[i], self.da[i], self.ds[i]
+
+
+def _scalar_t(process: Process, t, name: str = "t") -> Tensor:
+    t = process.check_t(torch.as_tensor(t, dtype=torch.float64))
+    if t.ndim:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; the sampler steps take one scalar time for the whole batch")
+    return t
+
+
+def _is_exact(predictor) -> bool:
+    return predictor.prediction == "score" and hasattr(predictor, "posterior_mean")
+
+
+def _denoise(predictor, x: Tensor, t, a: float, s: float, cond) -> tuple[Tensor, Tensor]:
+    """``(x0_hat, eps_hat)`` at scalar t with alpha = a, sigma = s given (one predictor evaluation)."""
+    if _is_exact(predictor):
+        x0 = predictor.posterior_mean(x, t, cond)
+        return x0, (x - a * x0) / s
+    out = predictor(x, t, cond)
+    if predictor.prediction == "eps" and a != 0:
+        return cv.x0_from_eps(x, out, a, s), out
+    if predictor.prediction == "x0" and s != 0:
+        return out, cv.eps_from_x0(x, out, a, s)
+    return to_x0_eps(predictor.prediction, out, x, t, predictor.process)
 
 
 def denoise(predictor: Predictor, x_t: Tensor, t, cond=None) -> tuple[Tensor, Tensor]:
@@ -97,9 +136,13 @@ def denoise(predictor: Predictor, x_t: Tensor, t, cond=None) -> tuple[Tensor, Te
     Exact models (score predictors exposing ``posterior_mean``, e.g. ``toy_data.mixtures``) give
     ``x0_hat`` by Gaussian conditioning and ``eps_hat = (x_t - alpha x0_hat) / sigma`` (one evaluation,
     and defined where ``alpha(t) = 0``: rectified flow at t = 1, TrigFlow at pi/2; needs sigma(t) > 0).
+    ``t`` is a scalar or one time per sample ``(batch,)``.
     """
     process = _check_predictor(predictor)
-    if predictor.prediction == "score" and hasattr(predictor, "posterior_mean"):
+    tt = process.check_t(torch.as_tensor(t, dtype=torch.float64), x_t)
+    if tt.ndim == 0:
+        return _denoise(predictor, x_t, t, float(process._alpha(tt)), float(process._sigma(tt)), cond)
+    if _is_exact(predictor):
         a, s = process.coefficients(t, x_t)
         x0 = predictor.posterior_mean(x_t, t, cond)
         return x0, (x_t - a * x0) / s
@@ -113,8 +156,9 @@ def velocity(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
     """
     process = _check_predictor(predictor)
     x0, eps = denoise(predictor, x_t, t, cond)
-    tt = process.check_t(t, x_t)
-    return expand_like(process.d_alpha(tt), x_t) * x0 + expand_like(process.d_sigma(tt), x_t) * eps
+    tt = process.check_t(torch.as_tensor(t, dtype=torch.float64), x_t)
+    return (expand_like(process._d_alpha(tt), x_t).to(x_t.dtype) * x0
+            + expand_like(process._d_sigma(tt), x_t).to(x_t.dtype) * eps)
 
 
 def _score(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
@@ -127,6 +171,20 @@ def _score(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
 # ---- single steps ---------------------------------------------------------------------------------------
 _VARIANCES = ("posterior", "beta")
 _FORMS = ("eq10", "eq9")
+
+
+def _ddpm_update(x, x0, eps, ab_t, ab_p, r_t, r_p, s_p, variance, form, noise, generator):
+    """Eq. 10 (or Eq. 9) + sigma z in the variance-normalised coordinates, with alpha = ab_t / ab_p."""
+    alpha = ab_t / ab_p                                                     # effective per-step alpha
+    xv = x / r_t if r_t != 1.0 else x
+    if form == "eq10":
+        mu = (math.sqrt(ab_p) * (1 - alpha) / (1 - ab_t)) * x0 + (math.sqrt(alpha) * (1 - ab_p) / (1 - ab_t)) * xv
+    else:
+        mu = (xv - (1 - alpha) / math.sqrt(1 - ab_t) * eps) / math.sqrt(alpha)
+    var = (1 - alpha) * (1 - ab_p) / (1 - ab_t) if variance == "posterior" else (1 - alpha)
+    if s_p > 0:
+        mu = mu + math.sqrt(max(var, 0.0)) * _noise_arg(noise, x, generator)
+    return r_p * mu if r_p != 1.0 else mu
 
 
 def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str = "posterior",
@@ -148,35 +206,36 @@ def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str 
     """
     process = _check_predictor(predictor)
     x = _check_x(x, "x")
+    _check_ddpm_options(variance, form)
+    tt = _scalar_t(process, t)
+    tp = _scalar_t(process, tt - 1 if t_prev is None else t_prev, "t_prev")
+    if not tp < tt:
+        raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
+    c = _Coefs(process, torch.stack([tt, tp]))
+    x0, eps = _denoise(predictor, x, t, c.a[0], c.s[0], cond)
+    return _ddpm_update(x, x0, eps, c.ab[0], c.ab[1], c.r[0], c.r[1], c.s[1], variance, form, noise, generator)
+
+
+def _check_ddpm_options(variance, form):
     if variance not in _VARIANCES:
         raise ValueError(f"variance={variance!r} is unknown; allowed: {_VARIANCES}")
     if form not in _FORMS:
         raise ValueError(f"form={form!r} is unknown; allowed: {_FORMS}")
-    t = process.check_t(t)
-    t_prev = process.check_t(t - 1 if t_prev is None else t_prev)
-    if t_prev.ndim or t.ndim:
-        raise ValueError("ddpm_step takes scalar t and t_prev (one time for the whole batch)")
-    if not t_prev < t:
-        raise ValueError(f"t_prev={t_prev.item():g} must be smaller than t={t.item():g}")
-    x0, eps = denoise(predictor, x, t, cond)
-    ab_t, r_t = _vp_coefs(process, t, x)
-    ab_p, r_p = _vp_coefs(process, t_prev, x)
-    alpha = ab_t / ab_p                                                     # effective per-step alpha
-    xv = x / r_t
-    if form == "eq10":
-        mu = (ab_p.sqrt() * (1 - alpha) / (1 - ab_t)) * x0 + (alpha.sqrt() * (1 - ab_p) / (1 - ab_t)) * xv
-    else:
-        mu = (xv - (1 - alpha) / (1 - ab_t).sqrt() * eps) / alpha.sqrt()
-    var = (1 - alpha) * (1 - ab_p) / (1 - ab_t) if variance == "posterior" else (1 - alpha)
-    if bool((process.sigma(t_prev) > 0).all()):
-        mu = mu + var.sqrt() * _noise_arg(noise, x, generator)
-    return r_p * mu
 
 
-def ddim_sigma(ab_t: Tensor, ab_prev: Tensor, eta: float) -> Tensor:
+def ddim_sigma(ab_t, ab_prev, eta: float):
     """DDIM noise scale (handbook Sec. 2.2.1 (ii)) on a sub-sequence, with ``alpha = ab_t / ab_prev``:
-    ``sigma_{t_n}(eta) = eta sqrt((1 - alpha)(1 - ab_{t_{n-1}}) / (1 - ab_{t_n}))``."""
-    return eta * torch.sqrt((1 - ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t))
+    ``sigma_{t_n}(eta) = eta sqrt((1 - alpha)(1 - ab_{t_{n-1}}) / (1 - ab_{t_n}))`` (tensors or floats)."""
+    var = (1 - ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t)
+    return eta * (torch.sqrt(var) if isinstance(var, Tensor) else math.sqrt(max(var, 0.0)))
+
+
+def _ddim_update(x, x0, eps, ab_t, ab_p, r_p, eta, noise, generator):
+    sig = ddim_sigma(ab_t, ab_p, eta)
+    out = math.sqrt(ab_p) * x0 + math.sqrt(max(1 - ab_p - sig * sig, 0.0)) * eps
+    if eta > 0:
+        out = out + sig * _noise_arg(noise, x, generator)
+    return r_p * out if r_p != 1.0 else out
 
 
 def ddim_step(predictor: Predictor, x: Tensor, t, t_prev, eta: float = 0.0, noise: Tensor | None = None,
@@ -194,19 +253,12 @@ def ddim_step(predictor: Predictor, x: Tensor, t, t_prev, eta: float = 0.0, nois
     process = _check_predictor(predictor)
     x = _check_x(x, "x")
     eta = _check_eta(eta)
-    t, t_prev = process.check_t(t), process.check_t(t_prev)
-    if t_prev.ndim or t.ndim:
-        raise ValueError("ddim_step takes scalar t and t_prev (one time for the whole batch)")
-    if not t_prev < t:
-        raise ValueError(f"t_prev={t_prev.item():g} must be smaller than t={t.item():g}")
-    x0, eps = denoise(predictor, x, t, cond)
-    ab_t, _ = _vp_coefs(process, t, x)
-    ab_p, r_p = _vp_coefs(process, t_prev, x)
-    sig = ddim_sigma(ab_t, ab_p, eta)
-    out = ab_p.sqrt() * x0 + torch.clamp(1 - ab_p - sig * sig, min=0).sqrt() * eps
-    if eta > 0:
-        out = out + sig * _noise_arg(noise, x, generator)
-    return r_p * out
+    tt, tp = _scalar_t(process, t), _scalar_t(process, t_prev, "t_prev")
+    if not tp < tt:
+        raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
+    c = _Coefs(process, torch.stack([tt, tp]))
+    x0, eps = _denoise(predictor, x, t, c.a[0], c.s[0], cond)
+    return _ddim_update(x, x0, eps, c.ab[0], c.ab[1], c.r[1], eta, noise, generator)
 
 
 def _check_eta(eta) -> float:
@@ -230,16 +282,21 @@ def langevin_step(predictor: Predictor, x: Tensor, t, step_size: float, noise: T
     return x + 0.5 * step_size * _score(predictor, x, t, cond) + math.sqrt(step_size) * _noise_arg(noise, x, generator)
 
 
-def _sde_coefs(process: Process, t, x: Tensor):
-    """``alpha', sigma', and g^2 = 2 sigma (sigma' - alpha'/alpha sigma)`` at t (Eq. 1 for the process)."""
-    tt = process.check_t(t, x)
-    a, s = process.coefficients(tt, x)
-    da, ds = expand_like(process.d_alpha(tt), x), expand_like(process.d_sigma(tt), x)
-    if bool((a == 0).any()):
-        raise ValueError(f"t={tt.flatten()[0].item():g}: alpha(t) = 0, so the SDE coefficients f = alpha'/alpha x and "
+def _g2(t, a, s, da, ds) -> float:
+    """``g^2 = 2 sigma (sigma' - alpha'/alpha sigma)`` of the process's forward SDE (Eq. 1), at t."""
+    if a == 0:
+        raise ValueError(f"t={float(t):g}: alpha(t) = 0, so the SDE coefficients f = alpha'/alpha x and "
                          "g^2 = 2 sigma sigma' - 2 alpha'/alpha sigma^2 are infinite there (rectified flow at t=1, "
                          "TrigFlow at pi/2); allowed: start the reverse SDE at a time with alpha(t) > 0")
-    return a, s, da, ds, 2 * s * (ds - da / a * s)
+    return 2 * s * (ds - da / a * s)
+
+
+def _sde_update(predictor, x, t, dt, coefs, cond, noise, generator):
+    a, s, da, ds = coefs
+    g2 = _g2(t, a, s, da, ds)
+    x0, eps = _denoise(predictor, x, t, a, s, cond)
+    drift = da * x0 + (2 * ds - da * s / a) * eps
+    return x + drift * dt + math.sqrt(max(g2, 0.0) * (-dt)) * _noise_arg(noise, x, generator)
 
 
 def reverse_sde_step(predictor: Predictor, x: Tensor, t, t_next, noise: Tensor | None = None, cond=None,
@@ -254,17 +311,26 @@ def reverse_sde_step(predictor: Predictor, x: Tensor, t, t_next, noise: Tensor |
     """
     process = _check_predictor(predictor)
     x = _check_x(x, "x")
-    t, t_next = process.check_t(t), process.check_t(t_next)
-    dt = float(t_next - t)
-    if not dt < 0:
-        raise ValueError(f"t_next={float(t_next):g} must be smaller than t={float(t):g}")
-    a, s, da, ds, g2 = _sde_coefs(process, t, x)
-    x0, eps = denoise(predictor, x, t, cond)
-    drift = da * x0 + (2 * ds - da * s / a) * eps
-    return x + drift * dt + torch.sqrt(torch.clamp(g2, min=0) * (-dt)) * _noise_arg(noise, x, generator)
+    tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
+    if not tn < tt:
+        raise ValueError(f"t_next={float(tn):g} must be smaller than t={float(tt):g}")
+    return _sde_update(predictor, x, t, float(tn - tt), _Coefs(process, tt)[0], cond, noise, generator)
 
 
 _ODE_METHODS = ("euler", "heun")
+
+
+def _ode_update(predictor, x, t, t_next, c0, c1, method, cond):
+    a, s, da, ds = c0
+    x0, eps = _denoise(predictor, x, t, a, s, cond)
+    dt = float(t_next) - float(t)
+    v = da * x0 + ds * eps
+    x_e = x + v * dt
+    a1, s1, da1, ds1 = c1
+    if method == "euler" or s1 == 0.0:
+        return x_e
+    x0e, epse = _denoise(predictor, x_e, t_next, a1, s1, cond)
+    return x + 0.5 * (v + da1 * x0e + ds1 * epse) * dt
 
 
 def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler", cond=None) -> Tensor:
@@ -278,13 +344,9 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
     x = _check_x(x, "x")
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
-    t, t_next = process.check_t(t), process.check_t(t_next)
-    dt = t_next - t
-    v = velocity(predictor, x, t, cond)
-    x_e = x + v * dt
-    if method == "euler" or float(process.sigma(t_next)) == 0.0:
-        return x_e
-    return x + 0.5 * (v + velocity(predictor, x_e, t_next, cond)) * dt
+    tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
+    c = _Coefs(process, torch.stack([tt, tn]))
+    return _ode_update(predictor, x, t, t_next, c[0], c[1], method, cond)
 
 
 # ---- DPM-Solver (Lu et al. 2022; Wang talk "DPM-Solver") -----------------------------------------------
@@ -444,10 +506,15 @@ def ddpm(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
     Use ``ddpm_grid(process)`` for the original full grid ``T, ..., 1, 0``; a sub-sequence uses the
     effective alpha ``ab_{t_n}/ab_{t_{n-1}}`` (= DDIM with eta = 1).
     """
-    _, ts = _prepare(predictor, timesteps, x_init, generator)
-    return run_loop(lambda x, t, tn, i: ddpm_step(predictor, x, t, tn, variance=variance, form=form,
-                                                  generator=generator, cond=cond),
-                    ts, x_init, return_trajectory, progress, desc="ddpm")
+    process, ts = _prepare(predictor, timesteps, x_init, generator)
+    _check_ddpm_options(variance, form)
+    c = _Coefs(process, ts)
+
+    def step(x, t, tn, i):
+        x0, eps = _denoise(predictor, x, t, c.a[i], c.s[i], cond)
+        return _ddpm_update(x, x0, eps, c.ab[i], c.ab[i + 1], c.r[i], c.r[i + 1], c.s[i + 1], variance, form,
+                            None, generator)
+    return run_loop(step, ts, x_init, return_trajectory, progress, desc="ddpm")
 
 
 def ddim(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None, cond=None,
@@ -456,10 +523,14 @@ def ddim(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
 
     ``timesteps`` from ``samplers.subsequence`` reproduce diffusers' DDIM spacings.
     """
-    _, ts = _prepare(predictor, timesteps, x_init, generator)
+    process, ts = _prepare(predictor, timesteps, x_init, generator)
     eta = _check_eta(eta)
-    return run_loop(lambda x, t, tn, i: ddim_step(predictor, x, t, tn, eta=eta, cond=cond, generator=generator),
-                    ts, x_init, return_trajectory, progress, desc="ddim")
+    c = _Coefs(process, ts)
+
+    def step(x, t, tn, i):
+        x0, eps = _denoise(predictor, x, t, c.a[i], c.s[i], cond)
+        return _ddim_update(x, x0, eps, c.ab[i], c.ab[i + 1], c.r[i + 1], eta, None, generator)
+    return run_loop(step, ts, x_init, return_trajectory, progress, desc="ddim")
 
 
 def smld(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Generator | None = None, cond=None,
@@ -503,8 +574,9 @@ def reverse_sde(predictor: Predictor, timesteps, x_init: Tensor, *, generator: t
     Works for every process (DDPM through its continuous interpolant, VP, VE, rectified flow and
     TrigFlow, the last two starting where alpha > 0). Its marginals equal those of ``pf_ode`` (Sec. 2.1).
     """
-    _, ts = _prepare(predictor, timesteps, x_init, generator)
-    return run_loop(lambda x, t, tn, i: reverse_sde_step(predictor, x, t, tn, cond=cond, generator=generator),
+    process, ts = _prepare(predictor, timesteps, x_init, generator)
+    c = _Coefs(process, ts)
+    return run_loop(lambda x, t, tn, i: _sde_update(predictor, x, t, float(tn - t), c[i], cond, None, generator),
                     ts, x_init, return_trajectory, progress, desc="reverse_sde")
 
 
@@ -514,10 +586,11 @@ def pf_ode(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.
 
     Deterministic: ``generator`` is accepted for the common signature and not used.
     """
-    _, ts = _prepare(predictor, timesteps, x_init, generator)
+    process, ts = _prepare(predictor, timesteps, x_init, generator)
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
-    return run_loop(lambda x, t, tn, i: pf_ode_step(predictor, x, t, tn, method=method, cond=cond),
+    c = _Coefs(process, ts)
+    return run_loop(lambda x, t, tn, i: _ode_update(predictor, x, t, tn, c[i], c[i + 1], method, cond),
                     ts, x_init, return_trajectory, progress, desc=f"pf_ode[{method}]")
 
 

@@ -26,7 +26,7 @@ is called on ``x_t = beta_t y_t`` (the Predictor contract takes ``x_t``) and ask
   Erratum ``samplers.instaflow_alg6_coefficient``: Alg. 6 line 5 prints ``(1 - alpha_t) sqrt(ab_t)`` for c1.
 * ``method="ddim"`` (Alg. 8, Eq. 34): ``y_{t'} = [sqrt(ab_{t'}) x0_hat + sqrt(1 - ab_{t'} - sigma^2) eps_hat
   + sigma z] / beta_{t'}`` with the x-space ``sigma = eta sqrt((1 - ab_{t'})/(1 - ab_t) (1 - ab_t/ab_{t'}))``.
-  ``eta = 0`` is deterministic DDIM; the box's line 6 is ``eta = 1`` (then the step equals ``posterior``).
+  ``eta = 0`` is deterministic DDIM; the box's line 6 is ``eta = 1`` (on the full grid that step is Alg. 6's).
   Errata: Alg. 8 line 4 prints the gamma denominator as ``sqrt(ab + sqrt(1 - ab))``
   (``samplers.instaflow_alg8_gamma``), and line 5 uses line 6's ``sigma``, already divided by ``beta_{t'}``,
   inside the x-space square root (``samplers.instaflow_alg8_sigma``).
@@ -159,7 +159,7 @@ def instaflow_beta(process: Process, t) -> Tensor:
 
 def instaflow_prior(process: Process, shape, generator: torch.Generator | None = None,
                     dtype: torch.dtype = torch.float64, t=None) -> Tensor:
-    """``y_T = x_T / beta_T`` with the DDPM prior ``x_T ~ N(0, I)``, i.e. ``N(0, I / beta_T^2)`` (not Alg. 6 line 1's N(0, I))."""
+    """``y_T = x_T / beta_T`` with the DDPM prior ``x_T ~ N(0, I)``: ``N(0, I / beta_T^2)``, not Alg. 6 line 1's N(0, I)."""
     _check_vp(process)
     _check_generator(generator)
     t = process.t_max if t is None else t
@@ -201,7 +201,7 @@ def instaflow_posterior_step(predictor: Predictor, y: Tensor, t, t_prev, *, nois
 
 def instaflow_simplified_step(predictor: Predictor, y: Tensor, t, t_prev, *, noise: Tensor | None = None,
                               generator: torch.Generator | None = None, cond=None) -> Tensor:
-    """Alg. 7: ``y_{t'} = (sqrt(ab_{t'}) x0_hat + sqrt(1 - ab_{t'}) z) / beta_{t'}`` (re-noising; see module docstring)."""
+    """Alg. 7: ``y_{t'} = (sqrt(ab_{t'}) x0_hat + sqrt(1 - ab_{t'}) z) / beta_{t'}`` (re-noising; see the module doc)."""
     p, t, t_prev, ab_t, ab_p = _step_times(predictor, t, t_prev)
     x0_hat, _, _ = _instaflow_terms(predictor, y, t, ab_t, cond)
     beta_p = math.sqrt(ab_p) + math.sqrt(1 - ab_p)
@@ -213,7 +213,10 @@ def instaflow_simplified_step(predictor: Predictor, y: Tensor, t, t_prev, *, noi
 def instaflow_ddim_step(predictor: Predictor, y: Tensor, t, t_prev, *, eta: float = 0.0,
                         noise: Tensor | None = None, generator: torch.Generator | None = None, cond=None) -> Tensor:
     """Alg. 8 (corrected lines 4-6), Eq. 34: DDIM (Eq. 14) in the InstaFlow space y, any sub-sequence."""
-    eta = float(eta)
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta={eta!r} must be a finite number >= 0") from None
     if not (eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta={eta!r} must be a finite number >= 0")
     p, t, t_prev, ab_t, ab_p = _step_times(predictor, t, t_prev)
@@ -269,7 +272,7 @@ def _check_trigflow(predictor) -> TrigFlow:
 
 
 def trigflow_step(predictor: Predictor, x: Tensor, s, t, cond=None) -> Tensor:
-    """Sec. 2.5.2: ``x_t = cos(s - t) x_s - sin(s - t) sigma_d F(x_s, s)`` (``s > t``), with ``F = predict("trigflow_F")``."""
+    """Sec. 2.5.2: ``x_t = cos(s - t) x_s - sin(s - t) sigma_d F(x_s, s)`` (``s > t``), ``F = predict("trigflow_F")``."""
     p = _check_trigflow(predictor)
     s, t = _scalar_t(s, "s"), _scalar_t(t)
     if not t < s:

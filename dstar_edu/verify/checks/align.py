@@ -445,8 +445,9 @@ def distar_cfg_sign(dim):
           "-alpha_rew E r + int w KL(p_theta,t || p_ref,t)", "Luo talk Diff-Instruct++ Thm 3.1, Eq. 3.2-3.4")
 @_one_thread
 def dipp_thm31():
-    """Affine generator, Gaussian reference N(mu_q, S_q), quadratic reward, three times with weights: the exact
-    objective (E[r] and the Gaussian KLs in closed form) is differentiated by autograd. The library's
+    """Affine generator, Gaussian reference N(mu_q, S_q), quadratic reward, four times with weights: the exact
+    objective (E[r] and the Gaussian KLs in closed form) is differentiated by autograd. One of the four times is
+    DDPM t = 1 (sigma^2 = 1e-4), where the integral KL is the talk's data-level KL(p_theta || p_ref). The library's
     ``diff_instruct_pp_loss`` (exact fake score = the generator's frozen diffused score) is integrated over
     (z, eps) with a 3-point-per-axis Gauss-Hermite rule, exact here (integrands of degree <= 2)."""
     from dstar_edu.generators import AffineGaussianGenerator
@@ -460,7 +461,7 @@ def dipp_thm31():
     S_q = L_q @ L_q.T
     ref = GaussianMixture(mu_q[None], S_q[None], process=p)
     reward, alpha_rew = QuadraticReward([1.0, 0.5], scale=0.8), 0.7
-    times, wts = [100.0, 400.0, 800.0], [0.5, 1.0, 2.0]
+    times, wts = [1.0, 100.0, 400.0, 800.0], [1.0, 0.5, 1.0, 2.0]   # t = 1: sigma^2 = 1e-4, the data-level KL
     params = list(gen.parameters())
     # exact objective
     mu, C = gen.mu, gen.covariance()
@@ -474,12 +475,12 @@ def dipp_thm31():
     nodes, nw = _grid(3, 4)
     z, eps = nodes[:, :2], nodes[:, 2:]
     n = len(nw)
-    Z = torch.cat([z] * 3)
-    E = torch.cat([eps] * 3)
+    Z = torch.cat([z] * len(times))
+    E = torch.cat([eps] * len(times))
     T = torch.cat([torch.full((n,), t, dtype=F64) for t in times])
     W = torch.cat([nw * w for w in wts])
     B = len(W)
-    c_r = (B * torch.cat([nw] * 3) / len(times))  # the reward term averages over z only
+    c_r = (B * torch.cat([nw] * len(times)) / len(times))  # the reward term averages over z only
 
     def weighted_reward(x, cond=None):
         return c_r * reward(x)

@@ -733,6 +733,7 @@ def diffusers_edm_euler_step(dim):
         sch_full = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
         sch_full.set_timesteps(12)
         sch_full.sigmas, sch_full._step_index = ours_sigmas.clone(), i
+        sch_full.is_scale_input_called = True       # the model input was scaled by `sch` above
         full = sch_full.step(model_out, sch.timesteps[i], x).prev_sample
         out = sch.step(model_out, sch.timesteps[i], x, pred_original_sample=denoised).prev_sample
         ours = pf_ode_step(pred, x, s, s_next, method="euler")

@@ -149,7 +149,8 @@ def _noisy(dist, process: Process, t: float, n: int, seed: int) -> Tensor:
 
 
 # ==== consistency models: LCM and Prop. 2.3 ================================================================
-@register("samplers.prop23_lcm_is_ddim", "Prop. 2.3: LCM with the predicted noise in place of fresh noise is DDIM (eta=0)",
+@register("samplers.prop23_lcm_is_ddim",
+          "Prop. 2.3: LCM with the predicted noise in place of fresh noise is DDIM (eta=0)",
           "handbook Prop. 2.3, Alg. 5, Eq. 14, 27", dims=DIMS)
 def prop23_lcm_is_ddim(dim):
     """Whole 8-step trajectories: ``lcm(noise="predicted")`` (posterior-mean route) vs DDIM eta=0 (Eq. 14)
@@ -176,7 +177,8 @@ def prop23_lcm_is_ddim(dim):
                     fresh_noise_max_rel_diff=float((fresh - ddim[-1]).abs().max()) / scale)
 
 
-@register("samplers.lcm_fresh_noise", "LCM with fresh noise is the DDIM-family member with sigma^2 = 1 - ab_{t_{n-1}}",
+@register("samplers.lcm_fresh_noise",
+          "LCM with fresh noise is the DDIM-family member with sigma^2 = 1 - ab_{t_{n-1}}",
           "handbook Alg. 5, Eq. 14, 27", dims=DIMS)
 def lcm_fresh_noise(dim):
     """One LCM step with fresh z equals Eq. 14 with ``sigma_{t_n} = sqrt(1 - ab_{t_{n-1}})`` (the largest
@@ -188,7 +190,7 @@ def lcm_fresh_noise(dim):
     lhs, rhs, rel, budget = [], [], [], 0.0
     for i, (t, t_prev) in enumerate(zip(ts[:-2].tolist(), ts[1:-1].tolist())):
         x = _noisy(dist, p, t, 4, seed=210 + 10 * i)
-        z = torch.randn(x.shape, generator=_gen(211 + 10 * i), dtype=F64)
+        z = torch.randn(x.shape, generator=_gen(215 + 10 * i), dtype=F64)   # not seed + 1: that drew x_t's noise
         x0, eps = _score_pair(dist, p, x, t)
         budget = max(budget, _tweedie_budget(dist, x, t, p.alpha(t)))
         ab_p = float(p.alpha_bar(t_prev))
@@ -252,7 +254,8 @@ def _consistency_cases(dim):
     return cases
 
 
-@register("samplers.consistency_exact_f", "With the exact consistency function, CM / LCM / sCM sampling is exact at every step",
+@register("samplers.consistency_exact_f",
+          "With the exact consistency function, CM / LCM / sCM sampling is exact at every step",
           "handbook Alg. 4, 5, 9, Eq. 26-27, Sec. 2.5.2", dims=DIMS)
 def consistency_exact_f(dim):
     """Gaussian data, f = the closed-form PF-ODE flow map (``GaussianFlowMap``), start from the exact marginal
@@ -368,7 +371,8 @@ def _instaflow_setup(dim, ts, seed):
     return p, dist, what, items
 
 
-@register("samplers.instaflow_alg6_coefficient", "InstaFlow Alg. 6: the x0_hat coefficient of Eq. 10 is sqrt(ab_{t-1})(1-alpha_t)/(1-ab_t)",
+@register("samplers.instaflow_alg6_coefficient",
+          "InstaFlow Alg. 6: the x0_hat coefficient of Eq. 10 is sqrt(ab_{t-1})(1-alpha_t)/(1-ab_t)",
           "handbook Alg. 6 line 5, Eq. 10", dims=DIMS,
           printed="Alg. 6 line 5: mu_theta(y_{t-1}) = [(1-alpha_t) sqrt(ab_t)/(1-ab_t) x0_hat "
                   "+ sqrt(alpha_t)(1-ab_{t-1})/(1-ab_t) y_t beta_t] / beta_{t-1}",
@@ -408,10 +412,12 @@ def _ddim_reference(dist, p, d, sigma_x: float):
 ALG8_PAIRS = [(1000.0, 750.0), (500.0, 250.0), (250.0, 0.0), (100.0, 50.0)]
 
 
-@register("samplers.instaflow_alg8_gamma", "InstaFlow Alg. 8 line 4: the gamma denominator is sqrt(ab) + sqrt(1 - ab)",
+@register("samplers.instaflow_alg8_gamma",
+          "InstaFlow Alg. 8 line 4: the gamma denominator is sqrt(ab) + sqrt(1 - ab)",
           "handbook Alg. 8 line 4, Eq. 32", dims=DIMS,
           printed="x0_hat = y_{t_n} + sqrt(1-ab_{t_n}) / sqrt(ab_{t_n} + sqrt(1-ab_{t_n})) v",
-          corrected="x0_hat = y_{t_n} + sqrt(1-ab_{t_n}) / (sqrt(ab_{t_n}) + sqrt(1-ab_{t_n})) v (Eq. 32, as in Alg. 6/7)")
+          corrected="x0_hat = y_{t_n} + sqrt(1-ab_{t_n}) / (sqrt(ab_{t_n}) + sqrt(1-ab_{t_n})) v "
+                    "(Eq. 32, as in Alg. 6/7)")
 def instaflow_alg8_gamma(dim):
     """Line 4's x0_hat vs the exact posterior mean, and the whole eta=0 step (lines 5-7 corrected) vs DDIM
     (Eq. 14) in x-space from the exact score, divided by beta_{t_{n-1}}; sub-sequence pairs."""
@@ -433,7 +439,8 @@ def instaflow_alg8_gamma(dim):
                    identity(torch.stack(corrected), ref, rtol=1e-10, atol=budget), data=what)
 
 
-@register("samplers.instaflow_alg8_sigma", "InstaFlow Alg. 8 line 5: the square root needs the x-space sigma, not sigma/beta",
+@register("samplers.instaflow_alg8_sigma",
+          "InstaFlow Alg. 8 line 5: the square root needs the x-space sigma, not sigma/beta",
           "handbook Alg. 8 lines 5-6, Eq. 34", dims=DIMS,
           printed="line 6 sigma_{t_n} = sqrt((1-alpha_{t_n})(1-ab_{t_{n-1}})/(1-ab_{t_n})) / beta_{t_{n-1}}, used in "
                   "line 5's sqrt(1 - ab_{t_{n-1}} - sigma_{t_n}^2) and in line 7",
@@ -503,13 +510,15 @@ def _y_prior(p, g):
     return torch.zeros_like(g.mean)[None], torch.full_like(g.var, 1 / b ** 2)[None]
 
 
-@register("samplers.instaflow_alg7", "InstaFlow Alg. 7 (fresh re-noising) is not a simplified Alg. 6 for a v-predictor",
+@register("samplers.instaflow_alg7",
+          "InstaFlow Alg. 7 (fresh re-noising) is not a simplified Alg. 6 for a v-predictor",
           "handbook Alg. 7, Alg. 6, Eq. 9", dims=DIMS,
-          printed="Alg. 7: y_{t-1} = (sqrt(ab_{t-1}) x0_hat + sqrt(1-ab_{t-1}) eps) / beta_{t-1}, presented as a simpler "
-                  "sampler for the same InstaFlow v-prediction model as Alg. 6",
-          corrected="with a diffusion (Tweedie) v-predictor, Alg. 7 loses ab_{t-1} Var[x0|x_t] at every step (about half "
-                    "the data variance, whatever T); the simplified form of Alg. 6 is Eq. 9 in y-space, "
-                    "y_{t-1} = [(beta_t y_t - (1-alpha_t)/sqrt(1-ab_t) eps_theta)/sqrt(alpha_t) + sigma_t z]/beta_{t-1}; "
+          printed="Alg. 7: y_{t-1} = (sqrt(ab_{t-1}) x0_hat + sqrt(1-ab_{t-1}) eps) / beta_{t-1}, presented as a "
+                  "simpler sampler for the same InstaFlow v-prediction model as Alg. 6",
+          corrected="with a diffusion (Tweedie) v-predictor, Alg. 7 loses ab_{t-1} Var[x0|x_t] at every step "
+                    "(about half the data variance, whatever T); the simplified form of Alg. 6 is Eq. 9 in y-space, "
+                    "y_{t-1} = [(beta_t y_t - (1-alpha_t)/sqrt(1-ab_t) eps_theta)/sqrt(alpha_t) + sigma_t z]"
+                    "/beta_{t-1}; "
                     "Alg. 7 is right only for a consistency model (x0_hat = PF-ODE flow map)")
 def instaflow_alg7(dim):
     """Exact laws on Gaussian data, full grid of a 250-step DDPM (the linear schedule rescaled; the effect does
@@ -546,7 +555,8 @@ def instaflow_alg7(dim):
                    alg7_with_flow_map_max_law_error=flow_err, alg6_final_law_error_vs_exact=alg6_bias)
 
 
-@register("samplers.instaflow_convergence", "InstaFlow Alg. 6 and Alg. 8 converge to the exact marginal at first order",
+@register("samplers.instaflow_convergence",
+          "InstaFlow Alg. 6 and Alg. 8 converge to the exact marginal at first order",
           "handbook Alg. 6, Alg. 8, Eq. 10, 34", dims=DIMS)
 def instaflow_convergence(dim):
     """Exact laws on Gaussian data. Alg. 6 on ``rescaled_ddpm(T)``, T = 200, 400, 800, 1600; Alg. 8 (eta = 0) on
@@ -641,7 +651,8 @@ def instaflow_prior(dim):
 
 
 # ==== rectified flow (Sec. 2.4.2) ==============================================================================
-@register("samplers.rf_euler_rate", "Rectified-flow Euler converges to the exact ODE solution at first order, both directions",
+@register("samplers.rf_euler_rate",
+          "Rectified-flow Euler converges to the exact ODE solution at first order, both directions",
           "handbook Sec. 2.4.2, Eq. 28", dims=DIMS)
 def rf_euler_rate(dim):
     """Gaussian data to Gaussian noise with the exact velocity ``E[eps - x0 | x_t]``; the exact ODE solution is
@@ -704,7 +715,8 @@ def rf_diffusers(dim):
                     whole_loop_max_diff_float64_vs_diffusers=loop_diff)
 
 
-@register("samplers.lcm_diffusers", "LCM sampler with the LCM boundary = diffusers LCMScheduler (4 steps, same noise)",
+@register("samplers.lcm_diffusers",
+          "LCM sampler with the LCM boundary = diffusers LCMScheduler (4 steps, same noise)",
           "handbook Alg. 9, Eq. 24, 27; diffusers LCMScheduler", dims=DIMS)
 def lcm_diffusers(dim):
     """LCMScheduler defaults (scaled-linear betas, 50 original steps, timestep_scaling = 10): its timesteps
@@ -766,7 +778,8 @@ def scm_diffusers(dim):
 
 
 # ==== TrigFlow (Sec. 2.5.2) ====================================================================================
-@register("samplers.trigflow_step_is_ddim", "TrigFlow step cos(s-t) x - sin(s-t) sigma_d F is DDIM; to t=0 it is E[x0|x_s]",
+@register("samplers.trigflow_step_is_ddim",
+          "TrigFlow step cos(s-t) x - sin(s-t) sigma_d F is DDIM; to t=0 it is E[x0|x_s]",
           "handbook Sec. 2.5.2, Eq. 38", dims=DIMS)
 def trigflow_step_is_ddim(dim):
     """With the exact F, ``trigflow_step(s -> t)`` equals ``cos t x0_hat + sin t z_hat`` (DDIM, eta = 0) with

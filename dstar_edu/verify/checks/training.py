@@ -240,7 +240,8 @@ def _denoising_cases():
         (VE(80.0), "x0", "edm", "edm_lognormal",
          lambda p, t: torch.ones_like(t), lambda p, t: (t ** 2 + 0.25) / (0.5 * t) ** 2),
         (DDPM(1000), "score", "min_snr", None,
-         lambda p, t: p.sigma(t) ** 2 / p.alpha(t), lambda p, t: torch.clamp(snr(p, t), max=5.0) * (p.sigma(t) ** 2 / p.alpha(t)) ** 2),
+         lambda p, t: p.sigma(t) ** 2 / p.alpha(t),
+         lambda p, t: torch.clamp(snr(p, t), max=5.0) * (p.sigma(t) ** 2 / p.alpha(t)) ** 2),
     ]
 
 
@@ -466,7 +467,8 @@ def ct_constant_step(dim):
 
 
 # ---- TrigFlow: continuous-time CT gradient ------------------------------------------------------------------------
-@register("training.trigflow_ct_gradient", "Discrete CT gradient / (2 dt) converges to the continuous-time TrigFlow gradient",
+@register("training.trigflow_ct_gradient",
+          "Discrete CT gradient / (2 dt) converges to the continuous-time TrigFlow gradient",
           "handbook Sec. 2.5.1 (grad L_TF-CT), Eq. 25, 38", dims=(2,))
 def trigflow_ct_gradient(dim):
     """A seeded TrigFlow MLP (``trigflow_F``, sigma_d = 0.5, f = Eq. 38), theta- = theta, 128 samples of
