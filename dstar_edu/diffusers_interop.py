@@ -1,7 +1,7 @@
 """diffusers networks as dstar_edu predictors, and diffusers schedulers as dstar_edu processes.
 
-Convention map (diffusers 0.42; every row is tested in ``tests/test_diffusers_interop.py`` and, for
-the scheduler steps, in the registered checks ``samplers.diffusers_*``):
+Convention map (diffusers 0.42; the rows are tested in ``tests/test_diffusers_interop.py`` and, for the
+scheduler steps, in the registered checks ``samplers.diffusers_*``):
 
 ========================================  ===========================================================
 diffusers                                 dstar_edu (handbook)
@@ -29,7 +29,8 @@ noise ``randn_tensor(shape, generator)``  ``torch.randn(shape, generator=...)``:
 ``prediction_type="sample"``              ``"x0"``
 FlowMatchEulerDiscrete ``sigma``          ``RectifiedFlow`` time ``t = sigma``, model ``timestep = 1000 t``,
                                           prediction ``"velocity"`` (eps - x0); ``shift`` only warps the
-                                          grid ``t' = s t / (1 + (s - 1) t)``, not the process
+                                          grid ``t' = s t / (1 + (s - 1) t)``, not the process (its steps
+                                          are cross-checked in ``samplers.rf_diffusers``)
 EDMEuler ``sigma``                        ``VE`` time ``t = sigma``; the network sees
                                           ``c_in x = x / sqrt(sigma^2 + sigma_data^2)`` and
                                           ``c_noise = log(sigma) / 4``; ``x0 = c_skip x + c_out F``
@@ -37,7 +38,8 @@ EDMEuler ``sigma``                        ``VE`` time ``t = sigma``; the network
 EDMEuler ``step``                         ``pf_ode_step(method="euler")`` on VE (Eq. 4 with f = 0, g^2 = 2t).
                                           diffusers casts the *sample* to float32 inside ``step``:
                                           states representable in float32 agree to float64 rounding
-SCMScheduler (TrigFlow) ``timestep``      ``TrigFlow`` angle ``t``; its samples are in units of sigma_data
+SCMScheduler (TrigFlow) ``timestep``      ``TrigFlow`` angle ``t``, ``sigma_data`` from its config (its steps
+                                          are cross-checked in ``samplers.scm_diffusers``)
 ========================================  ===========================================================
 
 Model time for other processes (``timestep_fn`` overrides it): ``VP`` and ``TrigFlow``:

@@ -28,22 +28,23 @@ def samplers(process):
                 t_sampler_fake=p_edm(process, sigma_min=0.002, sigma_max=80.0))
 
 
-@pytest.mark.parametrize("method", ["SIM", "DI"])
+@pytest.mark.parametrize("method", ["SIM", "SiD", "DI"])
 def test_distillation_reaches_the_teacher_moments(method):
     """Affine generator (init N(0, I)) distilled from the exact teacher N(M, S) with a trained online score.
 
-    Reference: the teacher's closed-form mean and covariance. At initialisation the errors are
-    max|mu - M| = 1.0 and max|AA^T - S| = 0.8; after 400 steps both must be below 0.1 (a 10x reduction),
-    well above the Monte-Carlo noise of a 2000-sample estimate of the moments (~0.02)."""
+    Reference: the teacher's closed-form mean and covariance (the generator's are exact: mu and A A^T). At
+    initialisation the errors are max|mu - M| = 1.0 and max|AA^T - S| = 0.8; after 300 steps both must be below
+    0.1, a 10x reduction (measured: 0.007-0.047 over methods and two seeds)."""
     process = VP()
     torch.manual_seed(0)
     gen = AffineGaussianGenerator(2)
-    fake = MLPPredictor(process, "v", dim=2, hidden=64).double()
-    loss = (functools.partial(sim_generator_loss, distance="pseudo_huber", c=1e-3, space="x0") if method == "SIM"
-            else functools.partial(diff_instruct_loss, space="x0"))
-    hist = distill(gen, gaussian_teacher(process), fake, loss, steps=400, lr_gen=1e-2, lr_fake=2e-3, batch_size=256,
-                   fake_warmup=200, generator=torch.Generator().manual_seed(1), progress=False, **samplers(process))
-    assert len(hist["gen_loss"]) == 400 and len(hist["fake_loss"]) == 600
+    fake = MLPPredictor(process, "v", dim=2, hidden=32, depth=2).double()
+    loss = {"SIM": functools.partial(sim_generator_loss, distance="pseudo_huber", c=1e-3, space="x0"),
+            "SiD": functools.partial(sid_generator_loss, alpha=1.2),
+            "DI": functools.partial(diff_instruct_loss, space="x0")}[method]
+    hist = distill(gen, gaussian_teacher(process), fake, loss, steps=300, lr_gen=1e-2, lr_fake=2e-3, batch_size=128,
+                   fake_warmup=150, generator=torch.Generator().manual_seed(1), progress=False, **samplers(process))
+    assert len(hist["gen_loss"]) == 300 and len(hist["fake_loss"]) == 450
     assert (gen.mu.detach() - M).abs().max() < 0.1
     assert (gen.covariance().detach() - S).abs().max() < 0.1
 
@@ -59,7 +60,7 @@ def test_bookkeeping_callback_stop_ema_and_reproducibility():
 
         def cb(step, g):
             calls.append(step)
-            return {"stop": stop_at is not None and step >= stop_at, "mean": float(g.sample(8).mean())}
+            return {"stop": stop_at is not None and step >= stop_at, "mean": float(g.sample(8).detach().mean())}
         h = distill(gen, gaussian_teacher(process), fake, functools.partial(sid_generator_loss, alpha=1.2), steps=25,
                     fake_steps=2, lr_gen=1e-3, lr_fake=1e-3, batch_size=32, callback=cb, callback_every=10,
                     ema_decay=0.9, generator=torch.Generator().manual_seed(5), progress=False, **samplers(process))

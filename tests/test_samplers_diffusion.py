@@ -152,27 +152,32 @@ def test_pf_ode_heun_matches_closed_form_flow(process, t0, t1):
     assert float((euler - exact).abs().max()) > errs[1]          # Heun beats Euler on the same grid
 
 
-def test_reverse_sde_euler_maruyama_law_in_closed_form():
-    """Euler-Maruyama on VP with the exact Gaussian score is linear: x' = x + (f - g^2 s) dt + g sqrt(|dt|) z with
-    s affine. Its mean/variance recursion (written out here from beta(t)) vs 8000 samples within 5 s.e."""
-    p = VP()
-    dist = gaussian(p)
-    grid = torch.linspace(1.0, 0.02, 101, dtype=F64)
+@pytest.mark.parametrize("process,t0,t1", [(VP(), 1.0, 0.02), (DDPM(1000), 1000.0, 10.0), (VE(80.0), 80.0, 0.05),
+                                           (RectifiedFlow(), 0.98, 0.02), (TrigFlow(0.5), 1.5, 0.02)])
+def test_reverse_sde_euler_maruyama_law_in_closed_form(process, t0, t1):
+    """Euler-Maruyama of Eq. 3 with the exact Gaussian score is linear: x' = x + (f - g^2 s) dt + g sqrt(|dt|) z,
+    f = alpha'/alpha x, g^2 = 2 sigma sigma' - 2 alpha'/alpha sigma^2, s = -(x - alpha MU)/c. Its mean/variance
+    recursion (written out here from the process's derivatives) vs 8000 samples within 5 s.e., every process."""
+    dist = gaussian(process)
+    grid = (torch.logspace(math.log10(t0), math.log10(t1), 101, dtype=F64) if isinstance(process, VE)
+            else torch.linspace(t0, t1, 101, dtype=F64))
+    grid[0], grid[-1] = t0, t1
     n = 8000
-    x = p.prior_sample((n, 2), gen(8), dtype=F64)
+    a0, s0 = coef(process, t0)
+    m, V = a0 * MU, a0 * a0 * VAR + s0 * s0                          # start from the exact marginal at t0
+    x = m + V.sqrt() * torch.randn(n, 2, generator=gen(8), dtype=F64)
     out = reverse_sde(dist, grid, x, generator=gen(9))
-    m, V = torch.zeros_like(MU), torch.ones_like(VAR)
     for t, tn in zip(grid[:-1].tolist(), grid[1:].tolist()):
         dt = tn - t
-        beta = float(p.beta(torch.tensor(t, dtype=F64)))
-        a, s = coef(p, t)
-        c = a * a * VAR + s * s                                     # score = -(x - a MU)/c
-        # f - g^2 s = -beta/2 x + beta (x - a MU)/c
-        A = 1 + (-beta / 2 + beta / c) * dt
-        B = -beta * a * MU / c * dt
-        m, V = A * m + B, A * A * V + beta * (-dt)
-    assert ((out.mean(0) - m[0]).abs() <= 5 * (V[0] / n).sqrt()).all()
-    assert ((out.var(0) - V[0]).abs() <= 5 * V[0] * math.sqrt(2 / (n - 1))).all()
+        tt = torch.tensor(t, dtype=F64)
+        a, s, da, ds = process.alpha(tt), process.sigma(tt), process.d_alpha(tt), process.d_sigma(tt)
+        g2 = 2 * s * ds - 2 * da / a * s * s
+        c = a * a * VAR + s * s
+        A = 1 + (da / a + g2 / c) * dt                                 # f - g^2 s = (a'/a) x + g^2 (x - a MU)/c
+        B = -g2 * a * MU / c * dt
+        m, V = A * m + B, A * A * V + g2 * (-dt)
+    assert ((out.mean(0) - m[0]).abs() <= 5 * (V[0] / n).sqrt()).all(), (out.mean(0), m)
+    assert ((out.var(0) - V[0]).abs() <= 5 * V[0] * math.sqrt(2 / (n - 1))).all(), (out.var(0), V)
 
 
 def test_dpm_solver_order1_equals_ddim_and_higher_orders_are_accurate():
@@ -318,6 +323,8 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         (lambda: subsequence(1000, 10, "uniform"), "spacing='uniform'"),
         (lambda: logsnr_grid(VP(), 5, 1.0, 0.0), "lambda must be finite"),
         (lambda: ddpm_grid(VP()), "must be a DDPM process"),
+        (lambda: ddpm(gaussian(RectifiedFlow()), [1.0, 0.5], x, form="eq9"), "form='eq9' divides"),
+        (lambda: ddim_step(dist, x, torch.tensor([10.0, 20.0, 30.0, 40.0]), 5), "one scalar time"),
     ]
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):

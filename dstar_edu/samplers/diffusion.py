@@ -113,6 +113,15 @@ def _scalar_t(process: Process, t, name: str = "t") -> Tensor:
     return t
 
 
+def _times_for(process: Process, t, x: Tensor) -> Tensor:
+    """t validated in float64 (whatever x's dtype): a scalar, or one time per sample of x."""
+    tt = process.check_t(torch.as_tensor(t, dtype=torch.float64))
+    if tt.ndim == 1 and (x.ndim == 0 or tt.shape[0] != x.shape[0]):
+        raise ValueError(f"t has shape {tuple(tt.shape)} but x_t has shape {tuple(x.shape)}: t must be a scalar "
+                         "or have one entry per batch element (x_t.shape[0])")
+    return tt
+
+
 def _is_exact(predictor) -> bool:
     return predictor.prediction == "score" and hasattr(predictor, "posterior_mean")
 
@@ -139,7 +148,7 @@ def denoise(predictor: Predictor, x_t: Tensor, t, cond=None) -> tuple[Tensor, Te
     ``t`` is a scalar or one time per sample ``(batch,)``.
     """
     process = _check_predictor(predictor)
-    tt = process.check_t(torch.as_tensor(t, dtype=torch.float64), x_t)
+    tt = _times_for(process, t, x_t)
     if tt.ndim == 0:
         return _denoise(predictor, x_t, t, float(process._alpha(tt)), float(process._sigma(tt)), cond)
     if _is_exact(predictor):
@@ -156,7 +165,7 @@ def velocity(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
     """
     process = _check_predictor(predictor)
     x0, eps = denoise(predictor, x_t, t, cond)
-    tt = process.check_t(torch.as_tensor(t, dtype=torch.float64), x_t)
+    tt = _times_for(process, t, x_t)
     return (expand_like(process._d_alpha(tt), x_t).to(x_t.dtype) * x0
             + expand_like(process._d_sigma(tt), x_t).to(x_t.dtype) * eps)
 
@@ -180,6 +189,9 @@ def _ddpm_update(x, x0, eps, ab_t, ab_p, r_t, r_p, s_p, variance, form, noise, g
     if form == "eq10":
         mu = (math.sqrt(ab_p) * (1 - alpha) / (1 - ab_t)) * x0 + (math.sqrt(alpha) * (1 - ab_p) / (1 - ab_t)) * xv
     else:
+        if alpha == 0:
+            raise ValueError("form='eq9' divides by sqrt(alpha_t) and alpha_bar(t) = 0 here (alpha(t) = 0); "
+                             "allowed: form='eq10' (Eq. 10 needs no division by alpha_t)")
         mu = (xv - (1 - alpha) / math.sqrt(1 - ab_t) * eps) / math.sqrt(alpha)
     var = (1 - alpha) * (1 - ab_p) / (1 - ab_t) if variance == "posterior" else (1 - alpha)
     if s_p > 0:
