@@ -39,6 +39,8 @@ import torch
 
 N_EVAL = 2000
 RADIUS = 0.3
+#: a run whose sliced Wasserstein exceeds this (the data lie within |x| < 2.5) has diverged
+DIVERGED = 100.0
 #: width of every MLP (generator, online score, trained teacher)
 HIDDEN = 64
 #: the networks predict the handbook's v (Sec. 2.6.2): x0 = sqrt(ab) x_t + sqrt(1 - ab) v keeps x0-space errors
@@ -130,9 +132,11 @@ def summarize(results: list[dict], floor: float, steps_shown: list[int]) -> str:
     thr = 1.5 * floor
     for teacher in sorted({r["teacher"] for r in results}):
         lines.append(f"\nteacher = {teacher}   (SW noise floor {floor:.3f}; threshold 1.5 x floor = {thr:.3f}; "
-                     f"mean over seeds, [min..max] for the final SW)")
-        head = (f"{'lr':>8} {'method':6} " + " ".join(f"SW@{s:<5}" for s in steps_shown)
-                + f" {'final SW [min..max]':>22} {'best':>6} {'steps<=1.5fl':>12} {'modes(/8)':>9} {'near':>5} {'NaN':>4}")
+                     f"means over the seeds that did not diverge (SW > {DIVERGED:g} or NaN); 'div' counts the others; "
+                     "final SW, modes and near are over the non-diverged seeds)")
+        head = (f"{'lr':>8} {'method':6} " + " ".join(f"SW@{s:<8}" for s in steps_shown)
+                + f" {'final SW [min..max]':>22} {'best':>6} {'steps<=1.5fl':>12} {'modes(/8)':>9} {'near':>5} "
+                f"{'div':>4}")
         lines.append(head)
         lines.append("-" * len(head))
         for lr in sorted({r["lr"] for r in results}):
@@ -149,8 +153,13 @@ def summarize(results: list[dict], floor: float, steps_shown: list[int]) -> str:
                 cols = []
                 for s in steps_shown:
                     vals = [at(s, r) for r in ok]
-                    vals = [v for v in vals if math.isfinite(v)]
-                    cols.append(f"{statistics.mean(vals):<8.3f}" if vals else f"{'div':<8}")
+                    n_div = sum(not (math.isfinite(v) and v < DIVERGED) for v in vals)
+                    good = [v for v in vals if math.isfinite(v) and v < DIVERGED]
+                    txt = f"{statistics.mean(good):.3f}" if good else "-"
+                    cols.append(f"{txt + (f'({n_div}div)' if n_div else ''):<11}")
+                diverged = sum(not (math.isfinite(r["metrics"][-1]["sw"]) and r["metrics"][-1]["sw"] < DIVERGED)
+                               for r in ok)
+                ok = [r for r in ok if math.isfinite(r["metrics"][-1]["sw"]) and r["metrics"][-1]["sw"] < DIVERGED]
                 finals = [r["metrics"][-1]["sw"] for r in ok]
                 best = [min(x["sw"] for x in r["metrics"]) for r in ok]
                 hits = [next((x["step"] for x in r["metrics"] if x["sw"] <= thr), None) for r in ok]
@@ -158,12 +167,11 @@ def summarize(results: list[dict], floor: float, steps_shown: list[int]) -> str:
                            if any(h is not None for h in hits) else f"never (0/{len(rs)})")
                 modes = [r["metrics"][-1]["modes"] for r in ok]
                 near = [r["metrics"][-1]["near"] for r in ok]
-                fin = (f"{statistics.mean(finals):.3f} [{min(finals):.3f}..{max(finals):.3f}]"
-                       if finals and all(math.isfinite(f) for f in finals) else "diverged")
+                fin = f"{statistics.mean(finals):.3f} [{min(finals):.3f}..{max(finals):.3f}]" if finals else "-"
                 lines.append(f"{lr:>8.0e} {method:6} " + " ".join(cols) + f" {fin:>22} "
                              f"{(min(best) if best else math.nan):>6.3f} {hit_txt:>12} "
-                             f"{(statistics.mean(modes) if modes else 0):>9.2f} "
-                             f"{(statistics.mean(near) if near else 0):>5.2f} {n_nan:>4}")
+                             f"{(statistics.mean(modes) if modes else math.nan):>9.2f} "
+                             f"{(statistics.mean(near) if near else math.nan):>5.2f} {diverged + n_nan:>4}")
     return "\n".join(lines)
 
 
@@ -181,7 +189,16 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--from-json", default=None, help="print the tables of a saved --json run (no training)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        res = saved["results"]
+        steps = max(r["steps"] for r in res)
+        print(f"sliced-W noise floor at n={N_EVAL}: {saved['floor']:.4f} +- {saved['floor_sd']:.4f}")
+        print(summarize(res, saved["floor"], sorted({s for s in (100, 300, 600, 1000, steps) if s <= steps})))
+        return res
     if args.quick:
         args.steps, args.seeds, args.every = 600, 1, 100
     from dstar_edu.metrics import sw_noise_floor

@@ -222,7 +222,7 @@ class DDPM(_AlphaBarProcess):
         ti = t.round().long()
         if (ti < 1).any() or (ti.to(t.dtype) != t).any():
             raise ValueError(f"step_alpha needs integer t in 1..{self.T}, got {t.tolist()}")
-        return torch.exp(self.log_alphas.to(t.dtype)[ti - 1])
+        return torch.exp(self.log_alphas.to(device=t.device, dtype=t.dtype)[ti - 1])
 
     def _segment(self, t: Tensor) -> tuple[Tensor, Tensor]:
         lo = torch.clamp(torch.ceil(t) - 1, 0, self.T - 1).long()
@@ -230,12 +230,12 @@ class DDPM(_AlphaBarProcess):
 
     def _log_alpha_bar(self, t):
         lo, frac = self._segment(t)
-        tab = self.log_alpha_bars.to(t.dtype)
+        tab = self.log_alpha_bars.to(device=t.device, dtype=t.dtype)
         return tab[lo] + frac * (tab[lo + 1] - tab[lo])
 
     def _d_log_alpha_bar(self, t):
         lo, _ = self._segment(t)
-        return self.log_alphas.to(t.dtype)[lo]
+        return self.log_alphas.to(device=t.device, dtype=t.dtype)[lo]
 
     @classmethod
     def from_diffusers_config(cls, config) -> "DDPM":

@@ -167,3 +167,29 @@ def test_same_losses_on_a_diffusers_unet_3x32x32():
         assert out.shape == () and torch.isfinite(out)
         (gr,) = torch.autograd.grad(out, [next(gen.parameters())], retain_graph=True)
         assert torch.isfinite(gr).all() and gr.abs().sum() > 0
+
+
+def test_dmd_with_a_gan_term_sharing_the_fake_backbone():
+    """DMD (handbook Sec. 3.2.4): the fake phase trains denoising + discriminator (head and shared backbone), the
+    generator phase adds the non-saturating GAN term; the real samples come from the teacher's data."""
+    from dstar_edu.objectives.distill import (FeatureDiscriminator, dmd_gan_discriminator_loss, dmd_loss,
+                                              fake_score_loss)
+    process = VP()
+    teacher = gaussian_teacher(process)
+    torch.manual_seed(3)
+    gen = MLPGenerator(2, hidden=16, depth=1).double()
+    fake = MLPPredictor(process, "v", dim=2, hidden=16, depth=2).double()
+    disc = FeatureDiscriminator(fake, "blocks.1", features=16, hidden=8).double()
+    head0 = [p.detach().clone() for p in disc.head.parameters()]
+    tf = p_edm(process, sigma_min=0.002, sigma_max=80.0)
+
+    def fake_loss(fk, x0, g):
+        t = tf(x0.shape[0], g)
+        real = teacher.sample(x0.shape[0], g)
+        return (fake_score_loss(fk, x0, generator=g, t=t)
+                + 0.1 * dmd_gan_discriminator_loss(x0, real, disc, t, process, generator=g))
+    h = distill(gen, teacher, fake, functools.partial(dmd_loss, discriminator=disc, gan_weight=0.1), steps=3,
+                lr_gen=1e-3, lr_fake=1e-3, batch_size=16, fake_loss_fn=fake_loss,
+                fake_params=list(fake.parameters()) + list(disc.head.parameters()), progress=False, **samplers(process))
+    assert len(h["gen_loss"]) == 3
+    assert all(not torch.equal(a, b) for a, b in zip(head0, disc.head.parameters()))

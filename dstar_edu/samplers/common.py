@@ -102,6 +102,7 @@ def karras_sigmas(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.
     ramp = torch.linspace(0, 1, n_steps, dtype=dtype)
     inv = 1.0 / rho
     s = (sigma_max ** inv + ramp * (sigma_min ** inv - sigma_max ** inv)) ** rho
+    s[0], s[-1] = sigma_max, sigma_min  # exact end points (the power can land one ulp outside)
     return torch.cat([s, torch.zeros(1, dtype=dtype)]) if append_zero else s
 
 

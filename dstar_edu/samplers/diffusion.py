@@ -611,7 +611,9 @@ def dpm_solver(predictor: Predictor, timesteps, x_init: Tensor, *, generator: to
     """Single-step DPM-Solver of order 1, 2 or 3 (Lu et al. 2022), see ``dpm_solver_step``.
 
     ``logsnr_grid`` gives the paper's grid (uniform in lambda). Order k costs k predictor calls per
-    step; its global error is O(h^k). Order 1 is exactly DDIM with eta = 0.
+    step; its global error is O(h^k). Order 1 is exactly DDIM with eta = 0. Keep the steps in lambda
+    moderate: from a time where alpha is ~0 (TrigFlow at pi/2, cos = 6e-17, lambda = -37) a uniform-in-t
+    grid makes the first h ~ 35 and the Taylor expansion of orders 2-3 meaningless (they blow up).
     """
     _, ts = _prepare(predictor, timesteps, x_init, generator)
     if order not in (1, 2, 3):

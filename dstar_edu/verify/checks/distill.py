@@ -194,7 +194,7 @@ def sim_problem(dim: int, n: int | None = None, seed: int = 0):
         gen = image_mixture_generator(images)
         dirs = random_directions(gen, 2, seed + 1, only="log_scales") + random_directions(gen, 4, seed + 2)
         names = ["scale_dir0", "scale_dir1", "rand0", "rand1", "rand2", "rand3"]
-        n = n or 400
+        n = n or 300
         t = _loguniform(n, 0.5, 5.0, g)
         label = f"empirical teacher of 32 images ({source}), 2-component mixture generator with learnable scales"
     else:
@@ -311,7 +311,7 @@ def score_projection(dim):
     elif dim == 3072:
         teacher, images, _ = image_teacher(process)
         gen = image_mixture_generator(images)
-        n, t = 2000, _loguniform(2000, 0.3, 5.0, g)
+        n, t = 1200, _loguniform(1200, 0.3, 5.0, g)
     else:
         raise ValueError(f"dim={dim}; allowed: {DIMS}")
     with torch.no_grad():
@@ -641,7 +641,7 @@ def vsd_detach_trick(dim):
 
 
 # ---- VSD global optimum and Eq. 43 (handbook Sec. 3.2.3) --------------------------------------------------------------
-def _grid_kl(p, q, t: float, n: int = 801) -> float:
+def _grid_kl(p, q, t: float, n: int = 501) -> float:
     """KL(p_t || q_t) of two 2D mixtures by the trapezoid rule on a square grid (independent of sampling)."""
     half_width = 2.0 + 7.0 * math.sqrt(1.0 + t * t)   # data within |x| < 2, plus 7 diffused standard deviations
     u = torch.linspace(-half_width, half_width, n, dtype=F64)
