@@ -4,7 +4,7 @@ For each method (DDPM with eps- and v-prediction sampled by 50 DDIM steps, recti
 Euler steps, TrigFlow sampled by 50 DDIM-TrigFlow steps, handbook Sec. 2.5.2) and each data set
 (8 Gaussians, checkerboard), a ``MLPPredictor`` (128 wide, 3 residual blocks, Adam 2e-3, batch 256) is
 trained with ``dstar_edu.training.training_steps`` on the matching objective of
-``dstar_edu.objectives``, with an EMA copy of the weights (decay 0.999) that is used for sampling. At
+``dstar_edu.objectives``, with an EMA copy of the weights (decay 0.999 with warm-up) used for sampling. At
 each check, 10k samples are drawn and their sliced Wasserstein distance (1024 projections) to 10k fresh
 data points, averaged over 2 such draws, is compared with the two-sample noise floor (the same distance
 between two independent 10k data samples, mean of 5). The clock is the
@@ -80,7 +80,7 @@ def run(method: str, dataset: str, cap: float, factor: float, first_eval: float 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MLPPredictor(process, prediction, dim=2, hidden=128, depth=3)
-    ema = EMA(model, EMA_DECAY)
+    ema = EMA(model, EMA_DECAY, warmup=True)
     gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(seed + 2)
 

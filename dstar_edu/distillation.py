@@ -91,6 +91,9 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
         grad_clip: max global gradient norm for both optimisers.
         cond_sampler: ``(n, generator) -> cond`` for conditional teachers (passed as ``cond=``).
 
+    The teacher's parameters are switched to ``requires_grad=False`` (it is never updated); the generator and the
+    fake score must not share parameters with it (copy it, as ``TeacherInitGenerator`` does).
+
     Returns:
         ``{"gen_loss": [...], "fake_loss": [...], "gen_grad_norm": [...], "metrics": [...], "seconds": float,
         "ema": EMA | None}``.

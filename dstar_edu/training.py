@@ -52,31 +52,40 @@ class EMA:
     """Exponential moving average of a model's parameters: ``theta- <- decay theta- + (1 - decay) theta``.
 
     ``ema.model`` is a frozen deep copy (the consistency-model target ``theta-`` of handbook Eq. 20/25, or
-    the EMA weights used for sampling); buffers are copied as they are.
+    the EMA weights used for sampling); buffers are copied as they are. With ``warmup=True`` the k-th
+    update (k = 0, 1, ...) uses ``min(decay, (1 + k) / (10 + k))``, so early averages do not stay anchored
+    at the initial weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False):
         if not isinstance(model, nn.Module):
             raise ValueError(f"EMA needs an nn.Module, got {type(model).__name__}")
         if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
             raise ValueError(f"decay={decay!r} must be a number in [0, 1]")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.source = model
         self.model = copy.deepcopy(model)
         self.model.requires_grad_(False)
         self.model.eval()
         self.num_updates = 0
 
+    def current_decay(self) -> float:
+        """The decay the next ``update`` uses."""
+        k = self.num_updates
+        return min(self.decay, (1 + k) / (10 + k)) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self) -> None:
+        decay = self.current_decay()
         for p_ema, p in zip(self.model.parameters(), self.source.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - self.decay)
+            p_ema.lerp_(p.detach(), 1.0 - decay)
         for b_ema, b in zip(self.model.buffers(), self.source.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1
 
     def __repr__(self) -> str:
-        return f"EMA(decay={self.decay}, updates={self.num_updates})"
+        return f"EMA(decay={self.decay}, warmup={self.warmup}, updates={self.num_updates})"
 
 
 @dataclass

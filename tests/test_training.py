@@ -47,6 +47,17 @@ def test_ema_matches_its_closed_form():
     for q0, q, qe in zip(p0, model.parameters(), ema.model.parameters()):
         torch.testing.assert_close(qe, q + 0.9 ** 7 * (q0 - q), rtol=1e-12, atol=1e-14)
     assert not any(q.requires_grad for q in ema.model.parameters())
+    # warm-up: the k-th update uses min(decay, (1 + k) / (10 + k)), so ema_k - p = prod_k d_k (p0 - p)
+    warm = EMA(torch.nn.Linear(2, 2).double(), decay=0.9, warmup=True)
+    q0 = [q.detach().clone() for q in warm.model.parameters()]
+    with torch.no_grad():
+        for q in warm.source.parameters():
+            q.mul_(-2.0)
+    for _ in range(30):
+        warm.update()
+    factor = math.prod(min(0.9, (1 + k) / (10 + k)) for k in range(30))
+    for a, q, qe in zip(q0, warm.source.parameters(), warm.model.parameters()):
+        torch.testing.assert_close(qe, q + factor * (a - q), rtol=1e-12, atol=1e-14)
 
 
 def test_cosine_schedule_with_warmup_and_reproducibility():

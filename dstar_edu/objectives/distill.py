@@ -97,7 +97,11 @@ def _pair_process(teacher, fake) -> Process:
     p = _process_of(teacher, "teacher")
     if fake is not None:
         q = _process_of(fake, "fake")
-        if repr(p) != repr(q):
+        grid = torch.linspace(max(p.t_min, q.t_min), min(p.t_max, q.t_max), 7, dtype=torch.float64)
+        same = type(p) is type(q) and len(grid) and bool(
+            torch.allclose(p._alpha(grid), q._alpha(grid), rtol=1e-12, atol=1e-12)
+            and torch.allclose(p._sigma(grid), q._sigma(grid), rtol=1e-12, atol=1e-12))
+        if not same:
             raise ValueError(f"teacher.process={p} and fake.process={q} differ: the fake score must be trained on "
                              "the teacher's forward process (same alpha(t), sigma(t))")
     return p

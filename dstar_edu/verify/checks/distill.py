@@ -21,8 +21,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from dstar_edu.generators import AffineGaussianGenerator, DiracGenerator, MixtureGenerator
-from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fgm_generator_loss, score_divergence,
-                                          sds_loss, sid_generator_loss, sim_generator_loss, vsd_loss)
+from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fgm_generator_loss, sds_loss,
+                                          sid_generator_loss, sim_generator_loss, vsd_loss)
 from dstar_edu.objectives.divergences import ScoreDistance, get_distance
 from dstar_edu.process import VE, VP, RectifiedFlow
 from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, register
