@@ -391,17 +391,3 @@ def test_exercise_student_errors_are_reported(capsys):
     a, b = ex.sample_inputs("huber_grad", 2, seed=4), ex.sample_inputs("huber_grad", 2, seed=4)
     assert all(torch.equal(u["y"], v["y"]) for u, v in zip(a, b))
 
-
-def test_fast_empirical_teacher_of_the_checks_equals_the_library_one():
-    """The 3072-d checks evaluate the empirical teacher through one matrix product; same numbers as
-    toy_data.mixtures.EmpiricalDistribution (the (batch, K, D) reference implementation)."""
-    from dstar_edu.verify.checks.distill import _fast_empirical_cls
-    from toy_data.mixtures import EmpiricalDistribution
-    process = VE(80.0)
-    points = torch.rand(6, 3, 4, 4, generator=g(40), dtype=F64) * 2 - 1
-    fast, ref = _fast_empirical_cls()(points, process=process), EmpiricalDistribution(points, process=process)
-    x = torch.randn(5, 3, 4, 4, generator=g(41), dtype=F64)
-    t = torch.tensor([0.1, 0.3, 0.7, 1.5, 4.0], dtype=F64)
-    torch.testing.assert_close(fast.log_prob(x, t), ref.log_prob(x, t), rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(fast.score(x, t), ref.score(x, t), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(fast.posterior_mean(x, t), ref.posterior_mean(x, t), rtol=1e-9, atol=1e-11)

@@ -152,16 +152,15 @@ class GaussianMixture(Predictor):
         x = x_t.reshape(x_t.shape[0], self.D).to(dtype)
         a, s = self._coef(t, x)                                        # (B,)
         mu, lam = self.means.to(dtype), self.eigvals.to(dtype)         # (K,D)
+        if self.cov_type == "isotropic":
+            return self._stats_isotropic(x, a, s, mu, lam[:, 0], cond, need_post)
         c = a[:, None, None] ** 2 * lam[None] + s[:, None, None] ** 2  # (B,K,D) marginal eigenvalues
-        if (c <= 0).any():
-            raise ValueError("the diffused covariance is singular at this t (sigma(t)=0 with a zero "
-                             "covariance component); use t > t_min")
+        _check_positive(c)
         inv_c = 1.0 / c
-        if self.eigvecs is None:  # diagonal in the standard basis: expand the quadratic form, no (B,K,D) diff
-            xx = x[:, None, :]
-            maha = (inv_c * (xx - a[:, None, None] * mu[None]) ** 2).sum(-1)
-            log_norm = -0.5 * (maha + torch.log(c).sum(-1) + self.D * math.log(2 * math.pi))
-        else:
+        if self.eigvecs is None:  # diagonal covariances: elementwise in the standard basis
+            diff = x[:, None, :] - a[:, None, None] * mu[None]
+            log_norm = -0.5 * ((inv_c * diff ** 2).sum(-1) + torch.log(c).sum(-1) + self.D * math.log(2 * math.pi))
+        else:                     # full covariances: work in each component's eigenbasis
             U = self.eigvecs.to(dtype)                                  # (K,D,D)
             z = torch.einsum("kdj,bkd->bkj", U, x[:, None, :] - a[:, None, None] * mu[None])
             log_norm = -0.5 * ((z * z * inv_c).sum(-1) + torch.log(c).sum(-1) + self.D * math.log(2 * math.pi))
@@ -169,19 +168,35 @@ class GaussianMixture(Predictor):
         joint = logw + log_norm
         log_p = torch.logsumexp(joint, -1)
         r = torch.softmax(joint, -1)                                     # (B,K)
+        post = None
         if self.eigvecs is None:
-            diff = x[:, None, :] - a[:, None, None] * mu[None]
             w = r[:, :, None] * inv_c
             score = -(w * diff).sum(1)
-            post = None
             if need_post:
                 post = r @ mu + a[:, None] * (w * lam[None] * diff).sum(1)
         else:
             g = z * inv_c                                                # C^-1 diff in eigenbasis
             score = -torch.einsum("bk,kdj,bkj->bd", r, U, g)
-            post = None
             if need_post:
                 post = r @ mu + a[:, None] * torch.einsum("bk,kdj,bkj->bd", r, U, g * lam[None])
+        return log_p, r, score, post
+
+    def _stats_isotropic(self, x, a, s, mu, lam, cond, need_post):
+        """Isotropic components (and point sets): expand |x - a mu_k|^2 with matrix products, no (B,K,D) tensor."""
+        c = a[:, None] ** 2 * lam[None] + s[:, None] ** 2               # (B,K)
+        _check_positive(c)
+        sq = ((x * x).sum(1, keepdim=True) - 2 * a[:, None] * (x @ mu.T)
+              + a[:, None] ** 2 * (mu * mu).sum(1)[None]).clamp_min(0)  # |x - a mu_k|^2
+        log_norm = -0.5 * (sq / c + self.D * torch.log(c) + self.D * math.log(2 * math.pi))
+        joint = self._log_weights(cond, x.shape[0]).to(x.dtype) + log_norm
+        log_p = torch.logsumexp(joint, -1)
+        r = torch.softmax(joint, -1)
+        w = r / c                                                        # responsibilities / variance
+        score = -(x * w.sum(1, keepdim=True) - a[:, None] * (w @ mu))
+        post = None
+        if need_post:
+            wl = w * lam[None]
+            post = r @ mu + a[:, None] * (x * wl.sum(1, keepdim=True) - a[:, None] * (wl @ mu))
         return log_p, r, score, post
 
     def log_prob(self, x_t: Tensor, t=None, cond=None) -> Tensor:
@@ -213,6 +228,12 @@ class GaussianMixture(Predictor):
     def __repr__(self):
         return (f"{type(self).__name__}(K={self.K}, event_shape={self.event_shape}, cov_type={self.cov_type!r}, "
                 f"process={self.process})")
+
+
+def _check_positive(c: Tensor) -> None:
+    if (c <= 0).any():
+        raise ValueError("the diffused covariance is singular at this t (sigma(t)=0 with a zero "
+                         "covariance component); use t > t_min")
 
 
 class EmpiricalDistribution(GaussianMixture):

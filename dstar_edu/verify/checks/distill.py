@@ -53,34 +53,12 @@ def affine_generator_2d() -> AffineGaussianGenerator:
                                    A=torch.tensor([[0.8, 0.3], [-0.2, 0.6]], dtype=F64))
 
 
-def _fast_empirical_cls():
-    from toy_data.mixtures import EmpiricalDistribution
-
-    class FastEmpirical(EmpiricalDistribution):
-        """``EmpiricalDistribution`` with the diffused statistics through one matrix product,
-        ``||x - alpha x_k||^2 = ||x||^2 - 2 alpha x.x_k + alpha^2 ||x_k||^2`` (same numbers to ~1e-12 relative;
-        the (batch, K, D) difference tensors of the generic mixture code cost ~1 s per 100 images on 2 cores)."""
-
-        def _stats(self, x_t, t, cond, need_post):
-            if x_t.shape[1:] != self.event_shape:
-                raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (batch, *{self.event_shape})")
-            x = x_t.reshape(x_t.shape[0], self.D)
-            a, s = self._coef(t, x)
-            mu = self.means.to(x.dtype)
-            d2 = ((x * x).sum(1)[:, None] - 2 * a[:, None] * (x @ mu.T) + (a * a)[:, None] * (mu * mu).sum(1)[None])
-            joint = (self._log_weights(cond, x.shape[0]).to(x.dtype) - d2 / (2 * s * s)[:, None]
-                     - 0.5 * self.D * torch.log(2 * math.pi * s * s)[:, None])
-            r = torch.softmax(joint, -1)
-            post = r @ mu
-            return torch.logsumexp(joint, -1), r, -(x - a[:, None] * post) / (s * s)[:, None], post
-    return FastEmpirical
-
-
 def image_teacher(process):
-    """Empirical distribution of 32 images (3x32x32) as the exact teacher (fast matrix-product evaluation)."""
+    """Empirical distribution of 32 images (3x32x32) as the exact teacher."""
     from toy_data.cifar import image_dataset_for_checks
+    from toy_data.mixtures import EmpiricalDistribution
     images, source = image_dataset_for_checks(32, generator=_gen(0), dtype=F64)
-    return _fast_empirical_cls()(images, process=process), images, source
+    return EmpiricalDistribution(images, process=process), images, source
 
 
 def image_mixture_generator(images: Tensor) -> MixtureGenerator:
