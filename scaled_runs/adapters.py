@@ -12,25 +12,18 @@ Nothing here computes a loss. Each adapter exists because a library object lacks
   score is trained through its DDP wrapper in its own phase, but must be evaluated through the *unwrapped*
   module inside the generator loss: a DDP forward with grad enabled expects every parameter to receive a
   gradient in the following backward, and the generator loss freezes the fake's parameters.
-* :func:`process_on_device`: ``process.DDPM`` keeps its ``alpha_bar`` tables on the CPU and indexes them with the
-  time tensor, which the losses move to the samples' device; a CUDA time tensor cannot index a CPU table.
-  The copy returned here holds the tables on the device (same ``repr``, so the losses' same-process check
-  still passes). Upstream fix: ``.to(t.device)`` in ``DDPM._log_alpha_bar`` / ``_d_log_alpha_bar``.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor
 from dstar_edu.generators import TeacherInitGenerator
-from dstar_edu.process import DDPM, Process
 
 Tensor = torch.Tensor
 
-__all__ = ["ConditionalTeacherInitGenerator", "PixArtDenoiser", "predictor_view", "process_on_device"]
+__all__ = ["ConditionalTeacherInitGenerator", "PixArtDenoiser", "predictor_view"]
 
 
 class ConditionalTeacherInitGenerator(TeacherInitGenerator):
@@ -89,16 +82,3 @@ def predictor_view(predictor: DiffusersUNetPredictor, net: nn.Module) -> Diffuse
                                   preconditioning=predictor.preconditioning, sigma_data=predictor.sigma_data,
                                   edm_prediction_type=predictor.edm_prediction_type)
 
-
-def process_on_device(process: Process, device) -> Process:
-    """``process`` with its lookup tables on ``device`` (a copy for DDPM; other processes are returned as is).
-
-    Use the result for the predictors (which see device tensors) and keep the original for the CPU-side time
-    samplers (``p_sim``, ``p_edm``: float64 draws on the CPU, mapped with ``t_from_edm_sigma``).
-    """
-    if not isinstance(process, DDPM):
-        return process
-    out = copy.copy(process)
-    for name in ("betas", "log_alphas", "log_alpha_bars"):
-        setattr(out, name, getattr(process, name).to(device))
-    return out

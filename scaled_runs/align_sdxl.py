@@ -4,9 +4,9 @@ Reference diffusion: SDXL (``UNet2DConditionModel`` with ``text_time`` additiona
 encoders, VAE) from a local ``StableDiffusionXLPipeline`` folder (``--pretrained``, ``local_files_only=True``).
 One-step model ``g_theta(z, c)``: the SDXL UNet at a fixed time (``adapters.ConditionalTeacherInitGenerator``,
 sigma* = 2.5 by default, or ``--t_star``), initialised from the reference or from ``--generator_init`` (DI*
-starts from DMD2-SDXL-1step; DMD2 feeds unit noise at timestep 399 where ours feeds ``alpha* z``,
-``z ~ N(0, sigma*^2 I)``: an init from DMD2 weights is close, not identical). Assistant ("fake") diffusion:
-a copy of the reference UNet.
+starts from DMD2-SDXL-1step, which takes unit-variance noise at diffusers timestep 399; ours feeds ``alpha* z``,
+``z ~ N(0, sigma*^2 I)``, of variance ``1 - alpha_bar(t*)`` = 0.57 at ``t* = 400``: a DMD2 init starts from a
+differently scaled input). Assistant ("fake") diffusion: a copy of the reference UNet.
 
 Per step (all losses from ``dstar_edu.objectives``):
 
@@ -40,7 +40,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import ConditionalTeacherInitGenerator, predictor_view, process_on_device  # noqa: E402
+from scaled_runs.adapters import ConditionalTeacherInitGenerator, predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
@@ -64,6 +64,7 @@ class SDXLConfig(common.BaseConfig):
     reward_tokenizer: str = opt("", "local tokenizer folder of the reward (default: reward_model)")
     prompts: str = opt("", "text file with one prompt per line (tiny mode: a built-in list)")
     batch_size: int = opt(4, "samples per device per micro-batch")
+    n_samples: int = opt(4, "images per sample grid (1024px decodes are large)")
     lr_gen: float = opt(5e-6, "generator Adam learning rate (not stated by DI*; SIM's PixArt value)")
     lr_fake: float = opt(5e-6, "assistant Adam learning rate")
     mixed_precision: str = opt("bf16", "'no' (fp32) or 'bf16' autocast; fp16 is refused", ("no", "bf16", "fp16"))
@@ -211,8 +212,6 @@ def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
             m.to(dtype=dtype)
     generator.to(device)
     fake_net.to(device)
-    dev_process = process_on_device(process, device)
-    reference.process = generator.denoiser.process = fake.process = dev_process
     lo, hi = common.sigma_range(process, cfg.sigma_min)
     reward = DecodedReward(pipe.vae, pixel_reward) if pixel_reward is not None else None
     return Parts(pipe, reference, generator, fake_net, fake, reward, process,
@@ -283,6 +282,8 @@ def run(cfg: SDXLConfig, accelerator) -> dict:
                 x0, parts.reference, fake_eval, b["t"], reward=parts.reward, alpha_rew=cfg.alpha_rew,
                 alpha_cfg=cfg.alpha_cfg, cfg=cfg.cfg_mode, distance="pseudo_huber", c=cfg.huber_c or None,
                 cond=b["cond"], uncond=b["uncond"], reward_cond=b["prompts"], eps=b["eps"], return_parts=True)
+        if cfg.alpha_rew and parts.reward is not None:
+            terms["reward_mean"] = -terms["reward"] / cfg.alpha_rew     # E r(x0, c) itself, for monitoring
         return loss, terms
 
     sample_prompts = [parts.prompts[i % len(parts.prompts)] for i in range(cfg.n_samples)]
@@ -290,7 +291,8 @@ def run(cfg: SDXLConfig, accelerator) -> dict:
     def images(model, n: int):
         rng = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003)
         cond, _ = encode(parts, sample_prompts[:n], device)
-        return decode(parts, model(model.noise(n, rng), cond))
+        x = model(model.noise(n, rng), cond)
+        return torch.cat([decode(parts, x[i:i + 4]) for i in range(0, n, 4)])   # the VAE decodes 4 at a time
 
     out = common.run_distillation(accelerator, cfg, generator=gen, fake_net=parts.fake_net, fake=parts.fake,
                                   fake_loss=fake_loss, gen_loss=gen_loss, images=images,

@@ -45,7 +45,8 @@ Tensor = torch.Tensor
 __all__ = ["BaseConfig", "opt", "parse_config", "setup_accelerator", "release_accelerator", "weight_dtype",
            "seed_all", "step_generators", "make_ema", "ema_decay_for", "NonFiniteError", "guard_finite",
            "Saved", "save_checkpoint", "load_checkpoint", "find_checkpoint", "checkpoint_dir", "MetricLogger",
-           "save_image_grid", "Phase", "train_alternating", "sigma_range", "clamp_times", "WEIGHTS_NAME"]
+           "save_image_grid", "Phase", "train_alternating", "run_distillation", "sigma_range", "clamp_times",
+           "read_prompts", "draw_prompts", "read_metrics", "is_fsdp", "WEIGHTS_NAME"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # diffusers' file name: a checkpoint folder loads with from_pretrained
 
@@ -246,9 +247,10 @@ def step_generators(seed: int, step: int, phase: str, micro: int, rank: int, dev
 def sigma_range(process, sigma_min: float = 0.0) -> tuple[float, float]:
     """EDM noise-level range ``[lo, hi]`` a time sampler of ``process`` should be truncated to.
 
-    Discrete DDPM teachers are trained on ``t in {1..T}``: ``[edm_sigma(1), edm_sigma(T)]`` (SIM App. B.3:
-    ``[0.01, 156.6]`` for PixArt's linear schedule). Continuous processes: ``[max(sigma_min or 0.002,
-    edm_sigma(t_min)), edm_sigma(t_max)]`` (EDM's sigma_min = 0.002). ``sigma_min > 0`` raises the lower end.
+    Discrete DDPM teachers are trained on ``t in {1..T}``: ``[edm_sigma(1), edm_sigma(T)]`` (``[0.0100, 157.4]``
+    for PixArt's linear schedule; SIM App. B.3 quotes [0.01, 156.6]). Continuous processes:
+    ``[max(0.002, edm_sigma(t_min)), edm_sigma(t_max)]`` (EDM's sigma_min = 0.002). ``sigma_min > 0`` raises the
+    lower end.
     """
     hi = float(process.edm_sigma(process.t_max))
     if getattr(process, "discrete", False):
@@ -319,6 +321,11 @@ def guard_finite(accelerator, value, *, step: int, what: str, cause: BaseExcepti
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 @dataclass
 class Saved:
     """One network of a checkpoint: ``module`` (prepared or not; its state dict is gathered by accelerate),
@@ -381,7 +388,7 @@ def save_checkpoint(accelerator, output_dir, step: int, networks: dict[str, Save
             cfg_src = networks[name].config
             if cfg_src is not None and hasattr(cfg_src, "save_config"):
                 cfg_src.save_config(tmp / name)
-        if optimizers:
+        if optimizers and not is_fsdp(accelerator):   # FSDP optimiser states are sharded: weights-only resume
             torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizers.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, **(meta or {})}, indent=1))
         if final.exists():
@@ -583,6 +590,12 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
         start_step = int(ckpt["state"]["step"])
         if start_step >= cfg.steps:
             raise ValueError(f"resume: the checkpoint is at step {start_step} >= steps={cfg.steps}; raise --steps")
+        if accelerator.is_main_process:          # drop records of steps after the checkpoint (a crashed run's)
+            kept = [r for r in read_metrics(cfg.output_dir) if r["step"] <= start_step]
+            (Path(cfg.output_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if is_fsdp(accelerator) and ema_decay_for(cfg, 1) is not None:
+        raise ValueError("the EMA copies unsharded weights and cannot follow FSDP's sharded ones: pass "
+                         "--ema_halflife_kimg 0 (and --ema_decay 0) under FSDP")
     ema = make_ema(generator, cfg, cfg.batch_size * cfg.grad_accum * accelerator.num_processes)
     if ema is not None and ckpt is not None and "generator_ema" in ckpt["networks"]:
         _load_into(ema.model.denoiser.unet, ckpt["networks"]["generator_ema"], strip_prefix)
@@ -601,7 +614,10 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
         opt_gen.load_state_dict(ckpt["optimizers"]["generator"])
         opt_fake.load_state_dict(ckpt["optimizers"]["fake"])
     fake_train = predictor_view(fake, fake_p)
-    fake_eval = fake                             # over the unwrapped module
+    # DDP: the generator loss must not run the DDP wrapper (its reducer would wait for gradients of the frozen
+    # parameters), so it sees the unwrapped module. FSDP shards the parameters: only the wrapper can run them
+    # (untested here: no GPU; see README).
+    fake_eval = fake_train if is_fsdp(accelerator) else fake
     last: dict = {}
 
     def save(step: int, losses: dict):

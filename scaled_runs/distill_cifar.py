@@ -38,7 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import predictor_view, process_on_device  # noqa: E402
+from scaled_runs.adapters import predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler, tiny_unet  # noqa: E402
@@ -120,7 +120,7 @@ class Parts:
     generator: TeacherInitGenerator      # g(z) = copy of the teacher's denoiser at t* (fp32, trained)
     fake_net: nn.Module                  # the online score network (fp32, trained)
     fake: DiffusersUNetPredictor         # the online score over fake_net
-    process: Process                     # CPU copy, for the time samplers
+    process: Process                     # the teacher's forward process
     t_fake: Callable                     # (n, cpu generator) -> times of the online-score loss
     t_gen: Callable                      # (n, cpu generator) -> times of the generator loss
 
@@ -138,8 +138,6 @@ def build(cfg: CifarConfig, device, dtype: torch.dtype = torch.float32) -> Parts
         unet.to(dtype=dtype)        # frozen teacher in bf16 under bf16 mixed precision
     generator.to(device)
     fake_net.to(device)
-    dev_process = process_on_device(process, device)
-    teacher.process = generator.denoiser.process = fake.process = dev_process
     lo, hi = common.sigma_range(process, cfg.sigma_min)
     kind = DEFAULT_GEN_TIME[cfg.method] if cfg.gen_time == "default" else cfg.gen_time
     t_gen = {"sim": lambda: p_sim(process, cfg.gen_P_mean, cfg.gen_P_std, sigma_min=lo, sigma_max=hi),

@@ -10,7 +10,8 @@ channels are used (``adapters.PixArtDenoiser``), so ``d(x; t) = x - t F`` in EDM
 * generator loss: ``sim_generator_loss`` (pseudo-Huber, denoiser space = Alg. 2 / Eq. B.13), weight 1;
   online score: ``fake_score_loss`` (x0 target, weight 1);
 * both phases draw ln sigma ~ N(-2, 2^2), truncated to the schedule's [edm_sigma(1), edm_sigma(T)] =
-  [0.01, 156.6] (SIM B.3); Adam lr 5e-6, betas (0, 0.999); bf16; batch 1024 = 4 GPUs x 32 x accumulation 8;
+  [0.0100, 157.4] (SIM B.3 quotes [0.01, 156.6]); Adam lr 5e-6, betas (0, 0.999); bf16; batch 1024 =
+  4 GPUs x 32 x accumulation 8;
 * ``--cfg_scale w > 0``: the teacher becomes the CFG-guided ``s_c + w (s_c - s_u)`` (``alignment.GuidedPredictor``,
   i.e. DI*-In without reward), with ``u`` the embedding of ``--negative_prompt``.
 
@@ -34,8 +35,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import (ConditionalTeacherInitGenerator, PixArtDenoiser, predictor_view,  # noqa: E402
-                                  process_on_device)
+from scaled_runs.adapters import ConditionalTeacherInitGenerator, PixArtDenoiser, predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
@@ -129,7 +129,7 @@ class Parts:
     generator: ConditionalTeacherInitGenerator
     fake_net: nn.Module                       # PixArtDenoiser(copy of the transformer), trained
     fake: DiffusersUNetPredictor
-    process: Process                          # CPU copy for the time samplers
+    process: Process                          # the teacher's forward process
     t_sampler: Callable                       # both phases (SIM B.3)
     prompts: list
     latent_shape: tuple
@@ -152,8 +152,6 @@ def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Part
             frozen.to(dtype=dtype)
     generator.to(device)
     fake_net.to(device)
-    dev_process = process_on_device(process, device)
-    teacher.process = generator.denoiser.process = fake.process = dev_process
     lo, hi = common.sigma_range(process, cfg.sigma_min)
     t_sampler = p_edm(process, cfg.P_mean, cfg.P_std, sigma_min=lo, sigma_max=hi)
     return Parts(pipe, teacher, generator, fake_net, fake, process, t_sampler,
@@ -243,7 +241,8 @@ def run(cfg: PixArtConfig, accelerator) -> dict:
     def images(model, n: int):
         rng = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003)
         cond, _ = encode(parts, cfg, sample_prompts[:n], device)
-        return decode(parts, model(model.noise(n, rng), cond))
+        x = model(model.noise(n, rng), cond)
+        return torch.cat([decode(parts, x[i:i + 4]) for i in range(0, n, 4)])   # the VAE decodes 4 at a time
 
     out = common.run_distillation(accelerator, cfg, generator=gen, fake_net=parts.fake_net, fake=parts.fake,
                                   fake_loss=fake_loss, gen_loss=gen_loss, images=images,
