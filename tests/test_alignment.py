@@ -49,11 +49,11 @@ def test_guided_predictor_is_the_same_guidance_in_every_parameterisation():
     x = torch.randn(6, 2, generator=_g(0), dtype=F64)
     t, c, w = 350.0, torch.tensor([0, 1, 1, 0, 1, 0]), 2.5
     guided = GuidedPredictor(net, w)
-    from dstar_edu import exercises_align
+    from dstar_edu import exercises
     for target in ("eps", "score", "x0", "v", "velocity"):
         sc, su = net.predict(target, x, t, c), net.predict(target, x, t, None)
         torch.testing.assert_close(guided.predict(target, x, t, c), sc + w * (sc - su), rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(guided.predict(target, x, t, c), exercises_align.reference("guided_score")(sc, su, w),
+        torch.testing.assert_close(guided.predict(target, x, t, c), exercises.reference("guided_score")(sc, su, w),
                                    rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="cond"):
         guided(x, t)
@@ -271,10 +271,10 @@ def test_distar_runs_unchanged_on_a_diffusers_unet_with_a_clip_reward(tmp_path):
     assert all(q.grad is None or float(q.grad.abs().max()) == 0 for q in teacher.parameters())
 
 
-# ---- graded exercises (dstar_edu.exercises_align) -------------------------------------------------------------
+# ---- graded exercises (dstar_edu.exercises, area align) -------------------------------------------------------
 @pytest.mark.parametrize("name", ["cfg_implicit_reward_loss", "guided_score", "dpo_loss", "drwr_weights"])
 def test_exercise_reference_passes_and_every_catalogued_mistake_is_diagnosed(name, capsys):
-    from dstar_edu import exercises_align as ex
+    from dstar_edu import exercises as ex
     assert ex.check(name, ex.reference(name)) is True
     assert capsys.readouterr().out.startswith("Correct!")
     for wrong, why in ex.EXERCISES[name].mistakes:
@@ -283,7 +283,7 @@ def test_exercise_reference_passes_and_every_catalogued_mistake_is_diagnosed(nam
 
 
 def test_exercise_grader_reports_instead_of_raising(capsys):
-    from dstar_edu import exercises_align as ex
+    from dstar_edu import exercises as ex
 
     def stub(x_t, score, cond, weight):
         raise NotImplementedError

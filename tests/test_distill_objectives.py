@@ -352,11 +352,11 @@ def test_nan_in_a_loss_raises():
             loss(gen(z), teacher, broken, t, eps=eps)
 
 
-# ---- graded exercises (dstar_edu.exercises_distill) ----------------------------------------------------------------
+# ---- graded exercises (dstar_edu.exercises, area distill) ----------------------------------------------------------
 def test_exercise_references_pass_and_catalogued_mistakes_are_diagnosed(capsys):
-    from dstar_edu import exercises_distill as ex
-    assert ex.list_exercises() == ["pseudo_huber_grad", "huber_grad", "sim_loss"]
-    for name in ex.list_exercises():
+    from dstar_edu import exercises as ex
+    assert ex.list_exercises("distill") == ["pseudo_huber_grad", "huber_grad", "sim_loss"]
+    for name in ex.list_exercises("distill"):
         assert ex.check(name, ex.reference(name)) is True
         assert capsys.readouterr().out.startswith("Correct!")
         for wrong, why in ex.EXERCISES[name].mistakes:
@@ -366,7 +366,7 @@ def test_exercise_references_pass_and_catalogued_mistakes_are_diagnosed(capsys):
 
 
 def test_exercise_student_errors_are_reported(capsys):
-    from dstar_edu import exercises_distill as ex
+    from dstar_edu import exercises as ex
 
     def stub(*args):
         raise NotImplementedError

@@ -7,7 +7,7 @@ from dstar_edu import conversions as cv
 from dstar_edu import exercises as ex
 from dstar_edu.process import DDPM
 
-NAMES = ex.list_exercises()
+NAMES = ex.list_exercises("basics")
 
 
 def test_registry_has_the_required_exercises():
@@ -65,7 +65,7 @@ def test_posterior_mean_per_step_alpha_hint(capsys):
 
 
 def test_posterior_mean_matches_library_eq10():
-    """The Eq. 8 mean written in exercises.py agrees with the Eq. 9 (eps) form via Tweedie (Eq. 7)."""
+    """The Eq. 8 mean written in exercises/basics.py agrees with the Eq. 9 (eps) form via Tweedie (Eq. 7)."""
     p = DDPM(1000)
     g = torch.Generator().manual_seed(3)
     t = torch.tensor([2, 50, 700], dtype=torch.float64)

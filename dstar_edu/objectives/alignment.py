@@ -40,7 +40,7 @@ import torch
 
 from ..predictors import Predictor
 from ..process import Process
-from .distill import _reduce, _weight, diff_instruct_loss, sim_generator_loss
+from .distill import _check_x0, _reduce, _weight, diff_instruct_loss, sim_generator_loss
 
 Tensor = torch.Tensor
 
@@ -48,13 +48,6 @@ __all__ = ["GuidedPredictor", "cfg_implicit_reward", "cfg_implicit_reward_loss",
            "diff_instruct_star_loss", "CFG_MODES"]
 
 CFG_MODES = ("in", "out")
-
-
-def _check_x0(x0, name: str = "x0") -> Tensor:
-    if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.ndim < 1 or x0.shape[0] < 1:
-        got = type(x0).__name__ + (f" of shape {tuple(x0.shape)}" if isinstance(x0, Tensor) else "")
-        raise ValueError(f"{name} must be a floating tensor of shape (batch, *shape), got {got}")
-    return x0
 
 
 def _scale(v, name: str) -> float:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..process import Process, expand_like
+from ..validation import check_batch
 from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
 
 Tensor = torch.Tensor
@@ -77,10 +78,7 @@ def frozen(*modules):
 
 
 def _check_x0(x0, name: str = "x0") -> Tensor:
-    if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.ndim < 1 or x0.shape[0] < 1:
-        got = type(x0).__name__ + (f" of dtype {x0.dtype}, shape {tuple(x0.shape)}" if isinstance(x0, Tensor) else "")
-        raise ValueError(f"{name} must be a floating tensor of shape (batch, *shape), got {got}")
-    return x0
+    return check_batch(x0, name, nonempty=True)
 
 
 def _process_of(pred, role: str) -> Process:

@@ -4,6 +4,8 @@ A sampler is ``fn(predictor, timesteps, x_init, *, generator=None, cond=None, re
 progress=False, **options)``: ``timesteps`` is a strictly decreasing sequence of times of the
 predictor's process (from noise towards data; the last entry is where sampling stops, e.g. 0), and
 the result is the final sample, or ``(sample, trajectory)`` with ``trajectory = [x_init, ..., sample]``.
+The private ``_check_*`` / ``_scalar_t`` / ``_draw_noise`` helpers are the argument checks the sampler modules
+share (the batch check, shared with the objectives, is ``dstar_edu.validation.check_batch``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,49 @@ Tensor = torch.Tensor
 __all__ = ["check_timesteps", "run_loop", "uniform_grid", "karras_sigmas", "subsequence"]
 
 
+# ---- argument checks shared by the samplers (internal) ----------------------------------------------------
+def _check_predictor(predictor) -> Process:
+    process = getattr(predictor, "process", None)
+    if not isinstance(process, Process):
+        raise ValueError(f"predictor={type(predictor).__name__} has no dstar_edu process (predictor.process="
+                         f"{process!r}); allowed: a Predictor whose .process is a dstar_edu Process")
+    if not hasattr(predictor, "prediction"):
+        raise ValueError(f"predictor={type(predictor).__name__} does not declare .prediction")
+    return process
+
+
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+    return generator
+
+
+def _scalar_t(t, name: str = "t") -> float:
+    """A scalar time as a Python float (never through float32: ``torch.as_tensor(0.1)`` would round it)."""
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return float(t)
+    tt = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
+    if tt.numel() != 1:
+        raise ValueError(f"{name} must be a scalar time for a sampler step, got shape {tuple(tt.shape)}")
+    return float(tt)
+
+
+def _draw_noise(noise, x: Tensor, generator, noise_dtype=None) -> Tensor:
+    """``noise`` if given (checked against x), else N(0, I) drawn from ``generator``.
+
+    ``noise_dtype``: dtype in which to draw (default ``x.dtype``) before casting to ``x.dtype``. The same
+    call as diffusers' ``randn_tensor`` on CPU, so equal seeds give equal noise.
+    """
+    if noise is not None:
+        if not isinstance(noise, Tensor) or noise.shape != x.shape:
+            raise ValueError(f"noise must be a tensor of the sample's shape {tuple(x.shape)}, got "
+                             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+        return noise.to(x.dtype)
+    z = torch.randn(x.shape, generator=generator, dtype=noise_dtype or x.dtype, device=x.device)
+    return z.to(x.dtype)
+
+
+# ---- time grids and the sampling loop ---------------------------------------------------------------------
 def check_timesteps(timesteps, process: Process, dtype=torch.float64) -> Tensor:
     """Validate a strictly decreasing 1-d time grid inside the process domain."""
     ts = torch.as_tensor(timesteps, dtype=dtype).flatten()

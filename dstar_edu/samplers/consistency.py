@@ -53,7 +53,8 @@ import torch
 
 from ..predictors import Predictor
 from ..process import DDPM, Process, time_tensor
-from .common import check_timesteps, run_loop
+from ..validation import check_batch
+from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
 
 Tensor = torch.Tensor
 
@@ -65,53 +66,6 @@ __all__ = [
 
 #: handbook Sec. 2.3.1: "small constant eps = 0.002"
 CM_EPSILON = 0.002
-
-
-# ---- shared helpers ------------------------------------------------------------------------------------
-def _check_predictor(predictor) -> Process:
-    process = getattr(predictor, "process", None)
-    if not isinstance(process, Process) or not hasattr(predictor, "prediction"):
-        raise ValueError(f"predictor={type(predictor).__name__} must be a dstar_edu Predictor with a .process "
-                         f"(got process={process!r}) and a .prediction")
-    return process
-
-
-def _check_x(x, name: str = "x_init") -> Tensor:
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
-        got = type(x).__name__ + (f" of dtype {x.dtype}, shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
-        raise ValueError(f"{name} must be a floating tensor of shape (batch, *shape), got {got}")
-    return x
-
-
-def _check_generator(generator):
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
-    return generator
-
-
-def _scalar_t(t, name: str = "t") -> float:
-    """A scalar time as a Python float (never through float32: ``torch.as_tensor(0.1)`` would round it)."""
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
-        return float(t)
-    tt = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
-    if tt.numel() != 1:
-        raise ValueError(f"{name} must be a scalar time for a sampler step, got shape {tuple(tt.shape)}")
-    return float(tt)
-
-
-def _draw_noise(noise, x: Tensor, generator, noise_dtype=None) -> Tensor:
-    """``noise`` if given (checked against x), else N(0, I) drawn from ``generator``.
-
-    ``noise_dtype``: dtype in which to draw (default ``x.dtype``) before casting to ``x.dtype``. The same
-    call as diffusers' ``randn_tensor`` on CPU, so equal seeds give equal noise.
-    """
-    if noise is not None:
-        if not isinstance(noise, Tensor) or noise.shape != x.shape:
-            raise ValueError(f"noise must be a tensor of the sample's shape {tuple(x.shape)}, got "
-                             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
-        return noise.to(x.dtype)
-    z = torch.randn(x.shape, generator=generator, dtype=noise_dtype or x.dtype, device=x.device)
-    return z.to(x.dtype)
 
 
 def consistency_output(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
@@ -188,7 +142,7 @@ def consistency_multistep(predictor: Predictor, timesteps, x_init: Tensor, *, ep
     Returns the sample (``f``'s output at ``t_1``), or ``(sample, trajectory)``.
     """
     process = _check_predictor(predictor)
-    _check_x(x_init)
+    check_batch(x_init, "x_init")
     _check_generator(generator)
     eps = _check_epsilon(epsilon, process)
     ts = check_timesteps(timesteps, process)
@@ -299,7 +253,7 @@ def lcm(predictor: Predictor, timesteps, x_init: Tensor, *, noise="fresh", bound
     a DDPM process built from the scheduler's betas it reproduces diffusers' ``LCMScheduler`` step for step.
     """
     process = _check_predictor(predictor)
-    _check_x(x_init)
+    check_batch(x_init, "x_init")
     _check_generator(generator)
     if isinstance(noise, Tensor):
         raise ValueError("noise must be 'fresh' or 'predicted' for the full sampler (tensors: use lcm_step)")

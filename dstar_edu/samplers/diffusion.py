@@ -36,7 +36,8 @@ from .. import conversions as cv
 from ..conversions import convert, to_x0_eps
 from ..predictors import Predictor
 from ..process import DDPM, Process, expand_like
-from .common import check_timesteps, run_loop
+from ..validation import check_batch
+from .common import _check_generator, _check_predictor, _draw_noise, check_timesteps, run_loop
 
 Tensor = torch.Tensor
 
@@ -48,37 +49,10 @@ __all__ = [
 
 
 # ---- shared helpers --------------------------------------------------------------------------------------
-def _check_predictor(predictor) -> Process:
-    process = getattr(predictor, "process", None)
-    if not isinstance(process, Process):
-        raise ValueError(f"predictor={type(predictor).__name__} has no dstar_edu process (predictor.process="
-                         f"{process!r}); allowed: a Predictor whose .process is a dstar_edu Process")
-    if not hasattr(predictor, "prediction"):
-        raise ValueError(f"predictor={type(predictor).__name__} does not declare .prediction")
-    return process
-
-
-def _check_x(x: Tensor, name: str = "x_init") -> Tensor:
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
-        got = f"{type(x).__name__}" + (f" of dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
-        raise ValueError(f"{name} must be a floating tensor of shape (batch, *shape), got {got}")
-    return x
-
-
-def _check_generator(generator):
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
-    return generator
-
-
-def _randn(x: Tensor, generator) -> Tensor:
-    """Standard normal like ``x`` (same call as diffusers' ``randn_tensor`` on CPU, so seeds agree)."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
 def _noise_arg(noise, x: Tensor, generator) -> Tensor:
+    """``noise`` if given (shaped like x), else a standard normal like ``x`` drawn from ``generator``."""
     if noise is None:
-        return _randn(x, generator)
+        return _draw_noise(None, x, generator)
     if not isinstance(noise, Tensor) or noise.shape != x.shape:
         raise ValueError(f"noise has shape {tuple(getattr(noise, 'shape', ()))} but x has shape {tuple(x.shape)}; "
                          "allowed: None or a tensor shaped like x")
@@ -217,7 +191,7 @@ def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str 
     No noise is added on a step that lands on ``sigma(t_prev) = 0`` (Ho et al. Alg. 2: z = 0 at t = 1).
     """
     process = _check_predictor(predictor)
-    x = _check_x(x, "x")
+    x = check_batch(x, "x")
     _check_ddpm_options(variance, form)
     tt = _scalar_t(process, t)
     tp = _scalar_t(process, tt - 1 if t_prev is None else t_prev, "t_prev")
@@ -263,7 +237,7 @@ def ddim_step(predictor: Predictor, x: Tensor, t, t_prev, eta: float = 0.0, nois
     DDIMScheduler does, so seeded runs agree).
     """
     process = _check_predictor(predictor)
-    x = _check_x(x, "x")
+    x = check_batch(x, "x")
     eta = _check_eta(eta)
     tt, tp = _scalar_t(process, t), _scalar_t(process, t_prev, "t_prev")
     if not tp < tt:
@@ -288,7 +262,7 @@ def langevin_step(predictor: Predictor, x: Tensor, t, step_size: float, noise: T
     """One Langevin step targeting p_t (handbook Sec. 2.2.3 (3), SMLD):
     ``x <- x + delta/2 * s_theta(x, t) + sqrt(delta) z``."""
     _check_predictor(predictor)
-    x = _check_x(x, "x")
+    x = check_batch(x, "x")
     if not step_size > 0:
         raise ValueError(f"step_size={step_size!r} must be positive")
     return x + 0.5 * step_size * _score(predictor, x, t, cond) + math.sqrt(step_size) * _noise_arg(noise, x, generator)
@@ -322,7 +296,7 @@ def reverse_sde_step(predictor: Predictor, x: Tensor, t, t_next, noise: Tensor |
     ``f - g^2 score = alpha' x0_hat + (2 sigma' - alpha' sigma / alpha) eps_hat``.
     """
     process = _check_predictor(predictor)
-    x = _check_x(x, "x")
+    x = check_batch(x, "x")
     tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
     if not tn < tt:
         raise ValueError(f"t_next={float(tn):g} must be smaller than t={float(tt):g}")
@@ -353,7 +327,7 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
     ``sigma(t_next) = 0`` stays Euler (the velocity is not defined from an exact noise prediction there).
     """
     process = _check_predictor(predictor)
-    x = _check_x(x, "x")
+    x = check_batch(x, "x")
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
     tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
@@ -426,7 +400,7 @@ def dpm_solver_step(predictor: Predictor, x: Tensor, t, t_next, order: int = 2, 
     ``x = alpha(t_next) x0_hat`` (DDIM's last step to t = 0).
     """
     process = _check_predictor(predictor)
-    x = _check_x(x, "x")
+    x = check_batch(x, "x")
     if order not in (1, 2, 3):
         raise ValueError(f"order={order!r} is not supported; allowed: 1, 2, 3")
     t, t_next = process.check_t(t), process.check_t(t_next)
@@ -505,7 +479,7 @@ def smld_step_sizes(process: Process, levels: Tensor, step_size: float) -> Tenso
 # ---- samplers ------------------------------------------------------------------------------------------
 def _prepare(predictor, timesteps, x_init, generator):
     process = _check_predictor(predictor)
-    _check_x(x_init)
+    check_batch(x_init, "x_init")
     _check_generator(generator)
     return process, check_timesteps(timesteps, process)
 

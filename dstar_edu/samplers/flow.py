@@ -55,9 +55,9 @@ import torch
 
 from ..predictors import Predictor
 from ..process import DDPM, VP, Process, TrigFlow
-from .common import check_timesteps, run_loop
-from .consistency import (_check_generator, _check_predictor, _check_x, _draw_noise, _scalar_t,
-                          consistency_multistep)
+from ..validation import check_batch
+from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
+from .consistency import consistency_multistep
 
 Tensor = torch.Tensor
 
@@ -97,7 +97,7 @@ def rectified_flow_euler(predictor: Predictor, timesteps, x_init: Tensor, *, dir
     step size (``samplers.rf_euler_rate``).
     """
     process = _check_predictor(predictor)
-    _check_x(x_init)
+    check_batch(x_init, "x_init")
     _check_generator(generator)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction={direction!r} is unknown; allowed: 'to_data' (decreasing timesteps) or "
@@ -247,7 +247,7 @@ def instaflow(predictor: Predictor, timesteps, y_init: Tensor, *, method: str = 
     Returns ``y_0`` (= ``x_0``), or ``(y_0, trajectory of y)``.
     """
     process = _check_vp(_check_predictor(predictor))
-    _check_x(y_init, "y_init")
+    check_batch(y_init, "y_init")
     _check_generator(generator)
     if method not in INSTAFLOW_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(INSTAFLOW_METHODS)}")
@@ -309,7 +309,7 @@ def trigflow(predictor: Predictor, timesteps, x_init: Tensor, *, sampler: str = 
         noise_dtype: dtype of the fresh noise for ``"consistency"`` (``SCMScheduler`` draws float32).
     """
     process = _check_trigflow(predictor)
-    _check_x(x_init)
+    check_batch(x_init, "x_init")
     _check_generator(generator)
     if sampler not in _TRIG_SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown; allowed: 'ddim', 'consistency'")
