@@ -16,14 +16,6 @@ from toy_data.mixtures import GaussianMixture
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
-    from dstar_edu.training import cpu_threads
-    with cpu_threads(1):
-        yield
-
-
 def _g(seed):
     return torch.Generator().manual_seed(seed)
 

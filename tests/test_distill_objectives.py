@@ -20,16 +20,6 @@ from dstar_edu.process import DDPM, VE, VP, RectifiedFlow
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and two OpenMP threads on a busy 2-core machine spin-wait
-    (20-50x slower). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def g(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -17,14 +17,6 @@ from toy_data.mixtures import GaussianMixture
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and two OpenMP threads on a busy 2-core machine spin-wait
-    (20-50x slower). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 M = torch.tensor([1.0, -0.5], dtype=F64)
 S = torch.tensor([[0.30, 0.10], [0.10, 0.20]], dtype=F64)
 

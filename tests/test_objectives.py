@@ -16,18 +16,10 @@ from dstar_edu.objectives import (consistency_distillation_loss, consistency_tra
                                   trigflow_diffusion_loss)
 from dstar_edu.predictors import FunctionPredictor, MLPPredictor
 from dstar_edu.process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow
-from dstar_edu.training import cpu_threads
 from toy_data.mixtures import GaussianMixture, eight_gaussians_mixture
 
 F64 = torch.float64
 N_SIGMA = 5.0
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors: intra-op threads only add overhead (and slow down badly on a busy machine)."""
-    with cpu_threads(1):
-        yield
 
 
 def gen(seed):

@@ -12,16 +12,6 @@ from toy_data.datasets2d import eight_gaussians
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation, which on a loaded 2-core machine made the
-    training test 50x slower; run single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

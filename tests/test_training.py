@@ -17,13 +17,6 @@ from toy_data.mixtures import eight_gaussians_mixture
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """2D models gain nothing from intra-op threads and slow down badly on a busy machine."""
-    with cpu_threads(1):
-        yield
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -10,7 +10,7 @@ share (the batch check, shared with the objectives, is ``dstar_edu.validation.ch
 from __future__ import annotations
 
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 

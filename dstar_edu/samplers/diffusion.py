@@ -406,7 +406,7 @@ def dpm_solver_step(predictor: Predictor, x: Tensor, t, t_next, order: int = 2, 
     t, t_next = process.check_t(t), process.check_t(t_next)
     if not t_next < t:
         raise ValueError(f"t_next={float(t_next):g} must be smaller than t={float(t):g}")
-    a_s, s_s = process.alpha(t), process.sigma(t)
+    a_s = process.alpha(t)
     if float(a_s) == 0.0:
         raise ValueError(f"t={float(t):g}: alpha(t) = 0, lambda = -inf; allowed: start DPM-Solver where alpha(t) > 0")
     a_t, s_t = process.alpha(t_next), process.sigma(t_next)
