@@ -118,6 +118,31 @@ class Process:
         t = self.check_t(t, x)
         return self._sigma(t) / self._alpha(t)
 
+    def t_from_edm_sigma(self, s) -> Tensor:
+        """The time whose EDM noise level ``sigma(t)/alpha(t)`` equals ``s`` (float64; inverse of ``edm_sigma``).
+
+        Closed forms per process (VE ``t = s``, rectified flow ``s/(1+s)``, TrigFlow ``atan(s/sigma_d)``,
+        VP: solve ``alpha_bar(t) = 1/(1+s^2)``, DDPM: interpolate its log alpha_bar table); bisection
+        otherwise (edm_sigma increases with t). ``s`` must lie in ``[edm_sigma(t_min), edm_sigma(t_max)]``.
+        """
+        s = torch.as_tensor(s, dtype=torch.float64)
+        if torch.isnan(s).any() or (s < 0).any():
+            raise ValueError(f"s must be non-negative EDM noise levels, got min {s.min().item():g}")
+        lo, hi = self.edm_sigma(self.t_min).item(), self.edm_sigma(self.t_max).item()
+        if s.numel() and (s.min().item() < lo * (1 - 1e-12) or s.max().item() > hi * (1 + 1e-12)):
+            raise ValueError(f"s has values in [{s.min().item():g}, {s.max().item():g}] but the EDM noise level of "
+                             f"{self} only covers [{lo:g}, {hi:g}]")
+        return self._t_from_edm_sigma(s).clamp(self.t_min, self.t_max)
+
+    def _t_from_edm_sigma(self, s: Tensor) -> Tensor:
+        a = torch.full_like(s, float(self.t_min))
+        b = torch.full_like(s, float(self.t_max))
+        for _ in range(200):
+            mid = 0.5 * (a + b)
+            up = self.edm_sigma(mid) < s
+            a, b = torch.where(up, mid, a), torch.where(up, b, mid)
+        return 0.5 * (a + b)
+
     def q_sample(self, x0: Tensor, t, eps: Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Marginal sample ``x_t = alpha x0 + sigma eps`` (handbook Eq. 6); returns ``(x_t, eps)``."""
@@ -237,6 +262,13 @@ class DDPM(_AlphaBarProcess):
         lo, _ = self._segment(t)
         return self.log_alphas.to(device=t.device, dtype=t.dtype)[lo]
 
+    def _t_from_edm_sigma(self, s):
+        L = torch.log1p(s * s)                                              # -log alpha_bar
+        table = -self.log_alpha_bars                                        # increasing, index 0..T
+        j = torch.searchsorted(table, L.flatten()).clamp(1, self.T).reshape(L.shape)
+        lo_v, hi_v = table[j - 1], table[j]
+        return (j - 1).to(torch.float64) + (L - lo_v) / (hi_v - lo_v)
+
     @classmethod
     def from_diffusers_config(cls, config) -> "DDPM":
         """Build from a diffusers scheduler (or its config): same betas, handbook t = diffusers timestep + 1."""
@@ -282,6 +314,14 @@ class VP(_AlphaBarProcess):
         """SDE rate beta(t) = -d log alpha_bar / dt."""
         return -self._d_log_alpha_bar(self.check_t(t))
 
+    def _t_from_edm_sigma(self, s):
+        L = torch.log1p(s * s)                                              # -log alpha_bar
+        if self.schedule == "linear":                                       # stable root of (b1-b0)t^2/2 + b0 t = L
+            b0, b1 = self.beta_min, self.beta_max
+            return 2 * L / (b0 + torch.sqrt(b0 * b0 + 2 * (b1 - b0) * L))
+        c = math.pi / (2 * (1 + self.s))
+        return torch.acos(math.cos(self.s * c) * torch.exp(-0.5 * L)) / c - self.s
+
     def _log_alpha_bar(self, t):
         if self.schedule == "linear":
             return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t)
@@ -315,6 +355,9 @@ class VE(Process):
     def _alpha(self, t):
         return torch.ones_like(t)
 
+    def _t_from_edm_sigma(self, s):
+        return s.clone()
+
     def _sigma(self, t):
         return t.clone()
 
@@ -338,6 +381,9 @@ class RectifiedFlow(Process):
 
     def _alpha(self, t):
         return 1 - t
+
+    def _t_from_edm_sigma(self, s):
+        return torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s))
 
     def _sigma(self, t):
         return t.clone()
@@ -370,6 +416,9 @@ class TrigFlow(Process):
 
     def _alpha(self, t):
         return torch.cos(t)
+
+    def _t_from_edm_sigma(self, s):
+        return torch.atan(s / self.sigma_data)
 
     def _sigma(self, t):
         return self.sigma_data * torch.sin(t)

@@ -315,3 +315,14 @@ def test_ddpm_sigma_at_zero_is_positive_zero_and_increasing():
     assert one_sided > 0
     assert not torch.signbit(p.sigma(0.0))
     assert p.d_sigma(0.0) == math.inf                   # same as VP().d_sigma(0.0)
+
+
+@pytest.mark.parametrize("proc", [DDPM(1000), DDPM(1000, "cosine"), VP(), VP("cosine"), VE(80.0), RectifiedFlow(),
+                                  TrigFlow(0.5)], ids=lambda p: repr(p))
+def test_t_from_edm_sigma_inverts_edm_sigma(proc):
+    """Each process's closed-form inverse of sigma(t)/alpha(t): edm_sigma(t_from_edm_sigma(s)) == s (float64)."""
+    s = torch.tensor([0.01, 0.1, 0.5, 1.0, 2.5, 10.0, 50.0], dtype=torch.float64)
+    t = proc.t_from_edm_sigma(s)
+    torch.testing.assert_close(proc.edm_sigma(t), s, rtol=1e-9, atol=0.0)
+    with pytest.raises(ValueError, match="s must be non-negative"):
+        proc.t_from_edm_sigma(-1.0)

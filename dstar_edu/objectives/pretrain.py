@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..conversions import check_prediction, from_x0_eps, to_x0_eps
-from ..process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow, expand_like
+from ..process import Process, RectifiedFlow, TrigFlow, expand_like
 from .distances import get_distance, squared_norm
 
 Tensor = torch.Tensor
@@ -100,48 +100,8 @@ def _open_uniform(n: int, generator, dtype, device) -> Tensor:
 
 
 def t_from_edm_sigma(process: Process, s) -> Tensor:
-    """The time ``t`` of ``process`` whose EDM noise level ``sigma(t)/alpha(t)`` equals ``s`` (float64).
-
-    Closed forms: VE ``t = s``; rectified flow ``t = s / (1 + s)``; TrigFlow ``t = atan(s / sigma_d)``;
-    VP / DDPM solve ``alpha_bar(t) = 1 / (1 + s^2)`` (quadratic for the linear VP schedule, ``acos`` for
-    the cosine one, linear interpolation of the ``log alpha_bar`` table for DDPM). Other processes use
-    bisection (edm_sigma is increasing in t). ``s`` must lie in ``[edm_sigma(t_min), edm_sigma(t_max)]``.
-    """
-    s = torch.as_tensor(s, dtype=torch.float64)
-    if torch.isnan(s).any() or (s < 0).any():
-        raise ValueError(f"s must be non-negative EDM noise levels, got min {s.min().item():g}")
-    lo, hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    if s.numel() and (s.min().item() < lo * (1 - 1e-12) or s.max().item() > hi * (1 + 1e-12)):
-        raise ValueError(f"s has values in [{s.min().item():g}, {s.max().item():g}] but the EDM noise level of "
-                         f"{process} only covers [{lo:g}, {hi:g}]")
-    L = torch.log1p(s * s)  # -log alpha_bar
-    if isinstance(process, VE):
-        t = s.clone()
-    elif isinstance(process, RectifiedFlow):
-        t = s / (1 + s)
-        t = torch.where(torch.isinf(s), torch.ones_like(t), t)
-    elif isinstance(process, TrigFlow):
-        t = torch.atan(s / process.sigma_data)
-    elif isinstance(process, VP) and process.schedule == "linear":
-        b0, b1 = process.beta_min, process.beta_max
-        t = 2 * L / (b0 + torch.sqrt(b0 * b0 + 2 * (b1 - b0) * L))  # stable root of 0.5(b1-b0)t^2 + b0 t = L
-    elif isinstance(process, VP):
-        c = math.pi / (2 * (1 + process.s))
-        t = torch.acos(math.cos(process.s * c) * torch.exp(-0.5 * L)) / c - process.s
-    elif isinstance(process, DDPM):
-        table = -process.log_alpha_bars                                  # increasing, index 0..T
-        j = torch.searchsorted(table, L.flatten()).clamp(1, process.T).reshape(L.shape)
-        lo_v, hi_v = table[j - 1], table[j]
-        t = (j - 1).to(torch.float64) + (L - lo_v) / (hi_v - lo_v)
-    else:
-        a = torch.full_like(s, float(process.t_min))
-        b = torch.full_like(s, float(process.t_max))
-        for _ in range(200):
-            mid = 0.5 * (a + b)
-            up = process.edm_sigma(mid) < s
-            a, b = torch.where(up, mid, a), torch.where(up, b, mid)
-        t = 0.5 * (a + b)
-    return t.clamp(process.t_min, process.t_max)
+    """The time of ``process`` whose EDM noise level ``sigma(t)/alpha(t)`` is ``s`` (``Process.t_from_edm_sigma``)."""
+    return process.t_from_edm_sigma(s)
 
 
 def sample_t(process: Process, n: int, kind: str | None = None, *, generator: torch.Generator | None = None,
