@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..process import Process, expand_like
 from ..validation import check_batch
 from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
+from .pretrain import _reduce as pretrain_reduce
 
 Tensor = torch.Tensor
 
@@ -48,7 +49,6 @@ __all__ = ["sim_generator_loss", "score_divergence", "fake_score_loss", "sds_los
            "FeatureDiscriminator", "dmd_gan_generator_loss", "dmd_gan_discriminator_loss", "p_edm", "p_sim",
            "p_sid", "karras_sigma_grid", "frozen"]
 
-REDUCTIONS = ("mean", "sum", "none")
 SPACES = ("score", "x0")
 
 
@@ -140,17 +140,12 @@ def _sum(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
+_DISTILL_HINT = ("check the time range (sigma(t) -> 0 blows scores up), the networks' outputs and the learning "
+                 "rate")
+
+
 def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
-    out = per_sample.mean() if reduction == "mean" else per_sample.sum() if reduction == "sum" else per_sample
-    if not bool(torch.isfinite(out.detach()).all()):
-        bad = per_sample.detach()
-        n_bad = int((~torch.isfinite(bad)).sum())
-        raise FloatingPointError(f"{what} is not finite ({n_bad} of {bad.numel()} per-sample values are NaN/inf); "
-                                 "check the time range (sigma(t) -> 0 blows scores up), the networks' outputs and "
-                                 "the learning rate")
-    return out
+    return pretrain_reduce(per_sample, reduction, what, _DISTILL_HINT)
 
 
 def _check_space(space: str) -> str:

@@ -56,7 +56,12 @@ def _check_x0(x0, name: str = "x0") -> Tensor:
     return x0
 
 
-def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
+_PRETRAIN_HINT = ("check the predictor's output, the time range (e.g. sigma(t) = 0 or alpha(t) = 0 at an end of "
+                  "the domain) and the learning rate")
+
+
+def _reduce(per_sample: Tensor, reduction: str, what: str, hint: str = _PRETRAIN_HINT) -> Tensor:
+    """Mean / sum / per-sample reduction that raises ``FloatingPointError`` (with ``hint``) on NaN or inf."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
     out = per_sample.mean() if reduction == "mean" else per_sample.sum() if reduction == "sum" else per_sample
@@ -64,8 +69,7 @@ def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
         bad = per_sample.detach()
         n_bad = int((~torch.isfinite(bad)).sum())
         raise FloatingPointError(f"{what} is not finite ({n_bad} of {bad.numel()} per-sample values are NaN/inf); "
-                                 "check the predictor's output, the time range (e.g. sigma(t) = 0 or alpha(t) = 0 "
-                                 "at an end of the domain) and the learning rate")
+                                 f"{hint}")
     return out
 
 
