@@ -12,7 +12,6 @@ import torch
 
 from toy_data import cifar
 
-REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_test1000.npz"
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 PER_BATCH = 3
 
@@ -158,72 +157,149 @@ def test_classes_and_no_torchvision():
     assert not re.search(r"^\s*(import|from)\s+torchvision", src, re.MULTILINE)
 
 
-def test_load_real_sample():
-    if not REAL_SAMPLE.is_file():
-        pytest.skip(f"{REAL_SAMPLE} not present")
-    with np.load(REAL_SAMPLE) as data:
+def test_load_packaged_sample():
+    path = cifar.find_cifar10_sample()
+    assert path == Path(cifar.__file__).parent / "data" / "cifar10_test1000.npz"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == cifar.SAMPLE_SHA256
+    with np.load(path) as data:
         raw_x, raw_y = data["x"], data["y"]
     x, y = cifar.load_cifar10_sample(n=10)
     assert x.shape == (10, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
     expected0 = torch.from_numpy(raw_x[0]).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(x[0], expected0)
     assert y.tolist() == raw_y[:10].tolist()
-    xa, ya = cifar.load_cifar10_sample(path=REAL_SAMPLE, dtype=torch.float64)
+    xa, ya = cifar.load_cifar10_sample(path=path, dtype=torch.float64)
     assert xa.shape == (1000, 3, 32, 32) and xa.dtype == torch.float64
     assert torch.bincount(ya, minlength=10).tolist() == [100] * 10
     assert xa.std() > 0.3  # real images, not a constant
 
 
-def test_sample_search_env_and_not_found(tmp_path, monkeypatch):
+def test_nothing_reads_outside_the_repository():
+    """The package and the tests never name the ../shared folder of the developers' machines."""
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("dstar_edu", "toy_data", "tests", "scaled_runs", "bench", "notebooks"):
+        for f in (root / folder).rglob("*"):
+            if f.suffix in (".py", ".ipynb", ".sh", ".yaml", ".toml") and f.name != Path(__file__).name:
+                text = f.read_text(errors="replace")
+                assert not re.search(r"\.\./shared|parents\[2\] */ *\"shared\"", text), f
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_sample_env_override_and_errors(tmp_path, monkeypatch):
     x = np.arange(4 * 32 * 32 * 3, dtype=np.int64).reshape(4, 32, 32, 3) % 256
-    f = tmp_path / "mine.npz"
-    np.savez(f, x=x.astype(np.uint8), y=np.array([3, 1, 4, 1]))
+    f = _npz(tmp_path / "mine.npz", x=x.astype(np.uint8), y=np.array([3, 1, 4, 1]))
     monkeypatch.setenv(cifar.SAMPLE_ENV_VAR, str(f))
     assert cifar.find_cifar10_sample() == f
     xs, ys = cifar.load_cifar10_sample(n=2)
     assert ys.tolist() == [3, 1] and ys.dtype == torch.int64
     assert xs[0, 0, 0, 1] == _scaled(3)  # HWC -> CHW: pixel (0, 1) red is byte 3
     assert xs[0, 2, 0, 0] == _scaled(2)
-    with pytest.raises(ValueError, match="n"):
+    with pytest.raises(ValueError, match="n must be"):
         cifar.load_cifar10_sample(n=5)
+    _, source = cifar.image_dataset_for_checks(2, generator=torch.Generator().manual_seed(0))
+    assert "mine.npz" in source                       # checks record that the data came from elsewhere
 
-    monkeypatch.setenv(cifar.SAMPLE_ENV_VAR, str(tmp_path / "missing.npz"))
-    monkeypatch.setattr(cifar, "_REPO_ROOT", tmp_path / "repo")
-    monkeypatch.chdir(tmp_path)
-    assert cifar.find_cifar10_sample() is None
-    with pytest.raises(FileNotFoundError) as info:
-        cifar.load_cifar10_sample()
-    assert "missing.npz" in str(info.value) and str(tmp_path / "shared") in str(info.value)
-    with pytest.raises(FileNotFoundError, match="nope.npz"):
+    monkeypatch.setenv(cifar.SAMPLE_ENV_VAR, str(tmp_path / "missing.npz"))   # a typo is an error, not ignored
+    with pytest.raises(FileNotFoundError, match=f"{cifar.SAMPLE_ENV_VAR}.*missing.npz"):
+        cifar.find_cifar10_sample()
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        cifar.image_dataset_for_checks(4)
+    with pytest.raises(FileNotFoundError, match="path=.*nope.npz"):
         cifar.load_cifar10_sample(path=tmp_path / "nope.npz")
 
 
-def test_image_dataset_for_checks_real_or_synthetic():
+def test_missing_or_damaged_packaged_sample_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv(cifar.SAMPLE_ENV_VAR, raising=False)
+    monkeypatch.setattr(cifar, "_packaged_sample", lambda: tmp_path / "cifar10_test1000.npz")
+    with pytest.raises(FileNotFoundError, match="installation is incomplete.*Reinstall"):
+        cifar.image_dataset_for_checks(4)                # no silent synthetic fallback
+    (tmp_path / "cifar10_test1000.npz").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(ValueError, match="damaged.*SHA-256"):
+        cifar.load_cifar10_sample()
+
+
+GOOD_X = np.zeros((3, 32, 32, 3), np.uint8)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": GOOD_X.astype(np.float32) / 255, "y": np.zeros(3, np.int64)}, r"'x' is float32.*not rescaled floats"),
+    ({"x": GOOD_X, "y": np.array([0, 10, 3])}, r"labels must be integers in 0..9.*\[10\]"),
+    ({"x": GOOD_X, "y": np.array([0, -1, 3])}, r"labels must be integers in 0..9"),
+    ({"x": GOOD_X, "y": np.zeros(2, np.int64)}, r"'y' has shape \(2,\) but there are 3 images"),
+    ({"x": GOOD_X[:, :16], "y": np.zeros(3, np.int64)}, r"shape \(3, 16, 32, 3\)"),
+    ({"images": GOOD_X}, r"missing array\(s\) \['x', 'y'\]"),
+    ({"x": np.array([{"a": 1}], dtype=object), "y": np.zeros(1)}, r"pickled Python objects"),
+])
+def test_bad_sample_files_name_the_file_and_the_problem(tmp_path, arrays, message):
+    f = _npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message) as info:
+        cifar.load_cifar10_sample(path=f)
+    assert str(f) in str(info.value) and "allow_pickle=True" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"not an npz at all"])
+def test_corrupt_sample_file(tmp_path, content):
+    f = tmp_path / "corrupt.npz"
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match="corrupt.npz.*not a readable npz"):
+        cifar.load_cifar10_sample(path=f)
+
+
+def test_corrupt_cifar_archive_and_batches(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "cifar-10-python.tar.gz").write_bytes(b"this is not a gzip file")
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz is not a readable.*Get a good copy.*MD5"):
+        cifar.load_cifar10(tmp_path / "a", split="test")
+    folder = _write_fixture(tmp_path / "b", as_tar=False)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})[:20])  # truncated
+    with pytest.raises(ValueError, match=r"test_batch is not a readable CIFAR-10 batch \(.*Error"):
+        cifar.load_cifar10(tmp_path / "b", split="test")
+    (folder / "test_batch").write_bytes(pickle.dumps({b"pixels": 1}))
+    with pytest.raises(ValueError, match=r"test_batch is not a CIFAR-10 batch.*b'data'"):
+        cifar.load_cifar10(tmp_path / "b", split="test")
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}))
+    with pytest.raises(ValueError, match=r"test_batch: labels must be integers in 0..9"):
+        cifar.load_cifar10(tmp_path / "b", split="test")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran while loading a CIFAR batch",))
+
+
+def test_tampered_batch_is_refused_without_running_code(tmp_path, capsys):
+    folder = _write_fixture(tmp_path, as_tar=False)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": _Evil(), b"labels": [0]}))
+    with pytest.raises(ValueError, match=r"refusing to load builtins.print"):
+        cifar.load_cifar10(tmp_path, split="test")
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_python2_style_batch_loads(tmp_path):
+    """The official files were pickled by Python 2 (protocol 2, byte-string keys): they must load."""
+    folder = _write_fixture(tmp_path, as_tar=False)
+    batch = {b"data": np.full((2, 3072), 7, np.uint8), b"labels": [1, 2], b"batch_label": b"testing batch 1 of 1"}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    x, y = cifar.load_cifar10(tmp_path, split="test")
+    assert y.tolist() == [1, 2] and torch.equal(x, torch.full((2, 3, 32, 32), 7 / 127.5 - 1))
+
+
+def test_image_dataset_for_checks_draws_real_images():
     x, source = cifar.image_dataset_for_checks(16, generator=torch.Generator().manual_seed(0))
+    assert source == "cifar10_test1000"
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float64
-    assert x.min() >= -1 and x.max() <= 1
     x2, _ = cifar.image_dataset_for_checks(16, generator=torch.Generator().manual_seed(0))
     x3, _ = cifar.image_dataset_for_checks(16, generator=torch.Generator().manual_seed(1))
     assert torch.equal(x, x2) and not torch.equal(x, x3)
-    if cifar.find_cifar10_sample() is None:
-        assert source == "synthetic"
-    else:
-        assert source == "cifar10_test1000"
-        full, _ = cifar.load_cifar10_sample(dtype=torch.float64)
-        match = (full[None] == x[:, None]).flatten(2).all(dim=2)  # (16, 1000)
-        assert (match.sum(dim=1) >= 1).all()  # every image comes from the sample
-        assert len({int(i) for i in match.float().argmax(dim=1)}) == 16  # without repeats
-
-
-def test_image_dataset_for_checks_synthetic(monkeypatch):
-    monkeypatch.setattr(cifar, "find_cifar10_sample", lambda: None)
-    x, source = cifar.image_dataset_for_checks(32, generator=torch.Generator().manual_seed(0))
-    assert source == "synthetic" and x.shape == (32, 3, 32, 32) and x.dtype == torch.float64
-    assert x.min() >= -1 and x.max() <= 1
-    x2, _ = cifar.image_dataset_for_checks(32, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    assert torch.allclose(x2.double(), x, atol=1e-6)
-    # smooth: neighbouring pixels differ much less than the spread of pixel values
-    neighbour = (x[..., 1:] - x[..., :-1]).abs().mean()
-    assert x.std() > 0.25 and neighbour < 0.25 * x.std()
-    with pytest.raises(ValueError, match="n"):
+    full, _ = cifar.load_cifar10_sample(dtype=torch.float64)
+    match = (full[None] == x[:, None]).flatten(2).all(dim=2)  # (16, 1000)
+    assert (match.sum(dim=1) >= 1).all()  # every image comes from the sample
+    assert len({int(i) for i in match.float().argmax(dim=1)}) == 16  # without repeats
+    with pytest.raises(ValueError, match="n must be a positive integer"):
         cifar.image_dataset_for_checks(0)
+    with pytest.raises(ValueError, match="at most 1000"):
+        cifar.image_dataset_for_checks(1001)

@@ -31,15 +31,100 @@ def temp_check():
         REGISTRY.pop(cid, None)
 
 
-def test_list_prints_every_registered_id(capsys):
+def test_list_prints_every_registered_id_title_and_source(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    select()                                         # the live registry (list may have read the static index)
     assert len(REGISTRY) > 0
     assert sorted(listed) == sorted(REGISTRY)
-    for line in out.splitlines():                    # each line also names the seed source
+    for line in out.splitlines():                    # each line also names the title and the seed source
         cid = line.split()[0]
-        assert line.rstrip().endswith(REGISTRY[cid].source)
+        assert REGISTRY[cid].title in line and line.rstrip().endswith(f"[{REGISTRY[cid].source}]")
+
+
+def test_static_index_matches_the_registry():
+    """``dstar-edu list`` reads a tracked index (no torch import); it must equal the live registry."""
+    from dstar_edu.verify.index import INDEX_PATH, build_index
+    stored = json.loads(INDEX_PATH.read_text())
+    assert stored == build_index(), "regenerate it: python -m dstar_edu.verify.index"
+
+
+def _cli(*args, **kw):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "dstar_edu.cli", *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def test_cli_list_without_torch_and_no_args_prints_help():
+    import subprocess
+    import sys
+    code = ("import sys; from dstar_edu.cli import main; rc = main(['list', '-k', 'tweedie']); "
+            "assert 'torch' not in sys.modules, 'list imported torch'; sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "basics.tweedie" in run.stdout
+    run = _cli()
+    assert run.returncode == 0 and "usage: dstar-edu" in run.stdout and "verify" in run.stdout
+    assert "``" not in run.stdout                    # plain text, not reStructuredText
+    assert _cli("list", "-k", "no-such-check-id").returncode == 2
+
+
+def test_closed_pipe_is_not_a_traceback():
+    """``dstar-edu errata | head -1``: the reader stops early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "dstar_edu.cli", "errata"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()                              # like head: close after the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_bad_json_path_fails_before_any_check_runs(tmp_path):
+    run = _cli("verify", "--json", str(tmp_path / "no_such_dir" / "out.json"))
+    assert run.returncode == 2
+    assert "--json" in run.stderr and "no_such_dir" in run.stderr and "Traceback" not in run.stderr
+    assert "passed" not in run.stdout               # nothing ran
+
+
+def test_verify_without_match_raises_and_cli_exits_2(tmp_path):
+    from dstar_edu.verify import NoCheckMatches, verify
+    with pytest.raises(NoCheckMatches, match="nothing-matches"):
+        verify("nothing-matches")
+    path = tmp_path / "r.json"
+    assert main(["verify", "-k", "nothing-matches", "--json", str(path)]) == 2
+    assert not path.exists()                         # no empty results file left behind
+
+
+def test_seed_redraws_monte_carlo_and_keeps_identities(capsys):
+    from dstar_edu.verify import run_checks
+    base = {r["id"]: r for r in run_checks("basics.forward_chaining_mc.2d")}
+    again = {r["id"]: r for r in run_checks("basics.forward_chaining_mc.2d", seed=0)}
+    other = {r["id"]: r for r in run_checks("basics.forward_chaining_mc.2d", seed=3)}
+    (cid,) = base
+    assert base[cid]["abs_err"] == again[cid]["abs_err"]          # seed 0 = the registered draw, exactly
+    assert other[cid]["abs_err"] != base[cid]["abs_err"] and other[cid]["seed"] == 3
+    assert other[cid]["passed"]
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        run_checks("basics.forward_chaining_mc.2d", seed=-1)
+    assert main(["verify", "-k", "basics.forward_chaining_mc.2d", "--seed", "3"]) == 0
+    assert "1 passed" in capsys.readouterr().out
+
+
+def test_failure_line_says_why(temp_check, capsys):
+    from dstar_edu.verify.report import format_table
+    ident = temp_check(lambda: identity(torch.tensor(1.0), torch.tensor(1.5), rtol=0.0, atol=0.1, data="2D toy"))
+    mc = temp_check(lambda: monte_carlo(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.1)))
+    err = temp_check(lambda: erratum(identity(1.0, 1.0), identity(1.0, 1.0)))
+    results = [run_check(REGISTRY[c]) for c in (ident, mc, err)]
+    table = format_table(results)
+    assert "why: lhs 1 vs rhs 1.5: |lhs - rhs| = 5.00e-01 > tol 1.00e-01; data: 2D toy" in table
+    assert "max z = 1.00e+01 > 5.0 standard errors" in table
+    assert "the formula as printed passed" in table
 
 
 def test_verify_json(tmp_path, capsys):

@@ -6,6 +6,11 @@ equation it verifies. Results are built with three constructors that fix how "pa
 * ``identity``: a deterministic identity in float64, ``|lhs - rhs| <= atol + rtol * |rhs|``;
 * ``monte_carlo``: an estimate compared with its reference within ``n_sigma`` of its own standard error;
 * ``erratum``: the seed's formula *as printed* fails while the corrected formula passes.
+
+Randomness: every check draws from ``check_generator(base_seed)``. A run with ``seed=0`` (the default)
+reproduces the registered numbers exactly; another seed re-draws every Monte Carlo sample and every
+random test point, so that ``verify(seed=s)`` over many ``s`` measures how often a check's tolerance is
+crossed by chance (``bench/bench_mc_flakes.py``).
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from typing import Callable
 import torch
 
 __all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_carlo", "erratum",
-           "run_check", "run_checks", "select", "DIMS"]
+           "run_check", "run_checks", "select", "DIMS", "check_generator", "check_seed", "run_seed",
+           "NoCheckMatches"]
 
 #: the two data dimensions every check that makes sense at both runs at: 2D points and 3x32x32 images
 DIMS = (2, 3072)
@@ -49,6 +55,27 @@ class Check:
 
 
 REGISTRY: dict[str, Check] = {}
+
+_RUN_SEED = 0
+
+
+class NoCheckMatches(LookupError):
+    """``verify(pattern)`` / ``run_checks(pattern)`` found no check id containing ``pattern``."""
+
+
+def run_seed() -> int:
+    """The seed of the run in progress (0 unless ``run_checks(..., seed=s)`` is running)."""
+    return _RUN_SEED
+
+
+def check_seed(base_seed: int) -> int:
+    """The seed a check's ``base_seed`` stands for in this run: itself for run seed 0, a distinct one otherwise."""
+    return base_seed if _RUN_SEED == 0 else (base_seed + 1_000_003 * _RUN_SEED) % (2 ** 63)
+
+
+def check_generator(base_seed: int) -> torch.Generator:
+    """A CPU generator for a check's random draws (see the module docstring on seeds)."""
+    return torch.Generator().manual_seed(check_seed(base_seed))
 
 
 def register(base_id: str, title: str, source: str, dims=(None,), printed: str = "", corrected: str = ""):
@@ -93,12 +120,15 @@ def monte_carlo(estimate, reference, stderr, n_sigma: float = 5.0, **details) ->
     ``stderr`` is the estimate's own standard error (scalar or elementwise); the tolerance is reported.
     """
     est, ref, se = (torch.as_tensor(v, dtype=torch.float64) for v in (estimate, reference, stderr))
-    z = ((est - ref).abs() / se).max().item()
+    zs = ((est - ref).abs() / se).broadcast_to(torch.broadcast_shapes(est.shape, ref.shape, se.shape))
+    z = zs.max().item()
     err = _max_abs(est - ref)
     tol = float(n_sigma * se.max())
     ok = math.isfinite(z) and z <= n_sigma
+    # n_compared: how many standardised errors the max runs over (the chance rate of a false alarm is at
+    # most n_compared * P(|Z| > n_sigma) for Gaussian estimates: bench/bench_mc_flakes.py compares the two)
     return CheckResult("monte_carlo", ok, err, tol, _summary(est), _summary(ref), float(se.max()),
-                       {"n_sigma": n_sigma, "max_z": z, **details})
+                       {"n_sigma": n_sigma, "max_z": z, "n_compared": zs.numel(), **details})
 
 
 def erratum(printed: CheckResult, corrected: CheckResult, **details) -> CheckResult:
@@ -140,16 +170,40 @@ def run_check(check: Check) -> dict:
 
 def select(pattern: str | None = None) -> list[Check]:
     """Registered checks whose id contains ``pattern`` (all when None), in registration order."""
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string or None, got {type(pattern).__name__} {pattern!r}")
     _load_all()
     return [c for cid, c in REGISTRY.items() if pattern is None or pattern in cid]
 
 
-def run_checks(pattern: str | None = None, progress: bool = False) -> list[dict]:
+def _validate_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (0 = the registered draws), got seed={seed!r}")
+    return seed
+
+
+def run_checks(pattern: str | None = None, progress: bool = False, seed: int = 0) -> list[dict]:
+    """Run the checks whose id contains ``pattern``; raise ``NoCheckMatches`` when there is none.
+
+    ``seed`` re-draws every random input (0 = the registered numbers; see the module docstring).
+    """
+    global _RUN_SEED
+    seed = _validate_seed(seed)
     checks = select(pattern)
+    if not checks:
+        raise NoCheckMatches(f"no check id contains pattern={pattern!r}; 'dstar-edu list' shows the ids")
     if progress:
         from tqdm.auto import tqdm
         checks = tqdm(checks, desc="verify", unit="check", leave=False)
-    return [run_check(c) for c in checks]
+    previous, _RUN_SEED = _RUN_SEED, seed
+    try:
+        results = [run_check(c) for c in checks]
+    finally:
+        _RUN_SEED = previous
+    if seed:
+        for r in results:
+            r["seed"] = seed
+    return results
 
 
 def _load_all() -> None:

@@ -15,6 +15,42 @@ def _fmt(x) -> str:
         return str(x)
 
 
+def _data_source(details: dict) -> str | None:
+    for key in ("data", "source", "what"):
+        if isinstance(details.get(key), str):
+            return details[key]
+    return None
+
+
+def failure_reason(r: dict) -> str:
+    """Why a result failed, in one line: the side that missed, by how much, against which tolerance, on what data."""
+    if r.get("error"):
+        why = "raised " + r["error"].strip().splitlines()[0]
+    elif r["kind"] == "erratum":
+        d = r["details"]
+        if d.get("printed_passed"):
+            why = (f"the formula as printed passed (|err| = {_fmt(d.get('printed_abs_err'))}), so the erratum is "
+                   "not confirmed")
+        else:
+            why = (f"the corrected formula missed: |err| = {_fmt(r['abs_err'])} > tol {_fmt(r['tol'])} "
+                   f"({d.get('corrected_kind', '?')})")
+    elif r["kind"] == "monte_carlo":
+        d = r["details"]
+        why = (f"estimate {r['lhs']} vs reference {r['rhs']}: max z = {_fmt(d.get('max_z'))} > "
+               f"{d.get('n_sigma')} standard errors (stderr {_fmt(r['stderr'])}, tol {_fmt(r['tol'])})")
+    else:
+        why = (f"lhs {r['lhs']} vs rhs {r['rhs']}: |lhs - rhs| = {_fmt(r['abs_err'])} > tol {_fmt(r['tol'])}")
+        ext = r["details"].get("extrapolation")
+        if isinstance(ext, dict) and not all(v.get("settled") for v in ext.values()):
+            why += "; the observed orders have not settled (errors not shrinking geometrically)"
+    source = _data_source(r["details"])
+    if source:
+        why += f"; data: {source}"
+    if r.get("seed"):
+        why += f"; seed {r['seed']}"
+    return why
+
+
 def format_table(results: list[dict]) -> str:
     """One line per check: status, id, kind, dim, |err|, tol, stderr, seconds."""
     head = f"{'':4} {'id':52} {'kind':11} {'dim':>5} {'abs_err':>9} {'tol':>9} {'stderr':>9} {'sec':>6}"
@@ -23,8 +59,8 @@ def format_table(results: list[dict]) -> str:
         status = "ok" if r["passed"] else "FAIL"
         lines.append(f"{status:4} {r['id']:52} {r['kind']:11} {str(r['dim'] or '-'):>5} {_fmt(r['abs_err']):>9} "
                      f"{_fmt(r['tol']):>9} {_fmt(r['stderr']):>9} {r['seconds']:6.2f}")
-        if not r["passed"] and r.get("error"):
-            lines.append("     " + r["error"].strip().splitlines()[0])
+        if not r["passed"]:
+            lines.append("     why: " + failure_reason(r))
     n_fail = sum(not r["passed"] for r in results)
     n_err = sum(r["kind"] == "erratum" for r in results)
     total = sum(r["seconds"] for r in results)
@@ -32,11 +68,16 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_and_report(results: list[dict], json_path: str | None = None) -> int:
+def run_and_report(results: list[dict], json_file=None) -> int:
+    """Write the JSON to ``json_file`` (an open text file, or a path) first, then print the table; return the exit code."""
+    if json_file is not None:
+        if isinstance(json_file, (str, bytes)) or hasattr(json_file, "__fspath__"):
+            with open(json_file, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        else:
+            json.dump(results, json_file, indent=1, default=str)
+            json_file.close()
     print(format_table(results))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
     return 0 if all(r["passed"] for r in results) else 1
 
 

@@ -23,7 +23,7 @@ import torch
 
 from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM
-from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, register
+from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, register, check_generator, check_seed
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -42,7 +42,7 @@ def _one_thread(fn):
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return check_generator(seed)
 
 
 def _flat_grads(grads) -> Tensor:

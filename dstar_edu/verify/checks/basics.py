@@ -1,8 +1,8 @@
 """Checks of the handbook's foundations (Sec. 2.2, 2.4.3-2.4.5, 2.5, 2.6, 2.7), run on exact models.
 
 At ``dim=2`` the data distribution is a 3-component 2D Gaussian mixture with full covariances; at
-``dim=3072`` it is the empirical distribution of 32 images of shape 3x32x32 (real CIFAR-10 test images
-when ``../shared/data`` is present, seeded synthetic images otherwise; the result's details say which).
+``dim=3072`` it is the empirical distribution of 32 real CIFAR-10 test images of shape 3x32x32, drawn from
+the sample packaged with ``toy_data`` (the result's details name the source).
 Exact posterior means come from Gaussian conditioning inside each component, exact scores from
 autograd of the exact log-density: two independent routes.
 """
@@ -14,14 +14,14 @@ import torch
 
 from dstar_edu import conversions as cv
 from dstar_edu.process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow
-from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, register
+from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, register, check_generator, check_seed
 
 F64 = torch.float64
 Tensor = torch.Tensor
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return check_generator(seed)
 
 
 def exact_data(dim: int, process: Process):

@@ -9,8 +9,8 @@ Monte-Carlo comparisons are *paired*: the intractable and the tractable per-samp
 on the same ``(z, eps, t)``, and the tolerance is 5 standard errors of the mean per-sample *difference*.
 Per-sample gradients are directional derivatives along parameter directions (forward-mode autograd,
 ``torch.func.jvp``): all coordinates in 2D, a few fixed random directions plus the scale directions at
-3x32x32. The 3072-dimensional teacher is the empirical distribution of 32 images (real CIFAR-10 test
-images when present, seeded synthetic images otherwise).
+3x32x32. The 3072-dimensional teacher is the empirical distribution of 32 real CIFAR-10 test images from
+the sample packaged with ``toy_data``.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fgm_gene
                                           sid_generator_loss, sim_generator_loss, vsd_loss)
 from dstar_edu.objectives.divergences import ScoreDistance, get_distance
 from dstar_edu.process import VE, VP, RectifiedFlow
-from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, register
+from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, register, check_generator, check_seed
 
 F64 = torch.float64
 Tensor = torch.Tensor
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return check_generator(seed)
 
 
 # ---- exact test problems ----------------------------------------------------------------------------------

@@ -22,14 +22,14 @@ from dstar_edu.samplers.common import karras_sigmas, subsequence
 from dstar_edu.samplers.diffusion import (ddim_sigma, ddim_step, ddpm_step, dpm_solver, logsnr_grid, pf_ode_step,
                                           reverse_sde, pf_ode, smld, ddim)
 from dstar_edu.verify.checks.basics import exact_data as _basics_exact_data
-from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, register
+from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, register, check_generator, check_seed
 
 F64 = torch.float64
 Tensor = torch.Tensor
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return check_generator(seed)
 
 
 _DATA: dict = {}

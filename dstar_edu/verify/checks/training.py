@@ -20,14 +20,14 @@ from dstar_edu.objectives import (consistency_distillation_loss, consistency_tra
 from dstar_edu.predictors import FunctionPredictor, MLPPredictor
 from dstar_edu.process import DDPM, VE, VP, RectifiedFlow, TrigFlow
 from dstar_edu.training import cpu_threads
-from dstar_edu.verify.registry import DIMS, identity, monte_carlo, register
+from dstar_edu.verify.registry import DIMS, identity, monte_carlo, register, check_generator, check_seed
 
 F64 = torch.float64
 Tensor = torch.Tensor
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return check_generator(seed)
 
 
 def sigma_points(mean: Tensor, cov: Tensor) -> Tensor:
@@ -321,7 +321,7 @@ def cd_ct_gap(dim):
         process = VE(80.0)
         teacher, what = _exact_data(2, process)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(check_seed(0))
             model = MLPPredictor(process, "x0", dim=2, hidden=32, depth=2).double()
             target = MLPPredictor(process, "x0", dim=2, hidden=32, depth=2).double()
             target.load_state_dict(model.state_dict())
@@ -482,7 +482,7 @@ def trigflow_ct_gradient(dim):
     with cpu_threads(1):
         process = TrigFlow(0.5)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1)
+            torch.manual_seed(check_seed(1))
             model = MLPPredictor(process, "trigflow_F", dim=2, hidden=32, depth=2).double()
         n = 128
         g = _gen(14)
