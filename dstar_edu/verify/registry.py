@@ -14,6 +14,7 @@ crossed by chance (``bench/bench_mc_flakes.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 
 __all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_carlo", "erratum",
-           "run_check", "run_checks", "select", "DIMS", "check_generator", "check_seed", "run_seed",
+           "run_check", "run_checks", "select", "DIMS", "check_generator", "check_seed", "run_seed", "seeded",
            "NoCheckMatches"]
 
 #: the two data dimensions every check that makes sense at both runs at: 2D points and 3x32x32 images
@@ -182,12 +183,22 @@ def _validate_seed(seed) -> int:
     return seed
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Within this block, checks draw with ``seed`` (see the module docstring); restores the previous seed."""
+    global _RUN_SEED
+    previous, _RUN_SEED = _RUN_SEED, _validate_seed(seed)
+    try:
+        yield
+    finally:
+        _RUN_SEED = previous
+
+
 def run_checks(pattern: str | None = None, progress: bool = False, seed: int = 0) -> list[dict]:
     """Run the checks whose id contains ``pattern``; raise ``NoCheckMatches`` when there is none.
 
     ``seed`` re-draws every random input (0 = the registered numbers; see the module docstring).
     """
-    global _RUN_SEED
     seed = _validate_seed(seed)
     checks = select(pattern)
     if not checks:
@@ -195,11 +206,8 @@ def run_checks(pattern: str | None = None, progress: bool = False, seed: int = 0
     if progress:
         from tqdm.auto import tqdm
         checks = tqdm(checks, desc="verify", unit="check", leave=False)
-    previous, _RUN_SEED = _RUN_SEED, seed
-    try:
+    with seeded(seed):
         results = [run_check(c) for c in checks]
-    finally:
-        _RUN_SEED = previous
     if seed:
         for r in results:
             r["seed"] = seed
