@@ -240,12 +240,129 @@ class EmpiricalDistribution(GaussianMixture):
     """Uniform mixture of Diracs at ``points`` (e.g. CIFAR images): the exact optimal denoiser of a data set.
 
     Its diffused score is that of ``(1/N) sum_i N(alpha x_i, sigma^2 I)``; ``E[x0 | x_t]`` is a
-    softmax-weighted average of the points. Undefined at ``sigma(t) = 0``.
+    softmax-weighted average of the points (handbook Eq. 7 with the empirical data law). Undefined at
+    ``sigma(t) = 0``.
+
+    Built for full data sets (all 50 000 CIFAR-10 training images): the points are kept as given (no
+    float64 copy; a float32 set stays float32), and the softmax over points runs in chunks with a running
+    log-sum-exp, so memory grows with ``batch x chunk`` rather than ``batch x N`` or ``N x D`` temporaries.
+    Sums run in float64 for float64 queries (the points are converted one chunk at a time) and in float32
+    otherwise, as for any mixture. ``chunk_size`` (default: about 4M batch-by-point entries per chunk)
+    only trades memory for speed; the result does not depend on it beyond round-off.
     """
 
-    def __init__(self, points: Tensor, process: Process | None = None, labels: Tensor | None = None):
-        points = torch.as_tensor(points, dtype=torch.float64)
-        super().__init__(points, covs=0.0, labels=labels, process=process, _allow_zero_cov=True)
+    _MAX_ENTRIES = 1 << 22           # batch x chunk entries per temporary (32 MiB in float64)
+    _MAX_CONVERTED = 1 << 23         # chunk x D entries converted to the query dtype at a time (64 MiB)
+
+    def __init__(self, points: Tensor, process: Process | None = None, labels: Tensor | None = None,
+                 chunk_size: int | None = None):
+        nn.Module.__init__(self)
+        points = torch.as_tensor(points)
+        if not points.is_floating_point():
+            points = points.to(torch.float64)
+        if points.ndim < 2 or points.shape[0] == 0:
+            raise ValueError(f"points must have shape (N, *event_shape) with N >= 1, got shape {tuple(points.shape)}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got chunk_size={chunk_size!r}")
+        self.prediction, self.process, self.chunk_size = "score", process, chunk_size
+        K = points.shape[0]
+        self.event_shape = tuple(points.shape[1:])
+        self.K, self.D = K, math.prod(self.event_shape)
+        self.means = points.reshape(K, self.D)                         # a view: the data is not copied
+        rows = max(1, (1 << 20) // self.D)                              # 8 MiB float64 blocks
+        norms = []
+        for i in range(0, K, rows):
+            block = self.means[i:i + rows].to(torch.float64)
+            if not torch.isfinite(block).all():
+                bad = i + int((~torch.isfinite(block)).any(1).nonzero()[0])
+                raise ValueError(f"points[{bad}] is not finite (NaN or inf); every point must be finite")
+            norms.append((block * block).sum(1))
+        self._sq_norms = torch.cat(norms)                               # |x_i|^2 in float64, (K,)
+        self.weights = torch.full((K,), 1.0 / K, dtype=torch.float64)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).flatten()
+        if self.labels is not None and self.labels.numel() != K:
+            raise ValueError(f"labels has {self.labels.numel()} entries but there are K={K} points")
+        self.eigvecs, self.cov_type = None, "isotropic"
+        self.eigvals = torch.zeros(1, 1, dtype=torch.float64).expand(K, self.D)   # Dirac components, no memory
+
+    def conditional(self, label: int) -> "EmpiricalDistribution":
+        """The empirical distribution of the points of one class."""
+        new = super().conditional(label)
+        keep = self.labels == label
+        new._sq_norms = self._sq_norms[keep]
+        new.eigvals = self.eigvals[:1].expand(new.K, self.D)
+        return new
+
+    def mean(self) -> Tensor:
+        rows = max(1, self._MAX_CONVERTED // self.D)
+        total = sum(self.means[i:i + rows].to(torch.float64).sum(0) for i in range(0, self.K, rows))
+        return (total / self.K).reshape(self.event_shape)
+
+    def _chunk(self, batch: int, dtype: torch.dtype) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        n = max(1, self._MAX_ENTRIES // max(batch, 1))
+        if self.means.dtype != dtype:
+            n = min(n, max(1, self._MAX_CONVERTED // self.D))
+        return n
+
+    def _stats(self, x_t: Tensor, t, cond, need_post: bool):
+        """Exact log p_t, score and posterior mean by a running log-sum-exp over chunks of points.
+
+        Responsibilities (a batch x N matrix) are not formed here: ``responsibilities`` asks for them.
+        """
+        if x_t.shape[1:] != self.event_shape:
+            raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (batch, *{self.event_shape})")
+        dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
+        B = x_t.shape[0]
+        x = x_t.reshape(B, self.D).to(dtype)
+        a, s = self._coef(t, x)                                          # (B,)
+        c = s * s
+        _check_positive(c)
+        logw = None if cond is None else self._log_weights(cond, B).to(dtype)
+        log_uniform = -math.log(self.K)
+        # logit_i = log w_i - |x - a x_i|^2 / (2c) + |x|^2 / (2c): the dropped |x|^2/(2c) is the same for every
+        # point (it cancels in the softmax and is added back to log p), so no cancellation-prone |x - a x_i|^2
+        gain = (a / c)[:, None]                                          # (B, 1)
+        half_a2_c = (0.5 * a * a / c)[:, None]
+        xs = x * gain
+        m = torch.full((B,), -math.inf, dtype=dtype)                     # running max of the logits
+        total = torch.zeros(B, dtype=dtype)                              # running sum of exp(logit - m)
+        moment = torch.zeros(B, self.D, dtype=dtype)                     # running sum of exp(logit - m) x_i
+        step = self._chunk(B, dtype)
+        for i in range(0, self.K, step):
+            mu = self.means[i:i + step].to(dtype)
+            bias = half_a2_c * self._sq_norms[i:i + step].to(dtype)[None]
+            logit = torch.addmm(bias.neg_().add_(log_uniform if logw is None else logw[:, i:i + step]), xs, mu.T)
+            m_new = torch.maximum(m, logit.max(1).values)
+            finite = torch.isfinite(m_new)
+            shift = torch.where(finite, m_new, torch.zeros_like(m_new))
+            scale = torch.where(finite, torch.exp(m - shift), torch.ones_like(m))
+            p = logit.sub_(shift[:, None]).exp_()
+            total = total * scale + p.sum(1)
+            moment = torch.addmm(moment * scale[:, None], p, mu)
+            m = m_new
+        post = moment / total[:, None]
+        log_p = (m + torch.log(total) - 0.5 * (x * x).sum(1) / c
+                 - 0.5 * self.D * (torch.log(c) + math.log(2 * math.pi)))
+        score = -(x - a[:, None] * post) / c[:, None]
+        return log_p, None, score, (post if need_post else None)
+
+    def responsibilities(self, x_t: Tensor, t=None, cond=None) -> Tensor:
+        """``p(point i | x_t)``, shape (batch, N): the softmax of ``-|x_t - alpha x_i|^2 / (2 sigma^2)``."""
+        dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
+        x = x_t.reshape(x_t.shape[0], self.D).to(dtype)
+        a, s = self._coef(t, x)
+        _check_positive(s * s)
+        step = self._chunk(x.shape[0], dtype)
+        logits = torch.cat([
+            -0.5 * ((x * x).sum(1, keepdim=True) - 2 * a[:, None] * (x @ self.means[i:i + step].to(dtype).T)
+                    + (a * a)[:, None] * self._sq_norms[i:i + step].to(dtype)[None]).clamp_min(0) / (s * s)[:, None]
+            for i in range(0, self.K, step)], dim=1)
+        if cond is not None:
+            logits = logits + self._log_weights(cond, x.shape[0]).to(dtype)
+        return torch.softmax(logits, -1)
 
 
 def _check_weights(weights, K: int) -> Tensor:
