@@ -39,6 +39,7 @@ def tail(n_sigma: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--first-seed", type=int, default=1, help="seeds run from here (to split a long run)")
     ap.add_argument("-k", dest="pattern", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -49,7 +50,12 @@ def main() -> None:
     rows = {r["id"]: {"failures": 0, "runs": 0, "max_z": [], "n_compared": r["details"].get("n_compared", 1),
                       "n_sigma": r["details"].get("n_sigma", 5.0)} for r in base}
     failed_runs = []
-    for seed in tqdm(range(1, args.seeds + 1), desc="seeds", unit="seed"):
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "failed_runs": failed_runs,
+                                                   "seconds": time.perf_counter() - start}, indent=1))
+
+    for seed in tqdm(range(args.first_seed, args.first_seed + args.seeds), desc="seeds", unit="seed"):
         with seeded(seed):                             # what run_checks(seed=...) does, one check at a time
             for cid in ids:
                 r = run_check(REGISTRY[cid])
@@ -60,6 +66,7 @@ def main() -> None:
                     row["failures"] += 1
                     failed_runs.append({"id": cid, "seed": seed, "max_z": r["details"].get("max_z"),
                                         "error": (r.get("error") or "")[:200]})
+        save()                                         # after every seed, so a long run can be inspected
     elapsed = time.perf_counter() - start
 
     total_runs = sum(r["runs"] for r in rows.values())
@@ -77,9 +84,7 @@ def main() -> None:
           f"implied by the tolerances: {implied:.2e} expected failures ({implied / max(total_runs, 1):.2e} per run)")
     for f in failed_runs:
         print("  failed:", f)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "failed_runs": failed_runs, "seconds": elapsed,
-                                               "seeds": args.seeds}, indent=1))
+    save()
 
 
 if __name__ == "__main__":
