@@ -20,7 +20,7 @@ from dstar_edu.objectives import (consistency_distillation_loss, consistency_tra
 from dstar_edu.predictors import FunctionPredictor, MLPPredictor
 from dstar_edu.process import DDPM, VE, VP, RectifiedFlow, TrigFlow
 from dstar_edu.training import cpu_threads
-from dstar_edu.verify.registry import DIMS, identity, monte_carlo, register
+from dstar_edu.verify.registry import DIMS, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
@@ -99,7 +99,7 @@ def esm_ism(dim):
         j_ism = implicit_score_matching_loss(psi, x, divergence_method="exact")
         diffs.append((j_esm - j_ism).detach())
         esms.append(float(j_esm))
-    C = 0.5 * torch.trace(torch.linalg.inv(cov))
+    C = mutate(0.5, 1.0) * torch.trace(torch.linalg.inv(cov))      # counterfactual: the 1/2 dropped
     lhs = torch.stack(diffs)
     return identity(lhs, C.expand_as(lhs), rtol=1e-12, atol=1e-13, J_ESM_range=[min(esms), max(esms)],
                     C=float(C), data="N(mu, Sigma) in 2D, exact sigma-point expectations")
@@ -125,7 +125,7 @@ def esm_ism_mc(dim):
     if dim == 2:
         process, t = None, None
         dist, what = _exact_data(2, VE(80.0))
-        n, method, hidden = 20000, "exact", 16
+        n, method, hidden = 40000, "exact", 16     # 40000: the dropped-divergence counterfactual at z > 10
         x = dist.sample(n, generator=_gen(2))
         score = dist.score(x, None)
     else:
@@ -142,6 +142,7 @@ def esm_ism_mc(dim):
                                            reduction="none")
         per_theta.append((esm - ism).detach())
         no_div.append((esm - 0.5 * (psi(x) ** 2).reshape(n, -1).sum(1)).detach())
+    per_theta = mutate(per_theta, no_div)              # counterfactual: the divergence term dropped
     pairs = torch.stack([d - per_theta[0] for d in per_theta[1:]])
     se = pairs.std(1) / math.sqrt(n)
     wrong = torch.stack([d - no_div[0] for d in no_div[1:]])
@@ -178,7 +179,7 @@ def dsm_esm(dim):
         C = 0.5 * (dim / s ** 2 - torch.trace(torch.linalg.inv(a * a * cov + s * s * torch.eye(dim, dtype=F64))))
         for A, b in _linear_params(4, dim, seed=5):
             psi = FunctionPredictor(lambda y, tt, c, A=A, b=b: y @ A.T + b, process, "score")
-            dsm = 0.5 * denoising_loss(psi, x0, t=t, eps=eps, target="score")
+            dsm = mutate(0.5, 1.0) * denoising_loss(psi, x0, t=t, eps=eps, target="score")   # cf: 1/2 dropped
             esm = explicit_score_matching_loss(lambda y: psi(y, t), x_t, p_t.score(x_t, t))
             lhs.append(dsm - esm)
             rhs.append(C)
@@ -211,6 +212,7 @@ def dsm_esm_mc(dim):
         esm = explicit_score_matching_loss(f, x_t, s_t, reduction="none")
         per_theta.append(dsm - esm)
         wrong.append(0.5 * ((f(x_t) - eps / sig) ** 2).reshape(n, -1).sum(1) - esm)
+    per_theta = mutate(per_theta, wrong)                # counterfactual: target +eps/sigma
     pairs = torch.stack([d - per_theta[0] for d in per_theta[1:]])
     wp = torch.stack([d - wrong[0] for d in wrong[1:]])
     wrong_z = (wp.mean(1).abs() / (wp.std(1) / math.sqrt(n))).tolist()
@@ -271,7 +273,7 @@ def denoising_minimum(dim):
         per = denoising_loss(exact, x0, t=t, target=target, weighting=weighting, generator=gen, reduction="none")
         a, s = process.alpha(t)[:, None], process.sigma(t)[:, None]
         post_var = (lam * s * s / (a * a * lam + s * s)).sum(1)
-        m = weight(process, t) * post_var / gain(process, t) ** 2
+        m = weight(process, t) * post_var / gain(process, t) ** mutate(2, 1)     # cf: gain not squared
         res = per - m
         est.append(per.mean())
         ref.append(m.mean())
@@ -332,7 +334,8 @@ def cd_ct_gap(dim):
         x0 = teacher.sample(n, generator=_gen(12))
         eps = torch.randn(n, dim, generator=_gen(13), dtype=F64)
         t0, dts = 0.5, [0.04, 0.02, 0.01]
-        gaps, ct_means, heun = {}, [], _heun_step(teacher)
+        wrong = FunctionPredictor(lambda x, t, c=None: 0.5 * teacher.predict("velocity", x, t), process, "velocity")
+        gaps, ct_means, heun = {}, [], _heun_step(mutate(teacher, wrong))   # cf: the teacher's velocity halved
         with torch.no_grad():
             for dt in dts:
                 grid = torch.tensor([t0, t0 + dt], dtype=F64)
@@ -448,7 +451,7 @@ def ct_constant_step(dim):
         A = s0 ** 2 + grid ** 2
         closed = float(k_T * torch.prod(torch.sqrt(1 - s0 ** 2 * dt ** 2 / (A[:-1] * A[1:]))))
         theta_ct = _ct_chain(process, grid, mu, s0)
-        theta_cd = _ct_chain(process, grid, mu, s0, denoise=exact)
+        theta_cd = _ct_chain(process, grid, mu, s0, denoise=mutate(exact, ddim))   # cf: DDIM step as 'exact'
         lhs += [theta_ct, theta_cd]
         rhs += [closed, k_T]
         if N <= 41:
@@ -474,8 +477,9 @@ def trigflow_ct_gradient(dim):
     """A seeded TrigFlow MLP (``trigflow_F``, sigma_d = 0.5, f = Eq. 38), theta- = theta, 128 samples of
     the scaled 8-Gaussians with fixed (x0, z, t). g(dt) = grad L_CT(t - dt, t) / (2 dt) with d = ||.||^2
     (finite difference along the noising path) against the surrogate's gradient (exact jvp tangent):
-    first-order convergence, so the Richardson value 2 g(h) - g(2h) agrees with the jvp gradient to
-    O(h^2). Tolerance: the a-posteriori estimate |R(h) - R(2h)| of that remainder (reported), plus float64
+    first-order convergence, so the Richardson value R(h) = 2 g(h) - g(2h) agrees with the jvp gradient to
+    O(h^2), and its second level R2(h) = (4 R(h) - R(2h)) / 3 to O(h^3): R2 at the smallest h is compared.
+    Tolerance: the a-posteriori estimate |R2(h) - R2(2h)| of that remainder (reported), plus float64
     rounding 1e-9 * max|grad|. Reported: relative errors of g(dt) and observed orders (about 1).
     """
     from toy_data.mixtures import eight_gaussians_mixture
@@ -498,11 +502,12 @@ def trigflow_ct_gradient(dim):
         gs = []
         for dt in dts:
             loss = consistency_training_loss(model, None, x0, t_pair=(t - dt, t), eps=eps, parameterization="x0")
-            gs.append(flat(torch.autograd.grad(loss, params)) / (2 * dt))
+            gs.append(flat(torch.autograd.grad(loss, params)) / (mutate(2, 1) * dt))   # cf: the 2 of d = ||.||^2
         rel = [float((gd - g_jvp).norm() / g_jvp.norm()) for gd in gs]
         orders = [math.log2(rel[i] / rel[i + 1]) for i in range(len(rel) - 1)]
         R = [2 * gs[i + 1] - gs[i] for i in range(len(gs) - 1)]
-        tol_rich = float((R[-1] - R[-2]).abs().max())
-        return identity(R[-1], g_jvp, rtol=1e-9, atol=tol_rich, dt=dts, relative_error=rel, observed_order=orders,
+        R2 = [(4 * R[i + 1] - R[i]) / 3 for i in range(len(R) - 1)]     # second Richardson level: remainder O(h^3)
+        tol_rich = float((R2[-1] - R2[-2]).abs().max())
+        return identity(R2[-1], g_jvp, rtol=1e-9, atol=tol_rich, dt=dts, relative_error=rel, observed_order=orders,
                         richardson_relative_error=[float((r - g_jvp).norm() / g_jvp.norm()) for r in R],
                         factor="grad L_CT / (2 dt): the 2 comes from d = ||.||^2")
