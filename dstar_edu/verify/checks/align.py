@@ -23,7 +23,7 @@ import torch
 
 from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM
-from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, register
+from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -133,7 +133,7 @@ def ddpo_reinforce_unbiased():
         x_init = torch.randn(500, 2, generator=g, dtype=F64)
         traj, _ = sample_with_log_probs(chain.predictor, ts, x_init, eta=1.0, generator=g)
         loss = ddpo_sf_loss(chain.predictor, traj, ts, reward(traj[-1]) - baseline, eta=1.0)
-        ests.append(-_flat_grads(torch.autograd.grad(loss, (chain.a, chain.b))))
+        ests.append(mutate(-1, 1) * _flat_grads(torch.autograd.grad(loss, (chain.a, chain.b))))   # cf: sign
     ests = torch.stack(ests)
     se = ests.std(0) / math.sqrt(ests.shape[0])
     return monte_carlo(ests.mean(0), exact, se, n_sigma=5.0, n_chains=ests.shape[0] * 500,
@@ -228,7 +228,7 @@ def draft_k(dim):
         return _flat_grads(torch.autograd.grad(loss, params))
 
     lhs = torch.cat([library(N), library(None), library(1)])
-    rhs = torch.cat([reference(N), reference(N), reference(1)])
+    rhs = torch.cat([reference(N), reference(N), reference(mutate(1, 2))])    # counterfactual: K off by one
     gap = float((reference(1) - reference(N)).abs().max())
     return identity(lhs, rhs, rtol=1e-10, truncation_changes_gradient_by=gap)
 
@@ -245,7 +245,7 @@ def drwr_weight():
     """Data: 5 points (an empirical distribution) with rewards in (0, 1). Model: the exact denoiser of the
     empirical distribution with learnable weights softmax(phi), set to pi* = softmax(beta R). The gradient of
     the library's ``drwr_loss`` in phi at pi* vanishes in expectation iff pi* is the regression's optimum.
-    Monte Carlo over 30 batches of 400 (x0, t, eps) draws; 5 standard errors; same draws for both weights."""
+    Monte Carlo over 50 batches of 400 (x0, t, eps) draws; 5 standard errors; same draws for both weights."""
     from dstar_edu.objectives.reward_finetune import drwr_loss, drwr_weights
     from toy_data.mixtures import GaussianMixture
     p = DDPM(1000)
@@ -255,7 +255,7 @@ def drwr_weight():
     phi_star = torch.log_softmax(beta * R, 0)
     g = _gen(9)
     est = {"printed": [], "corrected": []}
-    for _ in range(30):
+    for _ in range(50):     # 50 batches, not 30: the printed weight then sits >= 10 s.e. away
         idx = torch.randint(0, 5, (400,), generator=g)
         t = torch.tensor([60.0, 150.0, 300.0], dtype=F64)[torch.randint(0, 3, (400,), generator=g)]
         eps = torch.randn(400, 2, generator=g, dtype=F64)
@@ -269,7 +269,7 @@ def drwr_weight():
     for kind, vals in est.items():
         v = torch.stack(vals)
         res[kind] = monte_carlo(v.mean(0), torch.zeros(5, dtype=F64), v.std(0) / math.sqrt(v.shape[0]), n_sigma=5.0)
-    return erratum(res["printed"], res["corrected"], n=30 * 400)
+    return erratum(res["printed"], res["corrected"], n=50 * 400)
 
 
 # ---- KL-regularised optimum and DPO (Wang talk) ------------------------------------------------------------
@@ -294,7 +294,7 @@ def kl_optimum():
     beta = 0.7
     log_ref = torch.log_softmax(torch.randn(7, generator=g, dtype=F64), 0)
     r = torch.randn(7, generator=g, dtype=F64)
-    log_star = kl_regularized_optimum(log_ref, r, beta)
+    log_star = kl_regularized_optimum(log_ref, r, mutate(beta, 1 / beta))    # counterfactual: temperature beta
     logZ = kl_optimum_log_partition(log_ref, r, beta)
     lhs, rhs = [], []
     for _ in range(5):
@@ -342,7 +342,7 @@ def dpo_implicit_reward_check():
     r = torch.randn(K, generator=g, dtype=F64)
     log_star = kl_regularized_optimum(log_ref, r, beta)
     logZ = kl_optimum_log_partition(log_ref, r, beta)
-    h = dpo_implicit_reward(log_star, log_ref, beta)
+    h = dpo_implicit_reward(log_star, log_ref, mutate(beta, 1 / beta))    # counterfactual: 1/beta
     bt = bradley_terry_prob(h[:, None], h[None, :])
     truth = torch.sigmoid(r[:, None] - r[None, :])
 
@@ -486,7 +486,7 @@ def dipp_thm31():
         return c_r * reward(x)
 
     fake = gen.score_predictor(p, frozen=True)
-    loss = diff_instruct_pp_loss(gen(Z), ref, fake, T, reward=weighted_reward, alpha_rew=alpha_rew, eps=E,
+    loss = diff_instruct_pp_loss(gen(Z), ref, fake, T, reward=weighted_reward, alpha_rew=mutate(alpha_rew, -alpha_rew), eps=E,
                                  weight=B * W)
     lib = _flat_grads(torch.autograd.grad(loss, params))
     return identity(lib, exact, rtol=1e-10, atol=1e-13)
@@ -511,7 +511,7 @@ def dipp_thm33(dim):
     fake = gen.score_predictor(p, frozen=True)
     lib = []
     for mode in ("in", "out"):
-        loss = diff_instruct_pp_loss(gen(z), mix, fake, t, alpha_rew=0.0, alpha_cfg=1 / beta, cfg=mode, cond=1,
+        loss = diff_instruct_pp_loss(gen(z), mix, fake, t, alpha_rew=0.0, alpha_cfg=mutate(1 / beta, beta), cfg=mode, cond=1,
                                      eps=eps, weight=w)
         lib.append(beta * _flat_grads(torch.autograd.grad(loss, params)))
     _, x_t = _x_t(gen, p, z, eps, t)
@@ -618,7 +618,8 @@ def distar_thm31_exact():
     B = len(W)
     c_r = B * torch.cat([nw] * 3) / len(times)
     fake = gen.score_predictor(p, frozen=True)
-    loss = diff_instruct_star_loss(gen(Z), ref, fake, T, reward=lambda x, c=None: c_r * reward(x), alpha_rew=alpha_rew,
+    loss = diff_instruct_star_loss(gen(Z), ref, fake, T, reward=lambda x, c=None: c_r * reward(x),
+                                   alpha_rew=mutate(alpha_rew, -alpha_rew),           # counterfactual: reward sign
                                    distance="l2", eps=E, weight=B * W)
     lib = _flat_grads(torch.autograd.grad(loss, params))
     return identity(lib, exact, rtol=1e-10, atol=1e-13)
@@ -654,7 +655,7 @@ def distar_thm31_mc():
         eps = torch.randn(n, 2, generator=g, dtype=F64)
         pick = torch.randint(0, 2, (n,), generator=g)
         T = torch.tensor(times, dtype=F64)[pick]
-        W = 2 * torch.tensor(wts, dtype=F64)[pick]  # each time drawn with probability 1/2
+        W = mutate(2, 1) * torch.tensor(wts, dtype=F64)[pick]  # each time drawn with probability 1/2 (cf: 1/2 lost)
         loss = diff_instruct_star_loss(gen(z), mix, fake, T, alpha_rew=0.0, alpha_cfg=alpha_cfg, cfg="in", cond=1,
                                        distance="pseudo_huber", c=c, eps=eps, weight=W)
         ests.append(_flat_grads(torch.autograd.grad(loss, params)))
