@@ -375,9 +375,12 @@ def triangular_instaflow(dim):
 def velocity_mapping(dim):
     """Eq. 39's two forms and autograd agree: dy/dphi = (v^x b - x_t (sqrt(1-ab) - sqrt(ab))) / b^2
     = (x0 - eps) / (1 + 2 sqrt(ab) sqrt(1-ab)) = (x0 - eps) |y|^2/|x|^2; and the InstaFlow target of
-    Eq. 30 is dy/dgamma = x0 - eps."""
+    Eq. 30 is dy/dgamma = x0 - eps. Data x0: 4 draws of the exact data (at 3x32x32 real CIFAR images, see
+    ``exact_data``; the statement is pointwise algebra in (x0, eps), so the data only sets realistic scales)."""
     g = _gen(90)
-    x0, eps = torch.randn(4, dim, generator=g, dtype=F64), torch.randn(4, dim, generator=g, dtype=F64)
+    dist, what = exact_data(dim, DDPM(1000))
+    x0 = dist.sample(4, generator=g).reshape(4, -1)
+    eps = torch.randn(4, dim, generator=g, dtype=F64)
     phi = torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=F64)
     ab = (torch.sin(phi) ** 2)[:, None]
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
@@ -393,7 +396,7 @@ def velocity_mapping(dim):
     lhs = torch.stack([cv.instaflow_v_from_diffusion_v(x_t, mutate(v_x, -v_x), ab),   # counterfactual: v^x sign
                        cv.instaflow_v_closed_form(x0, eps, ab), (x0 - eps) * norm_ratio, dy_dgamma, y])
     rhs = torch.stack([dy_dphi, dy_dphi, dy_dphi, x0 - eps, gam * x0 + (1 - gam) * eps])
-    return identity(lhs, rhs, rtol=1e-10)
+    return identity(lhs, rhs, rtol=1e-10, data=what)
 
 
 @register("basics.weighted_regression", "Velocity-mapped RF loss is a weighted x0 regression (Sec. 2.4.5)",
@@ -404,19 +407,23 @@ def velocity_mapping(dim):
                     "sqrt(1-ab)(sqrt(ab) + sqrt(1-ab)) (x_theta - x0) = (1-ab)(sqrt(ab) + sqrt(1-ab))/sqrt(ab) "
                     "(eps - eps_theta); still a weighted regression, with these weights")
 def weighted_regression(dim):
-    g = _gen(100)
-    x0, eps = torch.randn(5, dim, generator=g, dtype=F64), torch.randn(5, dim, generator=g, dtype=F64)
-    eps_theta = eps + 0.3 * torch.randn(5, dim, generator=g, dtype=F64)    # an imperfect model
-    ab = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.97], dtype=F64)[:, None]
+    """x0 from the exact data (real CIFAR images at 3x32x32), x_t on DDPM; the model is the exact denoiser
+    x_theta = E[x0 | x_t] of that data (Gaussian conditioning), so the residuals are a real regression's."""
+    p = DDPM(1000)
+    dist, what = exact_data(dim, p)
+    t = torch.tensor([700.0, 500.0, 300.0, 150.0, 20.0], dtype=F64)        # alpha_bar from 0.05 to 0.98
+    x0, eps, x_t, _ = noisy_batch(dist, p, t, seed=100)
+    x_theta = dist.posterior_mean(x_t, t).reshape(5, -1)
+    x0, eps, x_t = x0.reshape(5, -1), eps.reshape(5, -1), x_t.reshape(5, -1)
+    ab = p.alpha_bar(t)[:, None]
     a, s = ab.sqrt(), (1 - ab).sqrt()
-    x_t = a * x0 + s * eps
-    x_theta = (x_t - s * eps_theta) / a
+    eps_theta = (x_t - a * x_theta) / s
     v_x_theta = s * x_theta - a * eps
     residual = (1 + 2 * a * s) * cv.instaflow_v_from_diffusion_v(x_t, v_x_theta, ab) - (x0 - eps)
     printed = torch.stack([(a * s ** 2 + s ** 2) * (x_theta - x0), s ** 2 * (a + s) * (eps - eps_theta)])
     corrected = torch.stack([s * (a + s) * (x_theta - x0), s ** 2 * (a + s) / a * (eps - eps_theta)])
     both = torch.stack([residual, residual])
-    return erratum(identity(printed, both, rtol=1e-10), identity(corrected, both, rtol=1e-10))
+    return erratum(identity(printed, both, rtol=1e-10), identity(corrected, both, rtol=1e-10), data=what)
 
 
 # ---- Sec. 2.7: unified velocity-score formula ---------------------------------------------------------------
