@@ -40,6 +40,9 @@ __all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_ca
 #: the two data dimensions every check that makes sense at both runs at: 2D points and 3x32x32 images
 DIMS = (2, 3072)
 
+#: the ``data`` detail of a check on seeded random vectors: kept only where the statement is pointwise algebra
+POINTWISE = "seeded random vectors: the statement is pointwise algebra in its inputs, no data distribution enters"
+
 
 @dataclass
 class CheckResult:

@@ -23,7 +23,7 @@ import torch
 
 from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM
-from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, mutate, register
+from dstar_edu.verify.registry import DIMS, POINTWISE, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -162,7 +162,7 @@ def ddpo_logprob_gradient(dim):
     printed = _flat_grads(torch.autograd.grad(mean, params, grad_outputs=(mean - x_prev).detach() / std ** 2,
                                               retain_graph=True))
     corrected = _flat_grads(torch.autograd.grad(mean, params, grad_outputs=(x_prev - mean).detach() / std ** 2))
-    return erratum(identity(printed, lhs, rtol=1e-10), identity(corrected, lhs, rtol=1e-10))
+    return erratum(identity(printed, lhs, rtol=1e-10), identity(corrected, lhs, rtol=1e-10), data=POINTWISE)
 
 
 @register("align.ddpo_posterior_restated",
@@ -193,7 +193,7 @@ def ddpo_posterior_restated(dim):
         pr += [((ab_t.sqrt() * (1 - ab_p) * x + ab_p.sqrt() * (1 - a_t) * x0) / (1 - ab_t)).flatten(), var.reshape(1)]
         co += [((a_t.sqrt() * (1 - ab_p) * x + ab_p.sqrt() * (1 - a_t) * x0) / (1 - ab_t)).flatten(), var.reshape(1)]
     lhs, pr, co = torch.cat(lhs), torch.cat(pr), torch.cat(co)
-    return erratum(identity(pr, lhs, rtol=1e-10), identity(co, lhs, rtol=1e-10))
+    return erratum(identity(pr, lhs, rtol=1e-10), identity(co, lhs, rtol=1e-10), data=POINTWISE)
 
 
 @register("align.draft_k", "DRaFT-K equals full back-propagation when K covers the chain; K=1 is the last step",
@@ -230,7 +230,8 @@ def draft_k(dim):
     lhs = torch.cat([library(N), library(None), library(1)])
     rhs = torch.cat([reference(N), reference(N), reference(mutate(1, 2))])    # counterfactual: K off by one
     gap = float((reference(1) - reference(N)).abs().max())
-    return identity(lhs, rhs, rtol=1e-10, truncation_changes_gradient_by=gap)
+    return identity(lhs, rhs, rtol=1e-10, truncation_changes_gradient_by=gap,
+                    data="linear eps-predictor chain from N(0, I) (an affine composition: pathwise algebra, " + POINTWISE + ")")
 
 
 @register("align.drwr_weight",

@@ -14,7 +14,7 @@ import torch
 
 from dstar_edu import conversions as cv
 from dstar_edu.process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow
-from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, mutate, register
+from dstar_edu.verify.registry import DIMS, POINTWISE, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
@@ -98,7 +98,8 @@ def forward_chaining_mc(dim):
             est += [r.mean(), (r * r).mean()]
             ref += [0.0, 1.0]
             se += [1 / math.sqrt(n), math.sqrt(2 / n)]
-    return monte_carlo(torch.stack(est), torch.tensor(ref), torch.tensor(se), n=n_chains * dim)
+    return monte_carlo(torch.stack(est), torch.tensor(ref), torch.tensor(se), n=n_chains * dim,
+                       data="x0 ~ N(0, I): Eq. 5-6 are conditional on x0, so any x0 tests them (" + POINTWISE + ")")
 
 
 # ---- Eq. 7 (Tweedie) ----------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def posterior_forms(dim):
     sigma_identity = (1 - d["abp"] - d["sig"] ** 2).sqrt() - (1 - d["abp"]) * (d["a"] / (1 - d["ab"])).sqrt()
     lhs = torch.stack([eq10(**d), eq11(**d), boxed_mu + d["sig"] * d["z"], eq8_mu + d["sig"] * d["z"],
                        ref + sigma_identity])
-    return identity(lhs, ref.expand_as(lhs), rtol=1e-12)
+    return identity(lhs, ref.expand_as(lhs), rtol=1e-12, data=POINTWISE)
 
 
 @register("basics.eq12_denominator", "Eq. 12 divides by sqrt(alpha_bar_t), not sqrt(alpha_t)",
@@ -231,7 +232,8 @@ def posterior_forms(dim):
 def eq12_denominator(dim):
     d = _step_inputs(dim)
     ref = eq9(**d)
-    return erratum(identity(eq12(**d, printed=True), ref, rtol=1e-12), identity(eq12(**d), ref, rtol=1e-12))
+    return erratum(identity(eq12(**d, printed=True), ref, rtol=1e-12), identity(eq12(**d), ref, rtol=1e-12),
+                   data=POINTWISE)
 
 
 @register("basics.eq13_coefficient", "Eq. 13's x_t coefficient needs sigma_t",
@@ -243,7 +245,8 @@ def eq12_denominator(dim):
 def eq13_coefficient(dim):
     d = _step_inputs(dim)
     ref = eq9(**d)
-    return erratum(identity(eq13(**d, printed=True), ref, rtol=1e-12), identity(eq13(**d), ref, rtol=1e-12))
+    return erratum(identity(eq13(**d, printed=True), ref, rtol=1e-12), identity(eq13(**d), ref, rtol=1e-12),
+                   data=POINTWISE)
 
 
 # ---- Eq. 15-18: scores ------------------------------------------------------------------------------------
@@ -349,7 +352,7 @@ def v_is_dx_dphi(dim):
     phi = lambda tt: cv.angle_phi(p.alpha_bar(tt))  # noqa: E731
     dphi_dt = torch.autograd.functional.jvp(phi, t, torch.ones_like(t))[1][:, None]
     v = cv.v_from_x0_eps(x0, eps, p.alpha_bar(t)[:, None])
-    return erratum(identity(dx_dt, v, rtol=1e-10), identity(dx_dt / dphi_dt, v, rtol=1e-10))
+    return erratum(identity(dx_dt, v, rtol=1e-10), identity(dx_dt / dphi_dt, v, rtol=1e-10), data=POINTWISE)
 
 
 # ---- Fig. 4, Eq. 30-33: rectified-flow space ----------------------------------------------------------------
@@ -500,7 +503,7 @@ def vlb_term(dim):
     printed = torch.stack([((mu_q - mu_theta) ** 2).sum(1) / (2 * spectral ** 2), w / spectral ** 2 * sq])
     corrected = torch.stack([((mu_q - mu_theta) ** 2).sum(1) / (2 * spectral), w / spectral * sq])
     both = torch.stack([kl, kl])
-    return erratum(identity(printed, both, rtol=1e-9), identity(corrected, both, rtol=1e-9))
+    return erratum(identity(printed, both, rtol=1e-9), identity(corrected, both, rtol=1e-9), data=POINTWISE)
 
 
 # ---- notation map and consistency parameterisations ---------------------------------------------------------

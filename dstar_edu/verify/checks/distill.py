@@ -25,7 +25,7 @@ from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fgm_gene
                                           sid_generator_loss, sim_generator_loss, vsd_loss)
 from dstar_edu.objectives.divergences import ScoreDistance, get_distance
 from dstar_edu.process import VE, VP, RectifiedFlow
-from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, mutate, register
+from dstar_edu.verify.registry import DIMS, POINTWISE, CheckResult, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
@@ -301,7 +301,7 @@ def score_projection(dim):
                                log_scales=torch.log(torch.tensor([0.3, 0.6], dtype=F64)))
         n, t = 20000, _loguniform(20000, 0.1, 3.0, g)
     elif dim == 3072:
-        teacher, images, _ = image_teacher(process)
+        teacher, images, source = image_teacher(process)
         gen = image_mixture_generator(images)
         n, t = 1200, _loguniform(1200, 0.3, 5.0, g)
     else:
@@ -316,7 +316,7 @@ def score_projection(dim):
         u1 = get_distance("pseudo_huber", c=0.5).grad(s_p - s_q)
         vals = torch.stack([(u1 * resid).reshape(n, -1).sum(1), (s_q * resid).reshape(n, -1).sum(1)], 1)
     se = vals.std(0) / math.sqrt(n)
-    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), se, n=n,
+    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), se, n=n, data=_label(dim, locals()),
                        per_sample_abs_mean=vals.abs().mean(0).tolist())
 
 
@@ -405,7 +405,7 @@ def sid_is_sim_l2(dim):
                                     log_scales=torch.tensor([-0.5, 0.0], dtype=F64)).score_predictor(process, True)
             n = 256
         elif dim == 3072:
-            teacher, images, _ = image_teacher(process)
+            teacher, images, source = image_teacher(process)
             gen = image_mixture_generator(images)
             fake = MixtureGenerator(2, (3, 32, 32), means=images[4:6], log_scales=torch.zeros(2, dtype=F64)
                                     ).score_predictor(process, True)
@@ -431,7 +431,7 @@ def sid_is_sim_l2(dim):
         out.append((sid, sim))
     lhs = torch.cat([a for a, _ in out])
     rhs = torch.cat([b for _, b in out])
-    return identity(lhs, rhs, rtol=1e-9)
+    return identity(lhs, rhs, rtol=1e-9, data=_label(dim, locals()))
 
 
 # ---- Diff-Instruct: IKL gradient (Luo talk Thm 3.3) ----------------------------------------------------------------
@@ -445,6 +445,11 @@ def gaussian_kl(m1: Tensor, C1: Tensor, m2: Tensor, C2: Tensor, diagonal: bool) 
     tr = torch.cholesky_solve(C1, L2).diagonal(dim1=-2, dim2=-1).sum(-1)
     maha = (d.unsqueeze(-1) * torch.cholesky_solve(d.unsqueeze(-1), L2)).sum((-2, -1))
     return 0.5 * (tr + maha - C1.shape[-1] + torch.logdet(C2) - torch.logdet(C1))
+
+
+#: data of the checks that need a closed-form KL: a Gaussian teacher (2D full covariance; at 3x32x32 seeded per-pixel
+#: means and variances, not CIFAR: KL(p_theta,t || q_t) has no closed form for an empirical teacher)
+_GAUSS_LABEL = "Gaussian teacher with seeded mean and covariance (closed-form KL reference)"
 
 
 def _gaussian_problem(dim: int):
@@ -504,7 +509,7 @@ def di_ikl_gradient(dim):
     vsd = per_sample_derivatives_x0(
         gen, z, lambda x0: vsd_loss(x0, teacher, fake, t, eps=eps, weight=process.alpha(t), reduction="none"), dirs)
     est = mutate(1, -1) * torch.cat([di, vsd], 1)      # counterfactual: both surrogates with their sign flipped
-    return _paired(est, torch.cat([ref, ref], 1), directions=[f"DI:{n}" for n in names] + [f"VSD:{n}" for n in names])
+    return _paired(est, torch.cat([ref, ref], 1), data=_GAUSS_LABEL, directions=[f"DI:{n}" for n in names] + [f"VSD:{n}" for n in names])
 
 
 # ---- SDS = Diff-Instruct with a Dirac generator (Luo talk Cor. 3.4); handbook's SDS sign -------------------------
@@ -564,7 +569,8 @@ def sds_is_di_dirac(dim):
     mc = _paired(sds, ref)                      # = _paired(di, ref) when the identity holds
     ok = ident.passed and mc.passed
     return CheckResult("monte_carlo", ok, mc.abs_err, mc.tol, mc.lhs, mc.rhs, mc.stderr,
-                       {**mc.details, "identity_sds_vs_di_abs_err": ident.abs_err, "identity_tol": ident.tol})
+                       {**mc.details, "identity_sds_vs_di_abs_err": ident.abs_err, "identity_tol": ident.tol,
+                        "data": _GAUSS_LABEL})
 
 
 @register("distill.sds_sign", "The SDS gradient's second line has the sign reversed",
@@ -584,7 +590,7 @@ def sds_sign(dim):
     w = process.alpha(t) / process.sigma(t)
     corrected = per_sample_derivatives_x0(
         gen, z, lambda x0: sds_loss(x0, teacher, t, eps=eps, weight=w, reduction="none"), dirs)
-    return erratum(_paired(-corrected, ref), _paired(corrected, ref))
+    return erratum(_paired(-corrected, ref), _paired(corrected, ref), data=_GAUSS_LABEL)
 
 
 # ---- VSD / DMD detach trick (handbook Sec. 3.2.4) -------------------------------------------------------------------
@@ -604,7 +610,7 @@ def vsd_detach_trick(dim):
                                 log_scales=torch.tensor([-0.5, 0.0], dtype=F64)).score_predictor(process, True)
         n = 64
     elif dim == 3072:
-        teacher, images, _ = image_teacher(process)
+        teacher, images, source = image_teacher(process)
         gen = image_mixture_generator(images)
         fake = MixtureGenerator(2, (3, 32, 32), means=images[4:6], log_scales=torch.zeros(2, dtype=F64)
                                 ).score_predictor(process, True)
@@ -631,7 +637,7 @@ def vsd_detach_trick(dim):
     lhs = torch.stack([_grad_vec(gen, vsd_loss(x0, teacher, fake, t, eps=eps, weight=w)),
                        _grad_vec(gen, dmd_loss(x0, teacher, fake, t, eps=eps, weighting=w)),
                        _grad_vec(gen, dmd_loss(x0, teacher, fake, t, eps=eps, weighting="dmd"))])
-    return identity(lhs, ref, rtol=1e-9)
+    return identity(lhs, ref, rtol=1e-9, data=_label(dim, locals()))
 
 
 # ---- VSD global optimum and Eq. 43 (handbook Sec. 3.2.3) --------------------------------------------------------------
@@ -723,7 +729,7 @@ def _fgm_problem(dim: int, n: int, seed: int):
                                log_scales=torch.log(torch.tensor([0.3, 0.6], dtype=F64)))
         dirs, names = basis_directions(gen)
     elif dim == 3072:
-        teacher, images, _ = image_teacher(process)
+        teacher, images, source = image_teacher(process)
         gen = image_mixture_generator(images)
         dirs, names = random_directions(gen, 2, 51, only="log_scales") + random_directions(gen, 4, 52), None
     else:
@@ -732,6 +738,13 @@ def _fgm_problem(dim: int, n: int, seed: int):
     z = gen.noise(n, g)
     eps = torch.randn(n, *gen.event_shape, generator=g, dtype=F64)
     return process, teacher, gen, dirs, names, z, eps, t
+
+
+def _label(dim: int, scope: dict) -> str:
+    """The ``data`` detail of a check whose 2D teacher is ``teacher_2d`` and whose 3072-d one is ``image_teacher``."""
+    if dim == 2:
+        return "3-component 2D mixture teacher"
+    return f"empirical teacher of 32 images ({scope.get('source', 'see image_teacher')})"
 
 
 @register("distill.fgm_flow_product", "Flow product identity: E_{p_t}[f^T v_t] = E[f^T u_t(x_t|x0)]",
@@ -749,7 +762,8 @@ def fgm_flow_product(dim):
         u_cond = mutate(eps - x0, x0 - eps)                 # counterfactual: Eq. 30's sign convention
         fs = [teacher.predict("velocity", x_t, t), torch.tanh(x_t)]
         vals = torch.stack([(f * (v - u_cond)).reshape(n, -1).sum(1) for f in fs], 1)
-    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), vals.std(0) / math.sqrt(n), n=n)
+    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), vals.std(0) / math.sqrt(n), n=n,
+                       data=_label(dim, {"source": image_teacher(process)[2]} if dim == 3072 else {}))
 
 
 @register("distill.fgm_thm42", "FGM: grad of L_1 + L_2 (Eq. 4.11-4.12) = grad of the intractable flow-matching loss",
@@ -835,7 +849,7 @@ def table4_grads(dim):
         d = get_distance(name, **(params if name != "exp_power" else {"alpha": 2, "beta": 0.01}))
         outs.append(mutate(1, 2) * d.grad(y).reshape(-1))          # counterfactual: a spurious factor 2
         refs.append(_autograd_grad(d, y).reshape(-1))
-    return identity(torch.cat(outs), torch.cat(refs), rtol=1e-12)
+    return identity(torch.cat(outs), torch.cat(refs), rtol=1e-12, data=POINTWISE)
 
 
 @register("distill.table4_exp_power", "Table 4's exp-power d' is missing the factor beta", "SIM Table 4 (row 3)",
@@ -849,7 +863,7 @@ def table4_exp_power(dim):
     ref = _autograd_grad(d, y)
     e = torch.exp(beta * y.pow(alpha).reshape(y.shape[0], -1).sum(1)).reshape(-1, *[1] * (y.ndim - 1))
     printed = alpha * e * y.pow(alpha - 1)
-    return erratum(identity(printed, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10))
+    return erratum(identity(printed, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10), data=POINTWISE)
 
 
 @register("distill.table4_pseudo_huber", "Table 4's pseudo-Huber d' has a spurious factor 2 (Eq. 3.8 is right)",
@@ -862,7 +876,7 @@ def table4_pseudo_huber(dim):
     y = _y(dim, 72)
     ref = _autograd_grad(d, y)
     root = torch.sqrt((y * y).reshape(y.shape[0], -1).sum(1) + 0.25).reshape(-1, *[1] * (y.ndim - 1))
-    return erratum(identity(2 * y / root, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10))
+    return erratum(identity(2 * y / root, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10), data=POINTWISE)
 
 
 @register("distill.huber_branches", "The Huber definition of App. A.3 has its branches swapped",
@@ -877,7 +891,7 @@ def huber_branches(dim):
     ref = torch.nn.functional.huber_loss(y, torch.zeros_like(y), delta=delta, reduction="none").reshape(y.shape[0], -1).sum(1)
     printed = torch.where(y >= delta, 0.5 * y * y, delta * (y.abs() - 0.5 * delta)).reshape(y.shape[0], -1).sum(1)
     return erratum(identity(printed, ref, rtol=1e-12), identity(get_distance("huber", delta=delta).value(y), ref,
-                                                                 rtol=1e-12))
+                                                                 rtol=1e-12), data=POINTWISE)
 
 
 @register("distill.alpha_power_text", "Sec. 3.3 writes the alpha-power derivative as the distance",
