@@ -372,3 +372,65 @@ def cfg_dropout():
                       data="3-component 2D mixture with labels, x0 ~ N(0, 1.5^2 I)")
     res.passed = res.passed and every and max(ends) <= 1e-12 * float(cond_loss.abs().max())
     return res
+
+
+def _labelled_mixtures(p):
+    from toy_data.mixtures import GaussianMixture
+    means = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.3, -1.2]], dtype=F64)
+    labels = torch.tensor([0, 1, 1])
+    return (GaussianMixture(means, 0.1, process=p, labels=labels),
+            GaussianMixture(means * 0.7 + 0.2, 0.2, process=p, labels=labels))
+
+
+# ---- CD with a CFG teacher (handbook Eq. 21, 23; LCM's guided distillation) ---------------------------------------
+@register("guards.cd_cfg_teacher", "CD's Denoise with a CFG teacher: one DDIM step (Eq. 21) of the guided "
+          "prediction eps(c) + w (eps(c) - eps(0)) (Eq. 23)", "handbook Eq. 21, 23, Sec. 2.3.1 (CD)")
+def cd_cfg_teacher():
+    """``ddim_denoise(teacher, x, t_from, t_to, cond, cfg_scale=w)`` on DDPM and VE against alpha(t_to) x0_w +
+    sigma(t_to) eps_w written out, with eps_w = eps_c + w (eps_c - eps_u) from the class-conditional and the
+    unconditional exact mixture and x0_w from Eq. 7; w in {0, 1.5, 7.5}, per-sample times."""
+    from dstar_edu.objectives.pretrain import ddim_denoise
+    lhs, rhs = [], []
+    for p, tf, tt in ((DDPM(1000), [900.0, 500.0, 120.0, 30.0], [850.0, 400.0, 60.0, 0.0]),
+                      (VE(80.0), [40.0, 5.0, 1.0, 0.3], [20.0, 2.0, 0.5, 0.0])):
+        teacher, _ = _labelled_mixtures(p)
+        x = torch.randn(4, 2, generator=_gen(380), dtype=F64) * 2
+        t_from, t_to = torch.tensor(tf, dtype=F64), torch.tensor(tt, dtype=F64)
+        e_c, e_u = teacher.predict("eps", x, t_from, 1), teacher.predict("eps", x, t_from)
+        a, s = p.coefficients(t_from, x)
+        a1, s1 = p.coefficients(t_to, x)
+        for w in (0.0, 1.5, 7.5):
+            e_w = e_c + mutate(w, w - 1) * (e_c - e_u)           # counterfactual: guidance scale off by one
+            lhs.append(ddim_denoise(teacher, x, t_from, t_to, cond=1, cfg_scale=w))
+            rhs.append(a1 * (x - s * e_w) / a + s1 * e_w)
+    return identity(torch.stack(lhs), torch.stack(rhs), rtol=1e-10, data=POINTWISE)
+
+
+# ---- Diffusion-DPO (Wang talk; Wallace et al. 2024 Eq. 14) ---------------------------------------------------------
+@register("guards.diffusion_dpo", "Diffusion-DPO loss -log sigmoid(beta (h_w - h_l)) with the ELBO implicit reward",
+          "Wang talk (Diffusion-DPO); Wallace et al. 2024 Eq. 14")
+def diffusion_dpo():
+    """Per-pair ``diffusion_dpo_loss`` (and NPO with winner and loser swapped) against
+    -log sigmoid(-beta [(e_w - e_w^ref) - (e_l - e_l^ref)]) with e = ||eps - eps_model(x_t, t)||^2 written out,
+    for beta in {0.1, 2.5}; two different exact mixtures as model and reference."""
+    import torch.nn.functional as F
+
+    from dstar_edu.objectives.preference import diffusion_dpo_loss, diffusion_npo_loss
+    p = DDPM(1000)
+    model, ref = _labelled_mixtures(p)
+    g = _gen(390)
+    x_w, x_l = torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 2, generator=g, dtype=F64)
+    eps = torch.randn(5, 2, generator=g, dtype=F64)
+    t = torch.tensor([10.0, 100.0, 300.0, 600.0, 900.0], dtype=F64)
+
+    def err(m, x0):
+        x_t = p.q_sample(x0, t, eps=eps)[0]
+        return ((eps - m.predict("eps", x_t, t)) ** 2).sum(1)
+    d_w, d_l = err(model, x_w) - err(ref, x_w), err(model, x_l) - err(ref, x_l)
+    lhs, rhs = [], []
+    for beta in (0.1, 2.5):
+        b = mutate(beta, 1.0)                                      # counterfactual: beta ignored
+        lhs += [diffusion_dpo_loss(model, ref, x_w, x_l, beta=beta, t=t, eps_w=eps, reduction="none"),
+                diffusion_npo_loss(model, ref, x_w, x_l, beta=beta, t=t, eps_w=eps, reduction="none")]
+        rhs += [-F.logsigmoid(-b * (d_w - d_l)), -F.logsigmoid(-b * (d_l - d_w))]
+    return identity(torch.cat(lhs), torch.cat(rhs), rtol=1e-10, data=POINTWISE)
