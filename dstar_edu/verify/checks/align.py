@@ -236,7 +236,7 @@ def draft_k(dim):
 
 @register("align.drwr_weight",
           "DRWR's weighted regression targets p_ref exp(beta R) / Z only with weights exp(beta R)",
-          "handbook Sec. 3.3.2 (DRWR); Wang talk (KL-regularised optimum)",
+          "handbook Sec. 3.3.2 (DRWR); Peters & Schaal 2007 (reward-weighted regression)",
           printed="L_DRWR = E[min(e^beta R(x), w_max) ||eps - eps_theta(x_t, t)||^2] (weight e^beta times R)",
           corrected="weight min(exp(beta R(x)), w_max) (reward-weighted regression, Peters & Schaal 2007); "
                     "unclipped, the regression's optimum is the denoiser of p_ref exp(beta R)/Z, the "
@@ -749,3 +749,105 @@ def dipp_thm31_images(dim):
                    alpha_rew=mutate(alpha_rew, -alpha_rew))
     rhs = per_sample_derivatives_x0(gen, z, lambda x0: n * loss(x0), dirs)
     return _paired(rhs, lhs, data=what, n_directions=len(dirs))
+
+
+# ---- ReFL, Q-score matching, DDPO-IS (handbook Sec. 3.3.1-3.3.2) -----------------------------------------------
+def _linear_eps_state(dim: int, seed: int):
+    """A linear eps-predictor chain and a batch x_t at its second time (DDPM t = 400)."""
+    p, ts, chain = _chain_setup(dim, seed=seed)
+    x = torch.randn(6, dim, generator=_gen(seed + 1), dtype=F64) * 1.2
+    return p, ts, chain, x, ts[1]
+
+
+@register("align.refl_gradient", "ReFL: grad L = -E[grad_x R(x_theta) grad_theta x_theta] through Tweedie's "
+          "one-step x_theta", "handbook Sec. 3.3.1 (ReFL), Eq. 7", dims=DIMS)
+@_one_thread
+def refl_gradient(dim):
+    """Linear eps-predictor, quadratic reward: the gradient of the library's ``refl_loss`` at x_t against the
+    vector-Jacobian product -grad_x R(x_theta) d x_theta / d theta of x_theta = (x_t - sqrt(1-ab_t) eps_theta) /
+    sqrt(ab_t) written out (Eq. 7), in the chain's parameters."""
+    from dstar_edu.objectives.reward_finetune import refl_loss
+    from dstar_edu.rewards import QuadraticReward
+    p, ts, chain, x, t = _linear_eps_state(dim, seed=50)
+    reward = QuadraticReward(torch.linspace(-1, 1, dim, dtype=F64), scale=1.0)
+    params = (chain.a, chain.b)
+    lib = _flat_grads(torch.autograd.grad(refl_loss(chain.predictor, x, t, reward), params))
+    ab = mutate(p.alpha_bar(t), p.step_alpha(t))                   # counterfactual: Sec. 3.3's alpha_t
+    x_theta = (x - (1 - ab).sqrt() * chain.predictor(x, t)) / ab.sqrt()
+    gx = -(x_theta - reward.center) / reward.scale ** 2            # grad_x R of the quadratic reward
+    ref = _flat_grads(torch.autograd.grad(x_theta, params, grad_outputs=-gx.detach() / x.shape[0]))
+    return identity(lib, ref, rtol=1e-10, data=POINTWISE)
+
+
+@register("align.refl_x0_hat", "ReFL's one-step prediction x_theta needs alpha_bar_t (Eq. 7)",
+          "handbook Sec. 3.3.1 (ReFL)", dims=DIMS,
+          printed="x_theta = x_t / sqrt(alpha_t) - sqrt(1 - alpha_t) / sqrt(alpha_t) eps_theta 'as Eq. (7)'",
+          corrected="x_theta = x_t / sqrt(ab_t) - sqrt(1 - ab_t) / sqrt(ab_t) eps_theta (Eq. 7): with the per-step "
+                    "alpha_t of the handbook's notation it is not Tweedie's estimate (the same slip as Alg. 1 line 4)")
+@_one_thread
+def refl_x0_hat(dim):
+    """The exact eps of the data's diffused law (exact_data) at DDPM times: printed and corrected x_theta against
+    the exact posterior mean E[x0 | x_t] (Gaussian conditioning)."""
+    from dstar_edu.verify.checks.basics import exact_data, noisy_batch
+    p = DDPM(1000)
+    dist, what = exact_data(dim, p)
+    _, _, x_t, t = noisy_batch(dist, p, [3, 40, 250, 600, 990], seed=55)
+    eps = dist.predict("eps", x_t, t)
+    col = [1] * (x_t.ndim - 1)
+    a, ab = p.step_alpha(t).reshape(-1, *col), p.alpha_bar(t).reshape(-1, *col)
+    truth = dist.posterior_mean(x_t, t)
+    printed = x_t / a.sqrt() - (1 - a).sqrt() / a.sqrt() * eps
+    corrected = x_t / ab.sqrt() - (1 - ab).sqrt() / ab.sqrt() * eps
+    return erratum(identity(printed, truth, rtol=1e-9), identity(corrected, truth, rtol=1e-9), data=what)
+
+
+@register("align.qsm", "Q-score matching: E ||s_theta(x_t, t) - grad_x R(x_t)||^2 with the model's score",
+          "handbook Sec. 3.3.1 (QSM); Psenka et al. 2024", dims=DIMS)
+@_one_thread
+def qsm(dim):
+    """Per-sample ``qsm_loss`` (scale 1 and 0.5) of a linear eps-predictor against ||-eps_theta/sqrt(1-ab_t) -
+    scale grad R(x_t)||^2 (Eq. 18 and the quadratic reward's gradient written out), and its parameter gradient
+    against autograd of that expression."""
+    from dstar_edu.objectives.reward_finetune import qsm_loss
+    from dstar_edu.rewards import QuadraticReward
+    p, ts, chain, x, t = _linear_eps_state(dim, seed=60)
+    reward = QuadraticReward(torch.linspace(-1, 1, dim, dtype=F64), scale=0.8)
+    params = (chain.a, chain.b)
+    lhs, rhs = [], []
+    for scale in (1.0, 0.5):
+        lib = qsm_loss(chain.predictor, x, t, reward, scale=scale, reduction="none")
+        s = -chain.predictor(x, t) / mutate((1 - p.alpha_bar(t)).sqrt(), 1 - p.alpha_bar(t))   # cf: sigma^2
+        ref = ((s + scale * (x - reward.center) / reward.scale ** 2) ** 2).sum(1)
+        lhs += [lib, _flat_grads(torch.autograd.grad(lib.sum(), params))]
+        rhs += [ref, _flat_grads(torch.autograd.grad(ref.sum(), params))]
+    return identity(torch.cat(lhs), torch.cat(rhs), rtol=1e-10, data=POINTWISE)
+
+
+@register("align.ddpo_is", "DDPO-IS: at theta = theta_old the clipped importance-sampling gradient is DDPO-SF's "
+          "over N; outside the clip range it vanishes", "handbook Sec. 3.3.2 (DDPO_IS); Black et al. 2023")
+@_one_thread
+def ddpo_is():
+    """A 3-step chain of a linear eps-predictor (eta = 1), trajectories from ``sample_with_log_probs``: (i) with
+    old log-probs = the current ones (ratio 1), grad ``ddpo_is_loss`` = grad ``ddpo_sf_loss`` / N; (ii) with old
+    log-probs lowered by 1 (ratio e > 1 + clip) and positive advantages the clipped surrogate is constant: zero
+    gradient; (iii) with negative advantages there the unclipped branch is active: -A ratio grad log p / N."""
+    from dstar_edu.objectives.reward_finetune import (_traj_log_probs, ddpo_is_loss, ddpo_sf_loss,
+                                                      sample_with_log_probs)
+    p, ts, chain = _chain_setup(2, seed=70)
+    x_init = torch.randn(64, 2, generator=_gen(71), dtype=F64)
+    traj, logp = sample_with_log_probs(chain.predictor, ts, x_init, eta=1.0, generator=_gen(72))
+    adv = torch.randn(64, generator=_gen(73), dtype=F64)
+    params, N = (chain.a, chain.b), len(ts) - 1
+    old = mutate(logp.detach(), logp.detach() - 0.5)             # counterfactual: stale old log-probs
+    g_is = _flat_grads(torch.autograd.grad(ddpo_is_loss(chain.predictor, traj, ts, adv, old, eta=1.0), params))
+    g_sf = _flat_grads(torch.autograd.grad(ddpo_sf_loss(chain.predictor, traj, ts, adv, eta=1.0), params))
+    pos, neg = adv.abs(), -adv.abs()
+    g_clip = _flat_grads(torch.autograd.grad(ddpo_is_loss(chain.predictor, traj, ts, pos, logp.detach() - 1.0,
+                                                          eta=1.0), params, allow_unused=True))
+    g_unclipped = _flat_grads(torch.autograd.grad(ddpo_is_loss(chain.predictor, traj, ts, neg, logp.detach() - 1.0,
+                                                               eta=1.0), params))
+    lp = _traj_log_probs(chain.predictor, traj, ts, 1.0, None)
+    ref_unclipped = _flat_grads(torch.autograd.grad((-neg[:, None] * math.e * lp).mean(1).mean(), params))
+    return identity(torch.cat([g_is, g_clip, g_unclipped]),
+                    torch.cat([g_sf / N, torch.zeros_like(g_clip), ref_unclipped]), rtol=1e-10, atol=1e-14,
+                    data="linear eps-predictor chain from N(0, I) (" + POINTWISE + ")")

@@ -557,3 +557,26 @@ def consistency_boundary(dim):
     f_trig0 = cv.trigflow_f(x, torch.zeros(len(x), dtype=F64), torch.randn_like(x), 0.5)
     return identity(torch.stack([f_exact, f_cm, f_trig0]), torch.stack([dist.posterior_mean(x_t, t), x, x]),
                     rtol=1e-10, data=what)
+
+
+# ---- Sec. 2.2.2: the score-matching loss as a weighted eps regression --------------------------------------------
+@register("basics.sm_loss_weight", "L_SM as an eps regression has the weight w(t)/(1 - ab_t)",
+          "handbook Sec. 2.2.2 (L_SM, last line)", dims=DIMS,
+          printed="L_SM = E[ w(t)/sqrt(1 - ab_t) ||eps_theta(x_t, t) - eps||^2 ]  (by Eq. 6)",
+          corrected="L_SM = E[ w(t)/(1 - ab_t) ||eps_theta(x_t, t) - eps||^2 ]: the line above is "
+                    "||-(x_t - sqrt(ab_t) x0)/(1 - ab_t) + eps_theta/sqrt(1 - ab_t)||^2 = ||eps_theta - eps||^2/(1 - ab_t)")
+def sm_loss_weight(dim):
+    """Per sample, the handbook's previous line (its integrand with Eq. 17-18 substituted) against the printed and
+    the corrected last line; w(t) = sigma_t^2 (the handbook's example), eps_theta the exact E[eps | x_t] of the data."""
+    p = DDPM(1000)
+    dist, what = exact_data(dim, p)
+    x0, eps, x_t, t = noisy_batch(dist, p, DDPM_TIMES, seed=140)
+    eps_theta = dist.predict("eps", x_t, t)
+    ab = p.alpha_bar(t, x_t).reshape(-1, *[1] * (x_t.ndim - 1))
+    w = (1 - ab).reshape(-1)                                        # w(t) = sigma_t^2
+    flat = lambda v: v.reshape(v.shape[0], -1)  # noqa: E731
+    previous = w * (flat(-(x_t - ab.sqrt() * x0) / (1 - ab) + eps_theta / (1 - ab).sqrt()) ** 2).sum(1)
+    sq = (flat(eps_theta - eps) ** 2).sum(1)
+    ab1 = ab.reshape(-1)
+    return erratum(identity(w / (1 - ab1).sqrt() * sq, previous, rtol=1e-10),
+                   identity(w / (1 - ab1) * sq, previous, rtol=1e-10), data=what)

@@ -24,7 +24,7 @@ from dstar_edu.generators import AffineGaussianGenerator, DiracGenerator, Mixtur
 from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fgm_generator_loss, sds_loss,
                                           sid_generator_loss, sim_generator_loss, vsd_loss)
 from dstar_edu.objectives.divergences import ScoreDistance, get_distance
-from dstar_edu.process import VE, VP, RectifiedFlow
+from dstar_edu.process import DDPM, VE, VP, RectifiedFlow
 from dstar_edu.verify.registry import DIMS, POINTWISE, CheckResult, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
@@ -911,3 +911,32 @@ def alpha_power_text(dim):
     yy = y.clone().requires_grad_(True)
     (g_corr,) = torch.autograd.grad(yy.pow(alpha).sum(), yy)
     return erratum(identity(g_printed, table_grad, rtol=1e-12), identity(g_corr, table_grad, rtol=1e-12))
+
+
+@register("distill.vsd_dxt_dtheta", "VSD: d x_t / d theta = sqrt(alpha_bar_t) dG/dtheta", "handbook Sec. 3.2.3 (VSD)",
+          dims=DIMS,
+          printed="'with grad_theta x_t = sqrt(alpha_t) grad_theta x0_hat = sqrt(alpha_t) grad_theta G_theta'",
+          corrected="grad_theta x_t = sqrt(ab_t) grad_theta G_theta for x_t = sqrt(ab_t) G_theta + sqrt(1 - ab_t) eps "
+                    "(Eq. 6); sqrt(alpha_t) (the per-step alpha) is right only in the DDIM notation, where alpha "
+                    "means alpha_bar")
+def vsd_dxt_dtheta(dim):
+    """Forward-mode derivative of x_t = q_sample(G_theta(z), t) (DDPM) along random parameter directions of an
+    affine generator, against sqrt(alpha_t) and sqrt(ab_t) times the generator's own derivative."""
+    p = DDPM(1000)
+    gen = AffineGaussianGenerator(dim if dim == 2 else (3, 32, 32), structure="full" if dim == 2 else "diagonal",
+                                  mean=0.1 * torch.ones(dim, dtype=F64))
+    n = 5
+    g = _gen(95)
+    z = gen.noise(n, g)
+    eps = torch.randn(n, *gen.event_shape, generator=g, dtype=F64)
+    t = torch.tensor([3.0, 40.0, 250.0, 600.0, 990.0], dtype=F64)
+    col = [1] * len(gen.event_shape)
+    params = {k: v.detach() for k, v in gen.named_parameters()}
+    d_x, d_g = [], []
+    for d in random_directions(gen, 3, 96):
+        d_g.append(jvp(lambda prm: functional_call(gen, prm, (z,)), (params,), (d,))[1])
+        d_x.append(jvp(lambda prm: p.q_sample(functional_call(gen, prm, (z,)), t, eps=eps)[0], (params,), (d,))[1])
+    d_x, d_g = torch.stack(d_x), torch.stack(d_g)
+    a, ab = p.step_alpha(t).reshape(1, -1, *col), p.alpha_bar(t).reshape(1, -1, *col)
+    return erratum(identity(a.sqrt() * d_g, d_x, rtol=1e-10), identity(ab.sqrt() * d_g, d_x, rtol=1e-10),
+                   data=POINTWISE)

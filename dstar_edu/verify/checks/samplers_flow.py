@@ -277,7 +277,7 @@ def consistency_exact_f(dim):
 
 
 @register("samplers.lcm_tweedie_variance_loss", "Re-noising Tweedie's x0_hat loses ab_{t'} Var[x0|x_t] of variance",
-          "handbook Alg. 5, Eq. 7, 27", dims=DIMS)
+          "library result (why handbook Alg. 5 needs a consistency model); the step is Alg. 5, Eq. 7, 27", dims=DIMS)
 def lcm_tweedie_variance_loss(dim):
     """From the exact marginal at t, one LCM step with Tweedie's x0 (the exact posterior mean) has the exact
     mean but variance ``Var q_{t'} - ab_{t'} Var[x0 | x_t]``, with ``Var[x0|x_t] = lam s^2 / (a^2 lam + s^2)``:
@@ -565,7 +565,8 @@ def _flipped_v(g):
 
 @register("samplers.instaflow_convergence",
           "InstaFlow Alg. 6 and Alg. 8 converge to the exact marginal at first order",
-          "handbook Alg. 6, Alg. 8, Eq. 10, 34", dims=DIMS)
+          "library result: first-order convergence of handbook Alg. 6 and Alg. 8 (Eq. 10, 34) as implemented",
+          dims=DIMS)
 def instaflow_convergence(dim):
     """Exact laws on Gaussian data. Alg. 6 on ``rescaled_ddpm(T)``, T = 200, 400, 800, 1600; Alg. 8 (eta = 0) on
     N = 25, 50, 100, 200 steps of DDPM(1000). The final law error (vs the data law) must shrink at every
@@ -662,7 +663,7 @@ def instaflow_prior(dim):
 # ==== rectified flow (Sec. 2.4.2) ==============================================================================
 @register("samplers.rf_euler_rate",
           "Rectified-flow Euler converges to the exact ODE solution at first order, both directions",
-          "handbook Sec. 2.4.2, Eq. 28", dims=DIMS)
+          "handbook Sec. 2.4.2 (Euler sampling of dy/dt = v); library result: its first-order rate", dims=DIMS)
 def rf_euler_rate(dim):
     """Gaussian data to Gaussian noise with the exact velocity ``E[eps - x0 | x_t]``; the exact ODE solution is
     the flow map (``GaussianFlowMap``). to_data: 1 -> 0 from N(0, I) points; to_noise: 0 -> 1 from data points.
@@ -840,7 +841,8 @@ def trigflow_step_is_ddim(dim):
 
 
 @register("samplers.trigflow_convergence", "TrigFlow DDIM sampling converges to the data law at first order",
-          "handbook Sec. 2.5.2", dims=DIMS)
+          "library result: first-order convergence of the TrigFlow DDIM sampler defined in handbook Sec. 2.5.2",
+          dims=DIMS)
 def trigflow_convergence(dim):
     """Exact laws on Gaussian data, start from the exact marginal at pi/2, N = 16, 32, 64, 128 uniform steps:
     the final law error shrinks at every doubling with observed order within 0.1 of 1."""
