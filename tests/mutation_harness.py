@@ -100,6 +100,17 @@ MUTATIONS = [
       ("guards.npo_guidance",)),
     M("Diffusion-DPO implicit reward without beta", "dstar_edu/objectives/preference.py",
       "return -beta * (err - err_ref)", "return -(err - err_ref)", ("guards.diffusion_dpo",)),
+    M("DMD numeric weighting without the 1/2", "dstar_edu/objectives/distill.py",
+      'k = 0.5 * _weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)',
+      'k = _weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)', ("guards.dmd_weighting.2d",)),
+    # reward fine-tuning (Sec. 3.3)
+    M("QSM target with the reward gradient's sign flipped", "dstar_edu/objectives/reward_finetune.py",
+      "per = ((s - scale * g.detach()) ** 2)", "per = ((s + scale * g.detach()) ** 2)", ("align.qsm.2d",)),
+    M("DDPO-IS without clipping", "dstar_edu/objectives/reward_finetune.py",
+      "ratio.clamp(1 - clip_range, 1 + clip_range)", "ratio", ("align.ddpo_is",)),
+    M("ReFL through x_t instead of Tweedie's x_theta", "dstar_edu/objectives/reward_finetune.py",
+      "x0_hat, _ = denoise(predictor, x_t, t, cond)", "x0_hat = x_t + 0 * denoise(predictor, x_t, t, cond)[0]",
+      ("align.refl_gradient.2d",)),
 ]
 
 

@@ -231,7 +231,8 @@ def draft_k(dim):
     rhs = torch.cat([reference(N), reference(N), reference(mutate(1, 2))])    # counterfactual: K off by one
     gap = float((reference(1) - reference(N)).abs().max())
     return identity(lhs, rhs, rtol=1e-10, truncation_changes_gradient_by=gap,
-                    data="linear eps-predictor chain from N(0, I) (an affine composition: pathwise algebra, " + POINTWISE + ")")
+                    data="linear eps-predictor chain from N(0, I) (an affine composition: pathwise algebra, "
+                         + POINTWISE + ")")
 
 
 @register("align.drwr_weight",
@@ -487,7 +488,8 @@ def dipp_thm31():
         return c_r * reward(x)
 
     fake = gen.score_predictor(p, frozen=True)
-    loss = diff_instruct_pp_loss(gen(Z), ref, fake, T, reward=weighted_reward, alpha_rew=mutate(alpha_rew, -alpha_rew), eps=E,
+    loss = diff_instruct_pp_loss(gen(Z), ref, fake, T, reward=weighted_reward,
+                                 alpha_rew=mutate(alpha_rew, -alpha_rew), eps=E,     # cf: the reward's sign
                                  weight=B * W)
     lib = _flat_grads(torch.autograd.grad(loss, params))
     return identity(lib, exact, rtol=1e-10, atol=1e-13)
@@ -512,7 +514,8 @@ def dipp_thm33(dim):
     fake = gen.score_predictor(p, frozen=True)
     lib = []
     for mode in ("in", "out"):
-        loss = diff_instruct_pp_loss(gen(z), mix, fake, t, alpha_rew=0.0, alpha_cfg=mutate(1 / beta, beta), cfg=mode, cond=1,
+        loss = diff_instruct_pp_loss(gen(z), mix, fake, t, alpha_rew=0.0, alpha_cfg=mutate(1 / beta, beta),  # cf: beta
+                                     cfg=mode, cond=1,
                                      eps=eps, weight=w)
         lib.append(beta * _flat_grads(torch.autograd.grad(loss, params)))
     _, x_t = _x_t(gen, p, z, eps, t)
@@ -675,7 +678,8 @@ def _image_problem(n: int, seed: int):
     from dstar_edu.verify.checks.distill import image_mixture_generator, random_directions
     p = DDPM(1000)
     mix, what = _class_mixture(3072, p)
-    images = mix.means.reshape(-1, 3, 32, 32)           # the support points of the empirical reference
+    from toy_data.cifar import image_dataset_for_checks
+    images, _ = image_dataset_for_checks(16, generator=_gen(0), dtype=F64)   # the reference's points
     gen = image_mixture_generator(images)
     g = _gen(seed)
     z = gen.noise(n, g)

@@ -214,7 +214,8 @@ def eq13(x_t, x0, z, ab, abp, sig, printed=False, **_):
           "handbook Eq. 8-11", dims=DIMS)
 def posterior_forms(dim):
     d = _step_inputs(dim)
-    boxed_mu = d["x_t"] / d["a"].sqrt() - (1 - d["a"]) / ((1 - mutate(d["ab"], d["abp"])).sqrt() * d["a"].sqrt()) * d["e"]
+    ab_boxed = mutate(d["ab"], d["abp"])                 # counterfactual: ab_{t-1} for ab_t in the boxed mean
+    boxed_mu = d["x_t"] / d["a"].sqrt() - (1 - d["a"]) / ((1 - ab_boxed).sqrt() * d["a"].sqrt()) * d["e"]
     eq8_mu = (d["a"].sqrt() * (1 - d["abp"]) * d["x_t"] + d["abp"].sqrt() * (1 - d["a"]) * d["x0"]) / (1 - d["ab"])
     ref = eq9(**d)
     sigma_identity = (1 - d["abp"] - d["sig"] ** 2).sqrt() - (1 - d["abp"]) * (d["a"] / (1 - d["ab"])).sqrt()
@@ -564,7 +565,8 @@ def consistency_boundary(dim):
           "handbook Sec. 2.2.2 (L_SM, last line)", dims=DIMS,
           printed="L_SM = E[ w(t)/sqrt(1 - ab_t) ||eps_theta(x_t, t) - eps||^2 ]  (by Eq. 6)",
           corrected="L_SM = E[ w(t)/(1 - ab_t) ||eps_theta(x_t, t) - eps||^2 ]: the line above is "
-                    "||-(x_t - sqrt(ab_t) x0)/(1 - ab_t) + eps_theta/sqrt(1 - ab_t)||^2 = ||eps_theta - eps||^2/(1 - ab_t)")
+                    "||-(x_t - sqrt(ab_t) x0)/(1 - ab_t) + eps_theta/sqrt(1 - ab_t)||^2 "
+                    "= ||eps_theta - eps||^2/(1 - ab_t)")
 def sm_loss_weight(dim):
     """Per sample, the handbook's previous line (its integrand with Eq. 17-18 substituted) against the printed and
     the corrected last line; w(t) = sigma_t^2 (the handbook's example), eps_theta the exact E[eps | x_t] of the data."""

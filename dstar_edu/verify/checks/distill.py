@@ -509,7 +509,8 @@ def di_ikl_gradient(dim):
     vsd = per_sample_derivatives_x0(
         gen, z, lambda x0: vsd_loss(x0, teacher, fake, t, eps=eps, weight=process.alpha(t), reduction="none"), dirs)
     est = mutate(1, -1) * torch.cat([di, vsd], 1)      # counterfactual: both surrogates with their sign flipped
-    return _paired(est, torch.cat([ref, ref], 1), data=_GAUSS_LABEL, directions=[f"DI:{n}" for n in names] + [f"VSD:{n}" for n in names])
+    return _paired(est, torch.cat([ref, ref], 1), data=_GAUSS_LABEL,
+                   directions=[f"DI:{n}" for n in names] + [f"VSD:{n}" for n in names])
 
 
 # ---- SDS = Diff-Instruct with a Dirac generator (Luo talk Cor. 3.4); handbook's SDS sign -------------------------

@@ -179,7 +179,8 @@ def mixture_log_density():
         for t in (0.0, 0.4):
             tt = torch.full((5,), t, dtype=F64)
             a, s = p.alpha(torch.tensor(t, dtype=F64)), p.sigma(torch.tensor(t, dtype=F64))
-            ref = MixtureSameFamily(Categorical(probs=w), MultivariateNormal(a * means, a * a * full_covs + s * s * eye))
+            ref = MixtureSameFamily(Categorical(probs=w),
+                                    MultivariateNormal(a * means, a * a * full_covs + s * s * eye))
             lhs.append(mix.log_prob(x, tt) if t > 0 else mix.log_prob(x, None))
             rhs.append(ref.log_prob(x) + mutate(0.0, 0.5 * math.log(2 * math.pi)))   # cf: a missing 1/sqrt(2 pi)
     tt = torch.full((5,), 0.4, dtype=F64)
@@ -271,7 +272,8 @@ def npo_guidance():
     lhs, rhs = [], []
     for omega in (0.0, 1.5, 7.5):
         ref = (mutate(omega, -omega) + 1) * e_pos - omega * e_neg       # counterfactual: omega's sign in the first term
-        lhs += [npo_guided_eps(e_pos, e_neg, omega), GuidedPredictor(pos, omega, negative=neg, uncond=1).predict("eps", x, t, 1)]
+        guided = GuidedPredictor(pos, omega, negative=neg, uncond=1)
+        lhs += [npo_guided_eps(e_pos, e_neg, omega), guided.predict("eps", x, t, 1)]
         rhs += [ref, ref]
     return identity(torch.stack(lhs), torch.stack(rhs), rtol=1e-10, data=POINTWISE)
 

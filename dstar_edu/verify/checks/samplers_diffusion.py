@@ -245,7 +245,8 @@ def subsequence_eq10(dim):
         alpha_eff = ab_t / ab_p
         sig_eff = torch.sqrt((1 - alpha_eff) * (1 - ab_p) / (1 - ab_t))
         lhs += [ddim_step(dist, x_t, tn, tp, eta=1.0, noise=z),
-                eq10_literal(x_t, x0, mutate(alpha_eff, p.step_alpha(tn)), ab_t, ab_p) + sig_eff * z]   # cf: per-step alpha
+                eq10_literal(x_t, x0, mutate(alpha_eff, p.step_alpha(tn)), ab_t, ab_p)   # cf: per-step alpha
+                + sig_eff * z]
         rhs += [mean + var.sqrt() * z] * 2
         if tp == 0:
             lhs += [ddim_step(dist, x_t, tn, 0, eta=0.0), ddim_step(dist, x_t, tn, 0, eta=1.0, noise=z)]
@@ -600,7 +601,8 @@ def smld_convergence(dim):
         b["rate_measured"] = (math.log2(a["rel_err_measured"] / b["rel_err_measured"])
                               if a["rel_err_measured"] > 0 and b["rel_err_measured"] > 0 else float("nan"))
     return monte_carlo(torch.tensor(est), torch.tensor(ref), torch.tensor(se), n_samples=n, per_eps=rows,
-                       data=f"Gaussian N(mu, diag v) in {D} dimensions, seeded mu (the dynamics' law is closed-form only for Gaussian data)")
+                       data=f"Gaussian N(mu, diag v) in {D} dimensions, seeded mu (the dynamics' law is closed-form "
+                            "only for Gaussian data)")
 
 
 # ---- diffusers cross-checks -----------------------------------------------------------------------------

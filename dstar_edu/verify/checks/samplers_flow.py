@@ -581,12 +581,14 @@ def instaflow_convergence(dim):
                 p = rescaled_ddpm(n)
                 ts = torch.arange(n, -1, -1, dtype=F64).tolist()
                 g, what = gaussian_data(dim, p)
-                step = lambda x, t, tp, z, g=g: fl.instaflow_posterior_step(_flipped_v(g), x, t, tp, noise=z)  # noqa: E731
+                step = lambda x, t, tp, z, g=g: fl.instaflow_posterior_step(  # noqa: E731
+                    _flipped_v(g), x, t, tp, noise=z)
             else:
                 p = DDPM(1000)
                 ts = torch.linspace(1000, 0, n + 1, dtype=F64).round().tolist()
                 g, what = gaussian_data(dim, p)
-                step = lambda x, t, tp, z, g=g: fl.instaflow_ddim_step(_flipped_v(g), x, t, tp, eta=0.0, noise=z)  # noqa: E731
+                step = lambda x, t, tp, z, g=g: fl.instaflow_ddim_step(  # noqa: E731
+                    _flipped_v(g), x, t, tp, eta=0.0, noise=z)
             m, V = _run_law(g, ts, step, *_y_prior(p, g))
             errs.append(law_error(m, V, *g.law(0.0)))
         errors[label] = errs
@@ -616,8 +618,8 @@ def instaflow_mc(dim):
         if method == "posterior":
             step = lambda x, t, tp, z, g=g: fl.instaflow_posterior_step(g, x, t, tp, noise=z)  # noqa: E731
         elif method == "simplified":      # counterfactual: Alg. 6's law for Alg. 7's samples
-            step = lambda x, t, tp, z, g=g: mutate(fl.instaflow_simplified_step, fl.instaflow_posterior_step)(  # noqa: E731
-                g, x, t, tp, noise=z)
+            alg7 = mutate(fl.instaflow_simplified_step, fl.instaflow_posterior_step)
+            step = lambda x, t, tp, z, g=g, alg7=alg7: alg7(g, x, t, tp, noise=z)  # noqa: E731
         else:
             step = lambda x, t, tp, z, g=g: fl.instaflow_ddim_step(g, x, t, tp, eta=1.0, noise=z)  # noqa: E731
         m, V = _run_law(g, ts.tolist(), step, *_y_prior(p, g))
@@ -703,7 +705,8 @@ def rf_euler_rate_exact_data(dim):
     with N = 16, 32, 64, 128 steps against the Richardson extrapolation 2 x_512 - x_256 of Euler itself (error
     O(N^-2), ~1e-5 of Euler's at N = 128): the max error must shrink at every doubling with observed order
     within 0.1 of 1. Counterfactual: the velocity read on the reversed time axis, at 1 + 0.1 - t (Eq. 35's
-    convention where Eq. 28's is meant): Euler then converges to another ODE's solution and the error stops shrinking."""
+    convention where Eq. 28's is meant): Euler then converges to another ODE's solution and the error stops
+    shrinking."""
     rf = RectifiedFlow()
     dist, what = exact_data(dim, rf)
     t_end = 0.1
