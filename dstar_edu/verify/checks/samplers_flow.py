@@ -695,7 +695,7 @@ def rf_euler_rate(dim):
                     max_errors=errors, orders=dict(zip(errors, orders)))
 
 
-@register("samplers.rf_euler_rate_exact_data",
+@register("samplers.rf_euler_order_exact_data",
           "Rectified-flow Euler with the exact velocity of the data (2D mixture, real CIFAR images) converges at "
           "first order", "handbook Sec. 2.4.2 (Euler sampling of dx/dt = v, v = E[eps - x0 | x_t])", dims=DIMS)
 def rf_euler_rate_exact_data(dim):
