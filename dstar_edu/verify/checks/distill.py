@@ -14,6 +14,7 @@ images when present, seeded synthetic images otherwise).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -642,6 +643,25 @@ def vsd_detach_trick(dim):
 
 
 # ---- VSD global optimum and Eq. 43 (handbook Sec. 3.2.3) --------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _vsd_quadrature(ts: tuple) -> Tensor:
+    """KL(p_t || q_t) of ``vsd_global_optimum``'s pair by quadrature (computed once; the counterfactual reuses it)."""
+    p, q = _vsd_pair()
+    return torch.tensor([_grid_kl(p, q, t) for t in ts], dtype=F64)
+
+
+def _vsd_pair():
+    from toy_data.mixtures import GaussianMixture
+    process = VE(80.0)
+    q = teacher_2d(process)
+    covs = q.eigvecs @ torch.diag_embed(q.eigvals) @ q.eigvecs.transpose(1, 2)
+    covs_p = covs.clone()
+    covs_p[1] = covs_p[1] * 1.3
+    p = GaussianMixture(q.means + torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.0]], dtype=F64), covs_p, q.weights,
+                        process=process)
+    return p, q
+
+
 def _grid_kl(p, q, t: float, n: int = 501) -> float:
     """KL(p_t || q_t) of two 2D mixtures by the trapezoid rule on a square grid (independent of sampling)."""
     half_width = 2.0 + 7.0 * math.sqrt(1.0 + t * t)   # data within |x| < 2, plus 7 diffused standard deviations
@@ -660,16 +680,10 @@ def vsd_global_optimum(dim):
     """Two exact 2D mixtures that differ only slightly (one component's variance and mean): KL(p_t || q_t) by
     quadrature is strictly positive and non-increasing at t in {0.05, 0.3, 1, 3} (VE), and a Monte-Carlo
     estimate E_p[log p_t - log q_t] agrees with it within 5 s.e. (returned); KL(q_t || q_t) = 0 exactly."""
-    from toy_data.mixtures import GaussianMixture
     process = VE(80.0)
-    q = teacher_2d(process)
-    covs = q.eigvecs @ torch.diag_embed(q.eigvals) @ q.eigvecs.transpose(1, 2)
-    covs_p = covs.clone()
-    covs_p[1] = covs_p[1] * 1.3
-    p = GaussianMixture(q.means + torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.0]], dtype=F64), covs_p, q.weights,
-                        process=process)
+    p, q = _vsd_pair()
     ts = [0.05, 0.3, 1.0, 3.0]
-    quad = torch.tensor([_grid_kl(p, q, t) for t in ts], dtype=F64)
+    quad = _vsd_quadrature(tuple(ts))
     g = _gen(41)
     n = 20000
     est, se = [], []
