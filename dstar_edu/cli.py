@@ -4,6 +4,7 @@
   dstar-edu verify -k tweedie      only the checks whose id contains "tweedie"
   dstar-edu verify --seed 7        re-draw every random input (0 = the registered numbers)
   dstar-edu verify --json out.json also write the results as JSON
+  dstar-edu verify --power         also run each check's counterfactual and report its margin
   dstar-edu list [-k SUBSTRING]    check ids, titles and seed sources
   dstar-edu errata                 the errata list (Markdown), generated from the registry
 """
@@ -25,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="only checks whose id contains SUBSTRING")
     p_verify.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                           help="also write the results as JSON to PATH (checked before any check runs)")
+    p_verify.add_argument("--power", action="store_true",
+                          help="also run each check's counterfactual (one deliberate error) and report its margin")
     p_verify.add_argument("--seed", type=int, default=0, metavar="N",
                           help="re-draw every Monte Carlo sample and random input with seed N "
                                "(default 0: the registered numbers)")
@@ -75,15 +78,20 @@ def _run(args, parser) -> int:
         parser.error(f"--seed must be a non-negative integer, got {args.seed}")
     json_file = _open_json(args.json_path, parser) if args.json_path else None
     from .verify import NoCheckMatches, run_and_report, run_checks
+    from .verify.registry import run_power_checks
+    from .verify.report import run_and_report_power
     try:
-        results = run_checks(args.pattern, progress=sys.stderr.isatty(), seed=args.seed)
+        if args.power:
+            results = run_power_checks(args.pattern, progress=sys.stderr.isatty(), seed=args.seed)
+        else:
+            results = run_checks(args.pattern, progress=sys.stderr.isatty(), seed=args.seed)
     except NoCheckMatches:
         if json_file is not None:
             json_file.close()
             os.unlink(args.json_path)
         print(f"no check id contains {args.pattern!r}; see 'dstar-edu list'", file=sys.stderr)
         return 2
-    return run_and_report(results, json_file)
+    return (run_and_report_power if args.power else run_and_report)(results, json_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,22 @@ Randomness: every check draws from ``check_generator(base_seed)``. A run with ``
 reproduces the registered numbers exactly; another seed re-draws every Monte Carlo sample and every
 random test point, so that ``verify(seed=s)`` over many ``s`` measures how often a check's tolerance is
 crossed by chance (``bench/bench_mc_flakes.py``).
+
+Power (``dstar-edu verify --power``): a check is only worth what it would catch, so every check also runs a
+*counterfactual*, the same computation with one deliberate, meaningful error in the quantity it tests (a sign,
+a missing factor, alpha for alpha_bar, a detached term, a wrong time). A check marks that error in place with
+``mutate(correct, wrong)``, which returns ``correct`` in a normal run and ``wrong`` when ``run_power`` runs the
+check a second time with the counterfactual switched on; ``mutating()`` is the boolean form for a branch.
+Nothing else changes between the two runs (same seeds, same tolerance), so the counterfactual's result says by
+how much the real check would fail on that error: its *margin* is ``|err| / tol`` for an identity (required
+>= ``POWER_IDENTITY`` = 1000) and the z-score ``max|est - ref| / s.e.`` for a Monte Carlo check (required >=
+``POWER_SIGMAS`` = 10). A convergence-order check (its tolerance is on a fitted order, details key ``order``)
+needs the counterfactual's order off by ``POWER_ORDER`` = 5 tolerances: a wrong formula in a first-order scheme
+converges to a wrong limit, so its observed order drops to ~0 (a whole order, 10 tolerances at tol 0.1, less
+the O(1/N) remainder of the fit), or its errors stop shrinking (no order: margin inf); 1000x a tolerance on an
+order is not a meaningful target.
+An erratum check is its own counterfactual: the printed formula's margin is reported. A check whose
+counterfactual run calls ``mutate`` zero times has no counterfactual and fails the power test.
 """
 from __future__ import annotations
 
@@ -25,10 +41,14 @@ import torch
 
 __all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_carlo", "erratum",
            "run_check", "run_checks", "select", "DIMS", "check_generator", "check_seed", "run_seed", "seeded",
-           "NoCheckMatches"]
+           "NoCheckMatches", "mutate", "mutating", "run_power", "run_power_checks", "POWER_IDENTITY",
+           "POWER_SIGMAS", "POWER_ORDER"]
 
 #: the two data dimensions every check that makes sense at both runs at: 2D points and 3x32x32 images
 DIMS = (2, 3072)
+
+#: the ``data`` detail of a check on seeded random vectors: kept only where the statement is pointwise algebra
+POINTWISE = "seeded random vectors: the statement is pointwise algebra in its inputs, no data distribution enters"
 
 
 @dataclass
@@ -135,9 +155,11 @@ def monte_carlo(estimate, reference, stderr, n_sigma: float = 5.0, **details) ->
 def erratum(printed: CheckResult, corrected: CheckResult, **details) -> CheckResult:
     """Seed formula fails as printed and the corrected one passes: the check passes (the erratum holds)."""
     ok = (not printed.passed) and corrected.passed
+    margin, required = power_margin(printed)
     return CheckResult("erratum", ok, corrected.abs_err, corrected.tol, corrected.lhs, corrected.rhs,
                        corrected.stderr,
                        {"printed_abs_err": printed.abs_err, "printed_passed": printed.passed,
+                        "printed_margin": margin, "printed_margin_required": required,
                         "corrected_kind": corrected.kind, **corrected.details, **details})
 
 
@@ -218,3 +240,97 @@ def _load_all() -> None:
     """Import every check module so that its ``@register`` decorators run."""
     from . import checks  # noqa: F401
 
+
+
+# ---- power: the counterfactual of every check ---------------------------------------------------------------
+#: required margins of a counterfactual: |err|/tol of an identity, z of a Monte Carlo check, and for a
+#: convergence-order check (tolerance on the fitted order) the order's miss in tolerances
+POWER_IDENTITY, POWER_SIGMAS, POWER_ORDER = 1000.0, 10.0, 5.0
+
+
+class _Counterfactual:
+    active = False      # True while run_power runs a check's counterfactual
+    used = 0            # mutate()/mutating() calls seen during that run
+
+
+def mutate(correct, wrong):
+    """The check's deliberate error: ``correct`` in a normal run, ``wrong`` in its counterfactual run."""
+    if not _Counterfactual.active:
+        return correct
+    _Counterfactual.used += 1
+    return wrong
+
+
+def mutating() -> bool:
+    """True inside a counterfactual run (and counted as its mutation): for errors that are a code branch."""
+    if _Counterfactual.active:
+        _Counterfactual.used += 1
+    return _Counterfactual.active
+
+
+def power_margin(res: CheckResult) -> tuple[float, float]:
+    """``(margin, required)`` of a *failing* result: by how much it misses, in the unit its kind is judged in."""
+    if res.kind == "erratum":
+        return float(res.details.get("printed_margin", math.nan)), float(
+            res.details.get("printed_margin_required", math.nan))
+    if res.kind == "monte_carlo":
+        z = res.details.get("max_z")
+        if z is None:
+            z = res.abs_err / res.stderr if res.stderr else math.nan
+        return float(z), POWER_SIGMAS
+    if "order" in res.details:      # a NaN order is the checks' verdict "the errors stop shrinking": no order at all
+        return (res.abs_err / res.tol if math.isfinite(res.abs_err) else math.inf), POWER_ORDER
+    return res.abs_err / res.tol if res.tol > 0 else math.inf, POWER_IDENTITY
+
+
+def run_power(check: Check, result: dict | None = None) -> dict:
+    """The check's counterfactual margin (an erratum check: its printed formula's margin, from ``result`` or a
+    normal run). ``ok`` when the check has a counterfactual that misses by at least the required margin."""
+    from dstar_edu.training import cpu_threads
+    start = time.perf_counter()
+    error, used = None, 0
+    try:
+        if check.printed or check.corrected:
+            res = result if result is not None else run_check(check)
+            margin = float(res["details"].get("printed_margin", math.nan))
+            required = float(res["details"].get("printed_margin_required", math.nan))
+            kind, used = "erratum", 1
+        else:
+            _Counterfactual.active, _Counterfactual.used = True, 0
+            try:
+                with cpu_threads(1):
+                    cf = check.fn(check.dim) if check.dim is not None else check.fn()
+            finally:
+                used, _Counterfactual.active = _Counterfactual.used, False
+            margin, required = power_margin(cf)
+            kind = cf.kind
+    except Exception as exc:  # noqa: BLE001 - a crashing counterfactual has no margin
+        margin, required, kind = math.nan, math.nan, "error"
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+    ok = used > 0 and math.isfinite(required) and not math.isnan(margin) and margin >= required
+    out = {"id": check.id, "kind": kind, "margin": margin, "required": required, "mutations": used, "ok": ok,
+           "seconds": time.perf_counter() - start}
+    if error:
+        out["error"] = error
+    return out
+
+
+def run_power_checks(pattern: str | None = None, progress: bool = False, seed: int = 0) -> list[dict]:
+    """Each selected check and its counterfactual: the normal result with a ``power`` entry added.
+
+    Raises ``NoCheckMatches`` when no id contains ``pattern``; ``seed`` as for ``run_checks``.
+    """
+    seed = _validate_seed(seed)
+    checks = select(pattern)
+    if not checks:
+        raise NoCheckMatches(f"no check id contains pattern={pattern!r}; 'dstar-edu list' shows the ids")
+    if progress:
+        from tqdm.auto import tqdm
+        checks = tqdm(checks, desc="verify --power", unit="check", leave=False)
+    out = []
+    with seeded(seed):
+        for c in checks:
+            r = run_check(c)
+            r["power"] = run_power(c, r)
+            out.append(r)
+    return out

@@ -100,3 +100,31 @@ def errata_markdown() -> str:
         lines += [f"## {c.source}: {c.title}", "", f"- check: `{base}`", f"- as printed: {c.printed}",
                   f"- what holds: {c.corrected}", ""]
     return "\n".join(lines)
+
+
+def format_power_table(results: list[dict]) -> str:
+    """``verify --power``: each check's verdict and its counterfactual's margin against the required one."""
+    head = f"{'':4} {'id':52} {'kind':11} {'margin':>9} {'required':>9} {'power':>5} {'sec':>6}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        pw = r["power"]
+        status = "ok" if r["passed"] else "FAIL"
+        lines.append(f"{status:4} {r['id']:52} {pw['kind']:11} {_fmt(pw['margin']):>9} {_fmt(pw['required']):>9} "
+                     f"{'ok' if pw['ok'] else 'WEAK':>5} {r['seconds'] + pw['seconds']:6.2f}")
+        if pw.get("error"):
+            lines.append("     counterfactual: " + pw["error"].strip().splitlines()[0])
+        elif not pw["mutations"]:
+            lines.append("     no counterfactual: the check never calls mutate()")
+    n_fail = sum(not r["passed"] for r in results)
+    n_weak = sum(not r["power"]["ok"] for r in results)
+    lines.append(f"{len(results) - n_fail} passed, {n_fail} failed; {len(results) - n_weak} with a counterfactual "
+                 f"at the required margin, {n_weak} weak")
+    return "\n".join(lines)
+
+
+def run_and_report_power(results: list[dict], json_path: str | None = None) -> int:
+    print(format_power_table(results))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0 if all(r["passed"] and r["power"]["ok"] for r in results) else 1

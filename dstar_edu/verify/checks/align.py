@@ -23,7 +23,7 @@ import torch
 
 from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM
-from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, register, check_generator, check_seed
+from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -133,7 +133,7 @@ def ddpo_reinforce_unbiased():
         x_init = torch.randn(500, 2, generator=g, dtype=F64)
         traj, _ = sample_with_log_probs(chain.predictor, ts, x_init, eta=1.0, generator=g)
         loss = ddpo_sf_loss(chain.predictor, traj, ts, reward(traj[-1]) - baseline, eta=1.0)
-        ests.append(-_flat_grads(torch.autograd.grad(loss, (chain.a, chain.b))))
+        ests.append(mutate(-1, 1) * _flat_grads(torch.autograd.grad(loss, (chain.a, chain.b))))   # cf: sign
     ests = torch.stack(ests)
     se = ests.std(0) / math.sqrt(ests.shape[0])
     return monte_carlo(ests.mean(0), exact, se, n_sigma=5.0, n_chains=ests.shape[0] * 500,
@@ -162,7 +162,7 @@ def ddpo_logprob_gradient(dim):
     printed = _flat_grads(torch.autograd.grad(mean, params, grad_outputs=(mean - x_prev).detach() / std ** 2,
                                               retain_graph=True))
     corrected = _flat_grads(torch.autograd.grad(mean, params, grad_outputs=(x_prev - mean).detach() / std ** 2))
-    return erratum(identity(printed, lhs, rtol=1e-10), identity(corrected, lhs, rtol=1e-10))
+    return erratum(identity(printed, lhs, rtol=1e-10), identity(corrected, lhs, rtol=1e-10), data=POINTWISE)
 
 
 @register("align.ddpo_posterior_restated",
@@ -193,7 +193,7 @@ def ddpo_posterior_restated(dim):
         pr += [((ab_t.sqrt() * (1 - ab_p) * x + ab_p.sqrt() * (1 - a_t) * x0) / (1 - ab_t)).flatten(), var.reshape(1)]
         co += [((a_t.sqrt() * (1 - ab_p) * x + ab_p.sqrt() * (1 - a_t) * x0) / (1 - ab_t)).flatten(), var.reshape(1)]
     lhs, pr, co = torch.cat(lhs), torch.cat(pr), torch.cat(co)
-    return erratum(identity(pr, lhs, rtol=1e-10), identity(co, lhs, rtol=1e-10))
+    return erratum(identity(pr, lhs, rtol=1e-10), identity(co, lhs, rtol=1e-10), data=POINTWISE)
 
 
 @register("align.draft_k", "DRaFT-K equals full back-propagation when K covers the chain; K=1 is the last step",
@@ -228,14 +228,16 @@ def draft_k(dim):
         return _flat_grads(torch.autograd.grad(loss, params))
 
     lhs = torch.cat([library(N), library(None), library(1)])
-    rhs = torch.cat([reference(N), reference(N), reference(1)])
+    rhs = torch.cat([reference(N), reference(N), reference(mutate(1, 2))])    # counterfactual: K off by one
     gap = float((reference(1) - reference(N)).abs().max())
-    return identity(lhs, rhs, rtol=1e-10, truncation_changes_gradient_by=gap)
+    return identity(lhs, rhs, rtol=1e-10, truncation_changes_gradient_by=gap,
+                    data="linear eps-predictor chain from N(0, I) (an affine composition: pathwise algebra, "
+                         + POINTWISE + ")")
 
 
 @register("align.drwr_weight",
           "DRWR's weighted regression targets p_ref exp(beta R) / Z only with weights exp(beta R)",
-          "handbook Sec. 3.3.2 (DRWR); Wang talk (KL-regularised optimum)",
+          "handbook Sec. 3.3.2 (DRWR); Peters & Schaal 2007 (reward-weighted regression)",
           printed="L_DRWR = E[min(e^beta R(x), w_max) ||eps - eps_theta(x_t, t)||^2] (weight e^beta times R)",
           corrected="weight min(exp(beta R(x)), w_max) (reward-weighted regression, Peters & Schaal 2007); "
                     "unclipped, the regression's optimum is the denoiser of p_ref exp(beta R)/Z, the "
@@ -245,7 +247,7 @@ def drwr_weight():
     """Data: 5 points (an empirical distribution) with rewards in (0, 1). Model: the exact denoiser of the
     empirical distribution with learnable weights softmax(phi), set to pi* = softmax(beta R). The gradient of
     the library's ``drwr_loss`` in phi at pi* vanishes in expectation iff pi* is the regression's optimum.
-    Monte Carlo over 30 batches of 400 (x0, t, eps) draws; 5 standard errors; same draws for both weights."""
+    Monte Carlo over 50 batches of 400 (x0, t, eps) draws; 5 standard errors; same draws for both weights."""
     from dstar_edu.objectives.reward_finetune import drwr_loss, drwr_weights
     from toy_data.mixtures import GaussianMixture
     p = DDPM(1000)
@@ -255,7 +257,7 @@ def drwr_weight():
     phi_star = torch.log_softmax(beta * R, 0)
     g = _gen(9)
     est = {"printed": [], "corrected": []}
-    for _ in range(30):
+    for _ in range(50):     # 50 batches, not 30: the printed weight then sits >= 10 s.e. away
         idx = torch.randint(0, 5, (400,), generator=g)
         t = torch.tensor([60.0, 150.0, 300.0], dtype=F64)[torch.randint(0, 3, (400,), generator=g)]
         eps = torch.randn(400, 2, generator=g, dtype=F64)
@@ -269,7 +271,7 @@ def drwr_weight():
     for kind, vals in est.items():
         v = torch.stack(vals)
         res[kind] = monte_carlo(v.mean(0), torch.zeros(5, dtype=F64), v.std(0) / math.sqrt(v.shape[0]), n_sigma=5.0)
-    return erratum(res["printed"], res["corrected"], n=30 * 400)
+    return erratum(res["printed"], res["corrected"], n=50 * 400)
 
 
 # ---- KL-regularised optimum and DPO (Wang talk) ------------------------------------------------------------
@@ -294,7 +296,7 @@ def kl_optimum():
     beta = 0.7
     log_ref = torch.log_softmax(torch.randn(7, generator=g, dtype=F64), 0)
     r = torch.randn(7, generator=g, dtype=F64)
-    log_star = kl_regularized_optimum(log_ref, r, beta)
+    log_star = kl_regularized_optimum(log_ref, r, mutate(beta, 1 / beta))    # counterfactual: temperature beta
     logZ = kl_optimum_log_partition(log_ref, r, beta)
     lhs, rhs = [], []
     for _ in range(5):
@@ -342,7 +344,7 @@ def dpo_implicit_reward_check():
     r = torch.randn(K, generator=g, dtype=F64)
     log_star = kl_regularized_optimum(log_ref, r, beta)
     logZ = kl_optimum_log_partition(log_ref, r, beta)
-    h = dpo_implicit_reward(log_star, log_ref, beta)
+    h = dpo_implicit_reward(log_star, log_ref, mutate(beta, 1 / beta))    # counterfactual: 1/beta
     bt = bradley_terry_prob(h[:, None], h[None, :])
     truth = torch.sigmoid(r[:, None] - r[None, :])
 
@@ -486,7 +488,8 @@ def dipp_thm31():
         return c_r * reward(x)
 
     fake = gen.score_predictor(p, frozen=True)
-    loss = diff_instruct_pp_loss(gen(Z), ref, fake, T, reward=weighted_reward, alpha_rew=alpha_rew, eps=E,
+    loss = diff_instruct_pp_loss(gen(Z), ref, fake, T, reward=weighted_reward,
+                                 alpha_rew=mutate(alpha_rew, -alpha_rew), eps=E,     # cf: the reward's sign
                                  weight=B * W)
     lib = _flat_grads(torch.autograd.grad(loss, params))
     return identity(lib, exact, rtol=1e-10, atol=1e-13)
@@ -511,7 +514,8 @@ def dipp_thm33(dim):
     fake = gen.score_predictor(p, frozen=True)
     lib = []
     for mode in ("in", "out"):
-        loss = diff_instruct_pp_loss(gen(z), mix, fake, t, alpha_rew=0.0, alpha_cfg=1 / beta, cfg=mode, cond=1,
+        loss = diff_instruct_pp_loss(gen(z), mix, fake, t, alpha_rew=0.0, alpha_cfg=mutate(1 / beta, beta),  # cf: beta
+                                     cfg=mode, cond=1,
                                      eps=eps, weight=w)
         lib.append(beta * _flat_grads(torch.autograd.grad(loss, params)))
     _, x_t = _x_t(gen, p, z, eps, t)
@@ -618,7 +622,8 @@ def distar_thm31_exact():
     B = len(W)
     c_r = B * torch.cat([nw] * 3) / len(times)
     fake = gen.score_predictor(p, frozen=True)
-    loss = diff_instruct_star_loss(gen(Z), ref, fake, T, reward=lambda x, c=None: c_r * reward(x), alpha_rew=alpha_rew,
+    loss = diff_instruct_star_loss(gen(Z), ref, fake, T, reward=lambda x, c=None: c_r * reward(x),
+                                   alpha_rew=mutate(alpha_rew, -alpha_rew),           # counterfactual: reward sign
                                    distance="l2", eps=E, weight=B * W)
     lib = _flat_grads(torch.autograd.grad(loss, params))
     return identity(lib, exact, rtol=1e-10, atol=1e-13)
@@ -654,7 +659,7 @@ def distar_thm31_mc():
         eps = torch.randn(n, 2, generator=g, dtype=F64)
         pick = torch.randint(0, 2, (n,), generator=g)
         T = torch.tensor(times, dtype=F64)[pick]
-        W = 2 * torch.tensor(wts, dtype=F64)[pick]  # each time drawn with probability 1/2
+        W = mutate(2, 1) * torch.tensor(wts, dtype=F64)[pick]  # each time drawn with probability 1/2 (cf: 1/2 lost)
         loss = diff_instruct_star_loss(gen(z), mix, fake, T, alpha_rew=0.0, alpha_cfg=alpha_cfg, cfg="in", cond=1,
                                        distance="pseudo_huber", c=c, eps=eps, weight=W)
         ests.append(_flat_grads(torch.autograd.grad(loss, params)))
@@ -662,3 +667,191 @@ def distar_thm31_mc():
     se = ests.std(0) / math.sqrt(ests.shape[0])
     return monte_carlo(ests.mean(0), exact, se, n_sigma=5.0, n=40 * 1000,
                        quadrature_change_h014_to_h010=float((exact - coarse).abs().max()))
+
+
+# ---- DI* Thm 3.1 and DI++ Thm 3.1 on real CIFAR images (3x32x32) ---------------------------------------------
+def _image_problem(n: int, seed: int):
+    """The class-conditional empirical reference of 16 real CIFAR images (``_class_mixture``), a 2-component
+    isotropic mixture generator whose means sit between reference images (``distill.image_mixture_generator``),
+    per-sample (z, eps, t), a quadratic reward centred on another image, and parameter directions."""
+    from dstar_edu.rewards import QuadraticReward
+    from dstar_edu.verify.checks.distill import image_mixture_generator, random_directions
+    p = DDPM(1000)
+    mix, what = _class_mixture(3072, p)
+    from toy_data.cifar import image_dataset_for_checks
+    images, _ = image_dataset_for_checks(16, generator=_gen(0), dtype=F64)   # the reference's points
+    gen = image_mixture_generator(images)
+    g = _gen(seed)
+    z = gen.noise(n, g)
+    eps = torch.randn(n, *gen.event_shape, generator=g, dtype=F64)
+    t = torch.randint(100, 900, (n,), generator=g).to(F64)
+    dirs = random_directions(gen, 2, seed + 1, only="log_scales") + random_directions(gen, 4, seed + 2)
+    reward = QuadraticReward(images[5].reshape(-1), scale=4.0)
+    return p, mix, what, gen, z, eps, t, dirs, reward
+
+
+@register("align.distar_thm31_images",
+          "DI* tractable loss (3.4) has the gradient of reward + pseudo-Huber score divergence (3.3) to the CFG-"
+          "enhanced reference of real CIFAR images (Monte Carlo)", "DI* Thm 3.1, Eq. 3.3-3.4; Sec. 3.3 (DI*-In)",
+          dims=(3072,))
+@_one_thread
+def distar_thm31_images(dim):
+    """Reference: the class-conditional empirical distribution of 16 real CIFAR-10 images (2 classes), guided
+    with alpha_cfg = 1.5 (DI*-In); generator: 2-component isotropic mixture at 3x32x32 (exact diffused score);
+    pseudo-Huber c = 0.5; quadratic reward. Per sample, along 6 parameter directions (forward-mode autograd):
+    the intractable side d/dtheta [d(s_theta,t(x_t) - s~_ref(x_t)) - alpha r(g_theta(z))] at fixed x_t
+    (autograd through the generator's exact score), against the derivative of the library's
+    ``diff_instruct_star_loss``. Paired Monte Carlo (n = 300): the per-sample sides differ, their means
+    agree within 5 s.e. Counterfactual: the tractable side with its sign flipped."""
+    from dstar_edu.objectives.alignment import GuidedPredictor, diff_instruct_star_loss
+    from dstar_edu.objectives.divergences import get_distance
+    from dstar_edu.verify.checks.distill import _paired, per_sample_derivatives, per_sample_derivatives_x0
+    n, alpha_cfg, alpha_rew, c = 300, 1.5, 0.3, 0.5
+    p, mix, what, gen, z, eps, t, dirs, reward = _image_problem(n, seed=30)
+    guided = GuidedPredictor(mix, alpha_cfg)
+    d = get_distance("pseudo_huber", c=c)
+    with torch.no_grad():
+        x_t = p.q_sample(gen(z), t, eps=eps)[0]
+        s_ref = guided.predict("score", x_t, t, 1)
+
+    def intractable(m):
+        return d.value(m.score_predictor(p).predict("score", x_t, t) - s_ref) - alpha_rew * reward(m(z))
+    lhs = per_sample_derivatives(gen, intractable, dirs)
+    fake = gen.score_predictor(p, frozen=True)
+    rhs = per_sample_derivatives_x0(gen, z, lambda x0: n * diff_instruct_star_loss(
+        x0, mix, fake, t, reward=reward, alpha_rew=alpha_rew, alpha_cfg=alpha_cfg, cfg="in", cond=1,
+        distance="pseudo_huber", c=c, eps=eps), dirs)
+    return _paired(mutate(rhs, -rhs), lhs, data=what, n_directions=len(dirs))
+
+
+@register("align.dipp_thm31_images",
+          "DI++ loss has the gradient of -alpha E r + KL(p_theta,t || p_ref,t) to a reference of real CIFAR images "
+          "(Monte Carlo)", "Luo talk Diff-Instruct++ Thm 3.1, Eq. 3.2-3.4", dims=(3072,))
+@_one_thread
+def dipp_thm31_images(dim):
+    """Reference: the class-conditional empirical distribution of 16 real CIFAR-10 images, class 1; generator:
+    2-component isotropic mixture at 3x32x32 with exact log-density; quadratic reward. Per sample, along 6
+    parameter directions: the pathwise derivative of ``log p_theta,t(x_t) - log p_ref,t(x_t|c) - alpha r(x0)``
+    with x_t = alpha g_theta(z) + sigma eps, *everything* live (autograd of exact log-densities: its mean is
+    the gradient of the KL, since the score-function term E[d log p_theta,t / d theta] = 0), against the
+    derivative of the library's ``diff_instruct_pp_loss`` (frozen exact generator score). Paired Monte Carlo
+    (n = 300), 5 s.e. Counterfactual: the reward's sign flipped in the library loss."""
+    from functools import partial
+
+    from dstar_edu.objectives.alignment import diff_instruct_pp_loss
+    from dstar_edu.verify.checks.distill import _paired, per_sample_derivatives, per_sample_derivatives_x0
+    n, alpha_rew = 300, 0.3
+    p, mix, what, gen, z, eps, t, dirs, reward = _image_problem(n, seed=40)
+
+    def exact(m):
+        x0 = m(z)
+        x_t = p.q_sample(x0, t, eps=eps)[0]
+        return m.log_prob(x_t, t, p) - mix.log_prob(x_t, t, 1) - alpha_rew * reward(x0)
+    lhs = per_sample_derivatives(gen, exact, dirs)
+    fake = gen.score_predictor(p, frozen=True)
+    loss = partial(diff_instruct_pp_loss, reference=mix, fake=fake, t=t, reward=reward, cond=1, eps=eps,
+                   alpha_rew=mutate(alpha_rew, -alpha_rew))
+    rhs = per_sample_derivatives_x0(gen, z, lambda x0: n * loss(x0), dirs)
+    return _paired(rhs, lhs, data=what, n_directions=len(dirs))
+
+
+# ---- ReFL, Q-score matching, DDPO-IS (handbook Sec. 3.3.1-3.3.2) -----------------------------------------------
+def _linear_eps_state(dim: int, seed: int):
+    """A linear eps-predictor chain and a batch x_t at its second time (DDPM t = 400)."""
+    p, ts, chain = _chain_setup(dim, seed=seed)
+    x = torch.randn(6, dim, generator=_gen(seed + 1), dtype=F64) * 1.2
+    return p, ts, chain, x, ts[1]
+
+
+@register("align.refl_gradient", "ReFL: grad L = -E[grad_x R(x_theta) grad_theta x_theta] through Tweedie's "
+          "one-step x_theta", "handbook Sec. 3.3.1 (ReFL), Eq. 7", dims=DIMS)
+@_one_thread
+def refl_gradient(dim):
+    """Linear eps-predictor, quadratic reward: the gradient of the library's ``refl_loss`` at x_t against the
+    vector-Jacobian product -grad_x R(x_theta) d x_theta / d theta of x_theta = (x_t - sqrt(1-ab_t) eps_theta) /
+    sqrt(ab_t) written out (Eq. 7), in the chain's parameters."""
+    from dstar_edu.objectives.reward_finetune import refl_loss
+    from dstar_edu.rewards import QuadraticReward
+    p, ts, chain, x, t = _linear_eps_state(dim, seed=50)
+    reward = QuadraticReward(torch.linspace(-1, 1, dim, dtype=F64), scale=1.0)
+    params = (chain.a, chain.b)
+    lib = _flat_grads(torch.autograd.grad(refl_loss(chain.predictor, x, t, reward), params))
+    ab = mutate(p.alpha_bar(t), p.step_alpha(t))                   # counterfactual: Sec. 3.3's alpha_t
+    x_theta = (x - (1 - ab).sqrt() * chain.predictor(x, t)) / ab.sqrt()
+    gx = -(x_theta - reward.center) / reward.scale ** 2            # grad_x R of the quadratic reward
+    ref = _flat_grads(torch.autograd.grad(x_theta, params, grad_outputs=-gx.detach() / x.shape[0]))
+    return identity(lib, ref, rtol=1e-10, data=POINTWISE)
+
+
+@register("align.refl_x0_hat", "ReFL's one-step prediction x_theta needs alpha_bar_t (Eq. 7)",
+          "handbook Sec. 3.3.1 (ReFL)", dims=DIMS,
+          printed="x_theta = x_t / sqrt(alpha_t) - sqrt(1 - alpha_t) / sqrt(alpha_t) eps_theta 'as Eq. (7)'",
+          corrected="x_theta = x_t / sqrt(ab_t) - sqrt(1 - ab_t) / sqrt(ab_t) eps_theta (Eq. 7): with the per-step "
+                    "alpha_t of the handbook's notation it is not Tweedie's estimate (the same slip as Alg. 1 line 4)")
+@_one_thread
+def refl_x0_hat(dim):
+    """The exact eps of the data's diffused law (exact_data) at DDPM times: printed and corrected x_theta against
+    the exact posterior mean E[x0 | x_t] (Gaussian conditioning)."""
+    from dstar_edu.verify.checks.basics import exact_data, noisy_batch
+    p = DDPM(1000)
+    dist, what = exact_data(dim, p)
+    _, _, x_t, t = noisy_batch(dist, p, [3, 40, 250, 600, 990], seed=55)
+    eps = dist.predict("eps", x_t, t)
+    col = [1] * (x_t.ndim - 1)
+    a, ab = p.step_alpha(t).reshape(-1, *col), p.alpha_bar(t).reshape(-1, *col)
+    truth = dist.posterior_mean(x_t, t)
+    printed = x_t / a.sqrt() - (1 - a).sqrt() / a.sqrt() * eps
+    corrected = x_t / ab.sqrt() - (1 - ab).sqrt() / ab.sqrt() * eps
+    return erratum(identity(printed, truth, rtol=1e-9), identity(corrected, truth, rtol=1e-9), data=what)
+
+
+@register("align.qsm", "Q-score matching: E ||s_theta(x_t, t) - grad_x R(x_t)||^2 with the model's score",
+          "handbook Sec. 3.3.1 (QSM); Psenka et al. 2024", dims=DIMS)
+@_one_thread
+def qsm(dim):
+    """Per-sample ``qsm_loss`` (scale 1 and 0.5) of a linear eps-predictor against ||-eps_theta/sqrt(1-ab_t) -
+    scale grad R(x_t)||^2 (Eq. 18 and the quadratic reward's gradient written out), and its parameter gradient
+    against autograd of that expression."""
+    from dstar_edu.objectives.reward_finetune import qsm_loss
+    from dstar_edu.rewards import QuadraticReward
+    p, ts, chain, x, t = _linear_eps_state(dim, seed=60)
+    reward = QuadraticReward(torch.linspace(-1, 1, dim, dtype=F64), scale=0.8)
+    params = (chain.a, chain.b)
+    lhs, rhs = [], []
+    for scale in (1.0, 0.5):
+        lib = qsm_loss(chain.predictor, x, t, reward, scale=scale, reduction="none")
+        s = -chain.predictor(x, t) / mutate((1 - p.alpha_bar(t)).sqrt(), 1 - p.alpha_bar(t))   # cf: sigma^2
+        ref = ((s + scale * (x - reward.center) / reward.scale ** 2) ** 2).sum(1)
+        lhs += [lib, _flat_grads(torch.autograd.grad(lib.sum(), params))]
+        rhs += [ref, _flat_grads(torch.autograd.grad(ref.sum(), params))]
+    return identity(torch.cat(lhs), torch.cat(rhs), rtol=1e-10, data=POINTWISE)
+
+
+@register("align.ddpo_is", "DDPO-IS: at theta = theta_old the clipped importance-sampling gradient is DDPO-SF's "
+          "over N; outside the clip range it vanishes", "handbook Sec. 3.3.2 (DDPO_IS); Black et al. 2023")
+@_one_thread
+def ddpo_is():
+    """A 3-step chain of a linear eps-predictor (eta = 1), trajectories from ``sample_with_log_probs``: (i) with
+    old log-probs = the current ones (ratio 1), grad ``ddpo_is_loss`` = grad ``ddpo_sf_loss`` / N; (ii) with old
+    log-probs lowered by 1 (ratio e > 1 + clip) and positive advantages the clipped surrogate is constant: zero
+    gradient; (iii) with negative advantages there the unclipped branch is active: -A ratio grad log p / N."""
+    from dstar_edu.objectives.reward_finetune import (_traj_log_probs, ddpo_is_loss, ddpo_sf_loss,
+                                                      sample_with_log_probs)
+    p, ts, chain = _chain_setup(2, seed=70)
+    x_init = torch.randn(64, 2, generator=_gen(71), dtype=F64)
+    traj, logp = sample_with_log_probs(chain.predictor, ts, x_init, eta=1.0, generator=_gen(72))
+    adv = torch.randn(64, generator=_gen(73), dtype=F64)
+    params, N = (chain.a, chain.b), len(ts) - 1
+    old = mutate(logp.detach(), logp.detach() - 0.5)             # counterfactual: stale old log-probs
+    g_is = _flat_grads(torch.autograd.grad(ddpo_is_loss(chain.predictor, traj, ts, adv, old, eta=1.0), params))
+    g_sf = _flat_grads(torch.autograd.grad(ddpo_sf_loss(chain.predictor, traj, ts, adv, eta=1.0), params))
+    pos, neg = adv.abs(), -adv.abs()
+    g_clip = _flat_grads(torch.autograd.grad(ddpo_is_loss(chain.predictor, traj, ts, pos, logp.detach() - 1.0,
+                                                          eta=1.0), params, allow_unused=True))
+    g_unclipped = _flat_grads(torch.autograd.grad(ddpo_is_loss(chain.predictor, traj, ts, neg, logp.detach() - 1.0,
+                                                               eta=1.0), params))
+    lp = _traj_log_probs(chain.predictor, traj, ts, 1.0, None)
+    ref_unclipped = _flat_grads(torch.autograd.grad((-neg[:, None] * math.e * lp).mean(1).mean(), params))
+    return identity(torch.cat([g_is, g_clip, g_unclipped]),
+                    torch.cat([g_sf / N, torch.zeros_like(g_clip), ref_unclipped]), rtol=1e-10, atol=1e-14,
+                    data="linear eps-predictor chain from N(0, I) (" + POINTWISE + ")")

@@ -8,13 +8,14 @@ autograd of the exact log-density: two independent routes.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from dstar_edu import conversions as cv
 from dstar_edu.process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow
-from dstar_edu.verify.registry import DIMS, erratum, identity, monte_carlo, register, check_generator, check_seed
+from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
@@ -72,7 +73,7 @@ def forward_chaining():
         variances.append(var)
     lhs = torch.stack([torch.stack(means), torch.stack(variances)])
     ab = p.alpha_bars[1:]
-    return identity(lhs, torch.stack([ab.sqrt(), 1 - ab]), rtol=1e-12)
+    return identity(lhs, torch.stack([mutate(ab.sqrt(), ab), 1 - ab]), rtol=1e-12)   # counterfactual: ab, not sqrt
 
 
 @register("basics.forward_chaining_mc", "Simulated Eq. 5 chain has the Eq. 6 marginal (Monte Carlo)",
@@ -92,13 +93,14 @@ def forward_chaining_mc(dim):
         a = p.alphas[t - 1]
         x = a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=g, dtype=F64)
         if t in (100, 1000):
-            ab = p.alpha_bars[t]
+            ab = mutate(p.alpha_bars[t], p.alphas[t - 1])    # counterfactual: alpha_t for alpha_bar_t
             r = ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).flatten()
             n = r.numel()
             est += [r.mean(), (r * r).mean()]
             ref += [0.0, 1.0]
             se += [1 / math.sqrt(n), math.sqrt(2 / n)]
-    return monte_carlo(torch.stack(est), torch.tensor(ref), torch.tensor(se), n=n_chains * dim)
+    return monte_carlo(torch.stack(est), torch.tensor(ref), torch.tensor(se), n=n_chains * dim,
+                       data="x0 ~ N(0, I): Eq. 5-6 are conditional on x0, so any x0 tests them (" + POINTWISE + ")")
 
 
 # ---- Eq. 7 (Tweedie) ----------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def tweedie(dim):
     _, _, x_t, t = noisy_batch(dist, p, DDPM_TIMES, seed=10)
     a, s = p.coefficients(t, x_t)
     eps_ideal = cv.eps_from_score(autograd_score(dist, x_t, t), s)          # Eq. 18 inverted
-    x0_tweedie = cv.x0_from_eps(x_t, eps_ideal, a, s)                        # Eq. 7
+    x0_tweedie = cv.x0_from_eps(x_t, eps_ideal, mutate(a, a * a), s)         # Eq. 7 (counterfactual: ab for sqrt(ab))
     budget = dist.log_prob(x_t, t).abs().max() * x_t.abs().max() / a.min()
     atol = 8 * torch.finfo(F64).eps * float(budget)
     return identity(x0_tweedie, dist.posterior_mean(x_t, t), rtol=1e-10, atol=atol, data=what)
@@ -145,11 +147,21 @@ def posterior_eq8(dim):
     these t); for Gaussian integrands the trapezoid rule is exponentially accurate: tolerance 1e-9 relative.
     """
     p = DDPM(1000)
+    ts, x0, x_t, lhs, what = _posterior_eq8_numerical(dim)
+    mean, var = ddpm_posterior(p, ts, x_t, x0)
+    var = mutate(var, 1 - p.step_alpha(ts)[:, None])      # counterfactual: beta_t for the posterior variance
+    rhs = torch.cat([mean.flatten(), var.expand(len(ts), x0.shape[1]).flatten()])
+    return identity(lhs, rhs, rtol=1e-9, data=what)
+
+
+@functools.lru_cache(maxsize=None)
+def _posterior_eq8_numerical(dim):
+    """The numerical Bayes side of ``posterior_eq8`` (computed once per dim: the counterfactual run reuses it)."""
+    p = DDPM(1000)
     dist, what = exact_data(dim, p)
     ts = torch.tensor([2, 30, 300, 800], dtype=F64)
     x0, _, x_t, _ = noisy_batch(dist, p, ts, seed=20)
     x0, x_t = x0.reshape(len(ts), -1), x_t.reshape(len(ts), -1)
-    mean, var = ddpm_posterior(p, ts, x_t, x0)
     u = torch.linspace(-1, 1, 2001, dtype=F64)
     num_mean, num_var = [], []
     for i, t in enumerate(ts.long()):
@@ -164,8 +176,7 @@ def posterior_eq8(dim):
         num_mean.append(m)
         num_var.append(torch.trapezoid(dens * (grid - m[:, None]) ** 2, grid, dim=1) / z)
     lhs = torch.cat([torch.stack(num_mean).flatten(), torch.stack(num_var).flatten()])
-    rhs = torch.cat([mean.flatten(), var.expand(len(ts), x0.shape[1]).flatten()])
-    return identity(lhs, rhs, rtol=1e-9, data=what)
+    return ts, x0, x_t, lhs, what
 
 
 # ---- Eq. 9-13: equivalent forms of the DDPM step ---------------------------------------------------------
@@ -212,13 +223,14 @@ def eq13(x_t, x0, z, ab, abp, sig, printed=False, **_):
           "handbook Eq. 8-11", dims=DIMS)
 def posterior_forms(dim):
     d = _step_inputs(dim)
-    boxed_mu = d["x_t"] / d["a"].sqrt() - (1 - d["a"]) / ((1 - d["ab"]).sqrt() * d["a"].sqrt()) * d["e"]
+    ab_boxed = mutate(d["ab"], d["abp"])                 # counterfactual: ab_{t-1} for ab_t in the boxed mean
+    boxed_mu = d["x_t"] / d["a"].sqrt() - (1 - d["a"]) / ((1 - ab_boxed).sqrt() * d["a"].sqrt()) * d["e"]
     eq8_mu = (d["a"].sqrt() * (1 - d["abp"]) * d["x_t"] + d["abp"].sqrt() * (1 - d["a"]) * d["x0"]) / (1 - d["ab"])
     ref = eq9(**d)
     sigma_identity = (1 - d["abp"] - d["sig"] ** 2).sqrt() - (1 - d["abp"]) * (d["a"] / (1 - d["ab"])).sqrt()
     lhs = torch.stack([eq10(**d), eq11(**d), boxed_mu + d["sig"] * d["z"], eq8_mu + d["sig"] * d["z"],
                        ref + sigma_identity])
-    return identity(lhs, ref.expand_as(lhs), rtol=1e-12)
+    return identity(lhs, ref.expand_as(lhs), rtol=1e-12, data=POINTWISE)
 
 
 @register("basics.eq12_denominator", "Eq. 12 divides by sqrt(alpha_bar_t), not sqrt(alpha_t)",
@@ -230,7 +242,8 @@ def posterior_forms(dim):
 def eq12_denominator(dim):
     d = _step_inputs(dim)
     ref = eq9(**d)
-    return erratum(identity(eq12(**d, printed=True), ref, rtol=1e-12), identity(eq12(**d), ref, rtol=1e-12))
+    return erratum(identity(eq12(**d, printed=True), ref, rtol=1e-12), identity(eq12(**d), ref, rtol=1e-12),
+                   data=POINTWISE)
 
 
 @register("basics.eq13_coefficient", "Eq. 13's x_t coefficient needs sigma_t",
@@ -242,7 +255,8 @@ def eq12_denominator(dim):
 def eq13_coefficient(dim):
     d = _step_inputs(dim)
     ref = eq9(**d)
-    return erratum(identity(eq13(**d, printed=True), ref, rtol=1e-12), identity(eq13(**d), ref, rtol=1e-12))
+    return erratum(identity(eq13(**d, printed=True), ref, rtol=1e-12), identity(eq13(**d), ref, rtol=1e-12),
+                   data=POINTWISE)
 
 
 # ---- Eq. 15-18: scores ------------------------------------------------------------------------------------
@@ -258,7 +272,7 @@ def conditional_score(dim):
     x = x_t.clone().requires_grad_(True)
     log_q = (-(x - a * x0) ** 2 / (2 * s ** 2)).sum()
     (auto_cond,) = torch.autograd.grad(log_q, x)
-    eq17 = -(x_t - a * x0) / s ** 2
+    eq17 = -(x_t - a * x0) / mutate(s ** 2, s)        # counterfactual: sigma for sigma^2
     eq16 = -eps / s
     eps_ideal = cv.eps_from_x0(x_t, dist.posterior_mean(x_t, t), a, s)
     eq18 = cv.score_from_eps(eps_ideal, s)
@@ -296,25 +310,37 @@ def _exact_pair(dim, process, ts, seed):
 @register("basics.triangular_diffusion", "Triangular formulas eps/x0/v and v-bar (Fig. 3, Sec. 2.6.1-2.6.2)",
           "handbook Fig. 3, Sec. 2.6.2", dims=DIMS)
 def triangular_diffusion(dim):
-    """With the exact (x0_hat, eps_hat) of the mixture, every printed edge of the triangle holds, the v-bar
-    variants hold, and the generic ``convert`` router round-trips every pair of predictions."""
+    """Every printed edge of the triangle and the v-bar variants, against references that do not go through
+    ``conversions``: x0 = E[x0|x_t] by Gaussian conditioning, eps = -sqrt(1-ab) * (autograd score) (Eq. 18),
+    v = sqrt(1-ab) x0 - sqrt(ab) eps written out (Sec. 2.6.2). The generic router is checked the same way:
+    ``from_x0_eps`` must produce each prediction's definition (the table in ``conversions``, written out here
+    with the process's alpha, sigma and their derivatives) and ``to_x0_eps`` must invert it, so a consistently
+    wrong convention (e.g. v and v-bar swapped in both directions) fails."""
     p = DDPM(1000)
-    x_t, t, x0, eps, what = _exact_pair(dim, p, DDPM_TIMES, seed=60)
+    dist, what = exact_data(dim, p)
+    _, _, x_t, t = noisy_batch(dist, p, DDPM_TIMES, seed=60)
+    x0 = dist.posterior_mean(x_t, t)
     ab = p.alpha_bar(t, x_t).reshape(-1, *[1] * (x_t.ndim - 1))
+    eps = -(1 - ab).sqrt() * autograd_score(dist, x_t, t)
+    v_ref = (1 - ab).sqrt() * x0 - ab.sqrt() * eps
     v = cv.v_from_x0_eps(x0, eps, ab)
     v_bar = ab.sqrt() * eps - (1 - ab).sqrt() * x0
     a, s = p.coefficients(t, x_t)
-    lhs = [cv.eps_from_x0(x_t, x0, a, s), cv.x0_from_v(x_t, v, ab), cv.eps_from_v(x_t, v, ab),
+    lhs = [cv.eps_from_x0(x_t, x0, a, s), cv.x0_from_v(x_t, v_ref, ab), cv.eps_from_v(x_t, v_ref, ab),
            cv.eps_from_x0_via_v(x_t, x0, ab), ab.sqrt() * x_t - (1 - ab).sqrt() * v_bar,
-           (1 - ab).sqrt() * x_t + ab.sqrt() * v_bar, -v]
-    rhs = [eps, x0, eps, eps, x0, eps, v_bar]
-    for src in cv.PREDICTIONS:
-        if src == "trigflow_F":
-            continue
-        val = cv.from_x0_eps(src, x0, eps, x_t, t, p)
-        for tgt in ("x0", "eps"):
-            lhs.append(cv.convert(val, src, tgt, x_t, t, p))
-            rhs.append(x0 if tgt == "x0" else eps)
+           (1 - ab).sqrt() * x_t + ab.sqrt() * v_bar, v]
+    rhs = [eps, x0, eps, eps, x0, eps, v_ref]
+    da, ds = (c.reshape(-1, *[1] * (x_t.ndim - 1)) for c in (p.d_alpha(t), p.d_sigma(t)))
+    c_skip, c_out = cv.cm_c_skip_c_out(s / a)
+    v_def = mutate(v_ref, -v_ref)              # counterfactual: the v / v-bar convention swapped everywhere
+    definitions = {"eps": eps, "x0": x0, "score": -eps / s, "velocity": da * x0 + ds * eps, "v": v_def,
+                   "v_bar": -v_def, "instaflow_v": x0 - eps, "cm_f": c_skip * x_t + c_out * x0}
+    for src, val in definitions.items():
+        lhs.append(cv.from_x0_eps(src, x0, eps, x_t, t, p))
+        rhs.append(val)
+        x0_back, eps_back = cv.to_x0_eps(src, val, x_t, t, p)
+        lhs += [x0_back, eps_back]
+        rhs += [x0, eps]
     return identity(torch.stack(lhs), torch.stack(rhs), rtol=1e-9, data=what)
 
 
@@ -336,7 +362,7 @@ def v_is_dx_dphi(dim):
     phi = lambda tt: cv.angle_phi(p.alpha_bar(tt))  # noqa: E731
     dphi_dt = torch.autograd.functional.jvp(phi, t, torch.ones_like(t))[1][:, None]
     v = cv.v_from_x0_eps(x0, eps, p.alpha_bar(t)[:, None])
-    return erratum(identity(dx_dt, v, rtol=1e-10), identity(dx_dt / dphi_dt, v, rtol=1e-10))
+    return erratum(identity(dx_dt, v, rtol=1e-10), identity(dx_dt / dphi_dt, v, rtol=1e-10), data=POINTWISE)
 
 
 # ---- Fig. 4, Eq. 30-33: rectified-flow space ----------------------------------------------------------------
@@ -349,7 +375,7 @@ def triangular_instaflow(dim):
     x_t, t, x0, eps, what = _exact_pair(dim, p, DDPM_TIMES, seed=80)
     ab = p.alpha_bar(t, x_t).reshape(-1, *[1] * (x_t.ndim - 1))
     y = cv.instaflow_y(x_t, ab)
-    gam = cv.instaflow_gamma(ab)
+    gam = mutate(cv.instaflow_gamma(ab), ab.sqrt())         # counterfactual: gamma = alpha, not alpha/(alpha+sigma)
     v_y = x0 - eps
     lhs = torch.stack([y, cv.x0_from_instaflow_v(y, v_y, ab), cv.x0_from_instaflow_eps(y, eps, ab),
                        cv.eps_from_instaflow_v(y, v_y, ab)])
@@ -362,9 +388,12 @@ def triangular_instaflow(dim):
 def velocity_mapping(dim):
     """Eq. 39's two forms and autograd agree: dy/dphi = (v^x b - x_t (sqrt(1-ab) - sqrt(ab))) / b^2
     = (x0 - eps) / (1 + 2 sqrt(ab) sqrt(1-ab)) = (x0 - eps) |y|^2/|x|^2; and the InstaFlow target of
-    Eq. 30 is dy/dgamma = x0 - eps."""
+    Eq. 30 is dy/dgamma = x0 - eps. Data x0: 4 draws of the exact data (at 3x32x32 real CIFAR images, see
+    ``exact_data``; the statement is pointwise algebra in (x0, eps), so the data only sets realistic scales)."""
     g = _gen(90)
-    x0, eps = torch.randn(4, dim, generator=g, dtype=F64), torch.randn(4, dim, generator=g, dtype=F64)
+    dist, what = exact_data(dim, DDPM(1000))
+    x0 = dist.sample(4, generator=g).reshape(4, -1)
+    eps = torch.randn(4, dim, generator=g, dtype=F64)
     phi = torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=F64)
     ab = (torch.sin(phi) ** 2)[:, None]
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
@@ -377,10 +406,10 @@ def velocity_mapping(dim):
     gam = cv.instaflow_gamma(ab)
     dy_dgamma = dy_dphi / torch.autograd.functional.jvp(
         lambda ph: torch.sin(ph) / (torch.sin(ph) + torch.cos(ph)), phi, torch.ones_like(phi))[1][:, None]
-    lhs = torch.stack([cv.instaflow_v_from_diffusion_v(x_t, v_x, ab), cv.instaflow_v_closed_form(x0, eps, ab),
-                       (x0 - eps) * norm_ratio, dy_dgamma, y])
+    lhs = torch.stack([cv.instaflow_v_from_diffusion_v(x_t, mutate(v_x, -v_x), ab),   # counterfactual: v^x sign
+                       cv.instaflow_v_closed_form(x0, eps, ab), (x0 - eps) * norm_ratio, dy_dgamma, y])
     rhs = torch.stack([dy_dphi, dy_dphi, dy_dphi, x0 - eps, gam * x0 + (1 - gam) * eps])
-    return identity(lhs, rhs, rtol=1e-10)
+    return identity(lhs, rhs, rtol=1e-10, data=what)
 
 
 @register("basics.weighted_regression", "Velocity-mapped RF loss is a weighted x0 regression (Sec. 2.4.5)",
@@ -391,19 +420,23 @@ def velocity_mapping(dim):
                     "sqrt(1-ab)(sqrt(ab) + sqrt(1-ab)) (x_theta - x0) = (1-ab)(sqrt(ab) + sqrt(1-ab))/sqrt(ab) "
                     "(eps - eps_theta); still a weighted regression, with these weights")
 def weighted_regression(dim):
-    g = _gen(100)
-    x0, eps = torch.randn(5, dim, generator=g, dtype=F64), torch.randn(5, dim, generator=g, dtype=F64)
-    eps_theta = eps + 0.3 * torch.randn(5, dim, generator=g, dtype=F64)    # an imperfect model
-    ab = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.97], dtype=F64)[:, None]
+    """x0 from the exact data (real CIFAR images at 3x32x32), x_t on DDPM; the model is the exact denoiser
+    x_theta = E[x0 | x_t] of that data (Gaussian conditioning), so the residuals are a real regression's."""
+    p = DDPM(1000)
+    dist, what = exact_data(dim, p)
+    t = torch.tensor([700.0, 500.0, 300.0, 150.0, 20.0], dtype=F64)        # alpha_bar from 0.05 to 0.98
+    x0, eps, x_t, _ = noisy_batch(dist, p, t, seed=100)
+    x_theta = dist.posterior_mean(x_t, t).reshape(5, -1)
+    x0, eps, x_t = x0.reshape(5, -1), eps.reshape(5, -1), x_t.reshape(5, -1)
+    ab = p.alpha_bar(t)[:, None]
     a, s = ab.sqrt(), (1 - ab).sqrt()
-    x_t = a * x0 + s * eps
-    x_theta = (x_t - s * eps_theta) / a
+    eps_theta = (x_t - a * x_theta) / s
     v_x_theta = s * x_theta - a * eps
     residual = (1 + 2 * a * s) * cv.instaflow_v_from_diffusion_v(x_t, v_x_theta, ab) - (x0 - eps)
     printed = torch.stack([(a * s ** 2 + s ** 2) * (x_theta - x0), s ** 2 * (a + s) * (eps - eps_theta)])
     corrected = torch.stack([s * (a + s) * (x_theta - x0), s ** 2 * (a + s) / a * (eps - eps_theta)])
     both = torch.stack([residual, residual])
-    return erratum(identity(printed, both, rtol=1e-10), identity(corrected, both, rtol=1e-10))
+    return erratum(identity(printed, both, rtol=1e-10), identity(corrected, both, rtol=1e-10), data=what)
 
 
 # ---- Sec. 2.7: unified velocity-score formula ---------------------------------------------------------------
@@ -417,7 +450,7 @@ def _unified_velocity_check(process: Process, ts, dim: int):
     score = autograd_score(dist, x_t, t)
     x0 = dist.posterior_mean(x_t, t)
     truth = da * x0 + ds * cv.eps_from_x0(x_t, x0, a, s)
-    unified = cv.velocity_from_score(x_t, score, a, s, da, ds)
+    unified = cv.velocity_from_score(x_t, mutate(score, -score), a, s, da, ds)   # counterfactual: score sign
     f, g2 = da / a * x_t, 2 * s * ds - 2 * da / a * s ** 2           # SDE drift and g^2 of the process
     eq4 = f - 0.5 * g2 * score
     return identity(torch.stack([unified, eq4]), torch.stack([truth, truth]), rtol=1e-9, data=what)
@@ -445,7 +478,7 @@ def process_derivatives():
         t = torch.tensor(ts, dtype=F64)
         for fn, dfn in ((proc.alpha, proc.d_alpha), (proc.sigma, proc.d_sigma)):
             auto = torch.autograd.functional.jvp(fn, t, torch.ones_like(t))[1]
-            errs.append(dfn(t))
+            errs.append(mutate(dfn(t), -dfn(t)))
             refs.append(auto)
     return identity(torch.cat(errs), torch.cat(refs), rtol=1e-10)
 
@@ -480,7 +513,7 @@ def vlb_term(dim):
     printed = torch.stack([((mu_q - mu_theta) ** 2).sum(1) / (2 * spectral ** 2), w / spectral ** 2 * sq])
     corrected = torch.stack([((mu_q - mu_theta) ** 2).sum(1) / (2 * spectral), w / spectral * sq])
     both = torch.stack([kl, kl])
-    return erratum(identity(printed, both, rtol=1e-9), identity(corrected, both, rtol=1e-9))
+    return erratum(identity(printed, both, rtol=1e-9), identity(corrected, both, rtol=1e-9), data=POINTWISE)
 
 
 # ---- notation map and consistency parameterisations ---------------------------------------------------------
@@ -500,7 +533,7 @@ def notation_diffusers():
                       ("squaredcos_cap_v2", {})):
         s = DDPMScheduler(num_train_timesteps=1000, beta_schedule=sched, **kw)
         p = DDPM.from_diffusers_config(s.config)
-        lhs.append(torch.log(p.alpha_bar(t)))
+        lhs.append(torch.log(mutate(p.alpha_bar(t), p.step_alpha(t))))   # counterfactual: alpha for alpha_bar
         rhs.append(torch.log(s.alphas_cumprod.to(F64)))
         tols.append(2 * t * 2.0 ** -24)
         ab = p.alpha_bar(t)
@@ -517,13 +550,44 @@ def notation_diffusers():
 @register("basics.consistency_boundary", "Consistency parameterisations satisfy f(x, t_min) = x; TrigFlow f = E[x0|x_t]",
           "handbook Eq. 19, 38", dims=DIMS)
 def consistency_boundary(dim):
-    """Eq. 19 at t = eps gives c_skip = 1, c_out = 0; Eq. 38 at t = 0 gives x; and Eq. 38 with the exact
-    TrigFlow velocity (F = E[v_t | x_t] / sigma_d) returns the exact posterior mean."""
+    """Eq. 19 at t = eps gives f = x for any network output, Eq. 38 at t = 0 likewise; and Eq. 38 with the
+    exact TrigFlow velocity returns the exact posterior mean. That velocity comes from the autograd score
+    through the unified formula (Sec. 2.7), and the posterior mean from Gaussian conditioning, so the last
+    part is two independent routes, not a round trip through ``conversions``."""
     proc = TrigFlow(0.5)
-    x_t, t, x0, eps, what = _exact_pair(dim, proc, [0.1, 0.5, 0.9, 1.3, 1.55], seed=130)
-    F = cv.from_x0_eps("trigflow_F", x0, eps, x_t, t, proc)
+    dist, what = exact_data(dim, proc)
+    _, _, x_t, t = noisy_batch(dist, proc, [0.1, 0.5, 0.9, 1.3, 1.55], seed=130)
+    a, s = proc.coefficients(t, x_t)
+    da, ds = (c.reshape(-1, *[1] * (x_t.ndim - 1)) for c in (proc.d_alpha(t), proc.d_sigma(t)))
+    velocity = cv.velocity_from_score(x_t, autograd_score(dist, x_t, t), a, s, da, ds)
+    F = mutate(velocity, -velocity) / proc.sigma_data           # counterfactual: the velocity's sign
     f_exact = cv.trigflow_f(x_t, t, F, proc.sigma_data)
     x = torch.randn(x_t.shape, generator=_gen(131), dtype=F64)
     f_cm = cv.consistency_f(x, torch.randn_like(x), torch.full((len(x),), 0.002, dtype=F64))
     f_trig0 = cv.trigflow_f(x, torch.zeros(len(x), dtype=F64), torch.randn_like(x), 0.5)
-    return identity(torch.stack([f_exact, f_cm, f_trig0]), torch.stack([x0, x, x]), rtol=1e-10, data=what)
+    return identity(torch.stack([f_exact, f_cm, f_trig0]), torch.stack([dist.posterior_mean(x_t, t), x, x]),
+                    rtol=1e-10, data=what)
+
+
+# ---- Sec. 2.2.2: the score-matching loss as a weighted eps regression --------------------------------------------
+@register("basics.sm_loss_weight", "L_SM as an eps regression has the weight w(t)/(1 - ab_t)",
+          "handbook Sec. 2.2.2 (L_SM, last line)", dims=DIMS,
+          printed="L_SM = E[ w(t)/sqrt(1 - ab_t) ||eps_theta(x_t, t) - eps||^2 ]  (by Eq. 6)",
+          corrected="L_SM = E[ w(t)/(1 - ab_t) ||eps_theta(x_t, t) - eps||^2 ]: the line above is "
+                    "||-(x_t - sqrt(ab_t) x0)/(1 - ab_t) + eps_theta/sqrt(1 - ab_t)||^2 "
+                    "= ||eps_theta - eps||^2/(1 - ab_t)")
+def sm_loss_weight(dim):
+    """Per sample, the handbook's previous line (its integrand with Eq. 17-18 substituted) against the printed and
+    the corrected last line; w(t) = sigma_t^2 (the handbook's example), eps_theta the exact E[eps | x_t] of the data."""
+    p = DDPM(1000)
+    dist, what = exact_data(dim, p)
+    x0, eps, x_t, t = noisy_batch(dist, p, DDPM_TIMES, seed=140)
+    eps_theta = dist.predict("eps", x_t, t)
+    ab = p.alpha_bar(t, x_t).reshape(-1, *[1] * (x_t.ndim - 1))
+    w = (1 - ab).reshape(-1)                                        # w(t) = sigma_t^2
+    flat = lambda v: v.reshape(v.shape[0], -1)  # noqa: E731
+    previous = w * (flat(-(x_t - ab.sqrt() * x0) / (1 - ab) + eps_theta / (1 - ab).sqrt()) ** 2).sum(1)
+    sq = (flat(eps_theta - eps) ** 2).sum(1)
+    ab1 = ab.reshape(-1)
+    return erratum(identity(w / (1 - ab1).sqrt() * sq, previous, rtol=1e-10),
+                   identity(w / (1 - ab1) * sq, previous, rtol=1e-10), data=what)

@@ -14,6 +14,7 @@ the sample packaged with ``toy_data``.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,8 +25,8 @@ from dstar_edu.generators import AffineGaussianGenerator, DiracGenerator, Mixtur
 from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fgm_generator_loss, sds_loss,
                                           sid_generator_loss, sim_generator_loss, vsd_loss)
 from dstar_edu.objectives.divergences import ScoreDistance, get_distance
-from dstar_edu.process import VE, VP, RectifiedFlow
-from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, register, check_generator, check_seed
+from dstar_edu.process import DDPM, VE, VP, RectifiedFlow
+from dstar_edu.verify.registry import DIMS, POINTWISE, CheckResult, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
@@ -152,8 +153,10 @@ def _z(est: Tensor, ref: Tensor) -> float:
 
 
 # ---- SIM problems ----------------------------------------------------------------------------------------------
-#: distances of SIM Table 4 with the constants used by the checks
-TABLE4 = {"l2": {}, "alpha_power": {"alpha": 4}, "exp_power": {"alpha": 2, "beta": 0.05}, "l1": {},
+#: distances of SIM Table 4 with the constants used by the checks. exp-power has beta = 0.02: with 0.05 the
+#: per-sample gradient carries exp(beta ||y||^2) up to e^7 on this problem (||y||^2 reaches ~140), so even a sign
+#: flip of the tractable gradient sat only 4 s.e. away at n = 32768; at 0.02 the factor still ranges over 1..16
+TABLE4 = {"l2": {}, "alpha_power": {"alpha": 4}, "exp_power": {"alpha": 2, "beta": 0.02}, "l1": {},
           "huber": {"delta": 0.5}, "pseudo_huber": {"c": 0.5}}
 
 
@@ -202,11 +205,23 @@ def tractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, space="score"
         gen, z, lambda x0: loss(x0, teacher, fake, t, eps=eps, space=space, reduction="none", **dist), dirs)
 
 
+#: Monte-Carlo sizes and counterfactuals of the SIM Thm 3.1 checks. With 4000 paired samples in 2D the
+#: tractable gradient's sign flipped sat only 3.4-4.6 s.e. away (alpha-, exp-power) and a factor 2 5.8-7.4 s.e.
+#: (l2, Huber, pseudo-Huber), and at 3x32x32 (n = 300) a factor 2 6.7-9.5 s.e. Now: a factor 2 for l2, Huber and
+#: pseudo-Huber (n = 80000 in 2D, 900 at 3x32x32: >= 11 s.e.), the sign flip for the heavy-tailed alpha- and
+#: exp-power rows (2D only, n = 32768: >= 11 s.e.).
+SIM_POWER = {2: {"l2": (80000, 2.0), "huber": (80000, 2.0), "pseudo_huber": (80000, 2.0),
+                 "alpha_power": (32768, -1.0), "exp_power": (32768, -1.0), "pseudo_huber_x0": (20000, 2.0)},
+             3072: {"l2": (900, 2.0), "huber": (900, 2.0), "pseudo_huber": (900, 2.0), "pseudo_huber_x0": (None, 2.0)}}
+
+
 def _sim_thm31(dim: int, name: str, space: str = "score") -> CheckResult:
-    process, teacher, gen, dirs, names, z, eps, t, label = sim_problem(dim)
+    n, factor = SIM_POWER[dim][name if space == "score" else name + "_x0"]
+    process, teacher, gen, dirs, names, z, eps, t, label = sim_problem(dim, n=n)
     dist = {"distance": name, **TABLE4[name]}
     lhs = intractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, space, **dist)
     rhs = tractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, space, **dist)
+    rhs = mutate(rhs, factor * rhs)       # counterfactual: the tractable gradient off by a factor 2 or its sign
     return _paired(rhs, lhs, data=label, distance=str(get_distance(name, **TABLE4[name])), space=space,
                    directions=names)
 
@@ -287,7 +302,7 @@ def score_projection(dim):
                                log_scales=torch.log(torch.tensor([0.3, 0.6], dtype=F64)))
         n, t = 20000, _loguniform(20000, 0.1, 3.0, g)
     elif dim == 3072:
-        teacher, images, _ = image_teacher(process)
+        teacher, images, source = image_teacher(process)
         gen = image_mixture_generator(images)
         n, t = 1200, _loguniform(1200, 0.3, 5.0, g)
     else:
@@ -298,11 +313,11 @@ def score_projection(dim):
         s_p = gen.score(x_t, t, process)
         s_q = teacher.score(x_t, t)
         sig = t.reshape(-1, *[1] * (x_t.ndim - 1))
-        resid = s_p + eps / sig
+        resid = s_p + mutate(eps, -eps) / sig                   # counterfactual: conditional score's sign
         u1 = get_distance("pseudo_huber", c=0.5).grad(s_p - s_q)
         vals = torch.stack([(u1 * resid).reshape(n, -1).sum(1), (s_q * resid).reshape(n, -1).sum(1)], 1)
     se = vals.std(0) / math.sqrt(n)
-    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), se, n=n,
+    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), se, n=n, data=_label(dim, locals()),
                        per_sample_abs_mean=vals.abs().mean(0).tolist())
 
 
@@ -355,17 +370,18 @@ def sim_gradient_flow(dim):
     dist = {"distance": "pseudo_huber", "c": 0.5}
     lhs = intractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, **dist)
     rhs = tractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, **dist)
-    right = _paired(rhs, lhs)
     loc = [i for i, nm in enumerate(names) if nm.startswith("mu")]
     scl = [i for i, nm in enumerate(names) if nm.startswith("A")]
-    zs = {}
+    zs, ests = {}, {}
     for v in SIM_WRONG_VARIANTS:
-        est = tractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, loss=_sim_variant(v), **dist)
+        est = ests[v] = tractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, loss=_sim_variant(v), **dist)
         zs[v] = {"max_z": _z(est, lhs), "max_z_location": _z(est[:, loc], lhs[:, loc]),
                  "max_z_scale": _z(est[:, scl], lhs[:, scl])}
+    right = _paired(mutate(rhs, ests["detach_y"]), lhs)     # counterfactual: d'(y_t) detached in the 'correct' loss
     ok = right.passed and all(r["max_z"] > 5 for r in zs.values())
     return CheckResult("monte_carlo", ok, right.abs_err, right.tol, right.lhs, right.rhs, right.stderr,
-                       {"correct_max_z": right.details["max_z"], "wrong_variants": zs, "data": label})
+                       {"max_z": right.details["max_z"], "correct_max_z": right.details["max_z"],
+                        "wrong_variants": zs, "data": label})
 
 
 # ---- SiD = SIM with squared L2 ------------------------------------------------------------------------------------
@@ -390,7 +406,7 @@ def sid_is_sim_l2(dim):
                                     log_scales=torch.tensor([-0.5, 0.0], dtype=F64)).score_predictor(process, True)
             n = 256
         elif dim == 3072:
-            teacher, images, _ = image_teacher(process)
+            teacher, images, source = image_teacher(process)
             gen = image_mixture_generator(images)
             fake = MixtureGenerator(2, (3, 32, 32), means=images[4:6], log_scales=torch.zeros(2, dtype=F64)
                                     ).score_predictor(process, True)
@@ -411,11 +427,12 @@ def sid_is_sim_l2(dim):
         else:
             k = process.sigma(t) ** 2 / process.alpha(t)
             w = k ** 2 / 2
-        sim = _grad_vec(gen, sim_generator_loss(x0, teacher, fake, t, eps=eps, distance="l2", weight=w))
+        sim = _grad_vec(gen, sim_generator_loss(x0, teacher, fake, t, eps=eps, distance="l2",
+                                                weight=mutate(w, 2 * w)))        # cf: SiD's 1/2 dropped
         out.append((sid, sim))
     lhs = torch.cat([a for a, _ in out])
     rhs = torch.cat([b for _, b in out])
-    return identity(lhs, rhs, rtol=1e-9)
+    return identity(lhs, rhs, rtol=1e-9, data=_label(dim, locals()))
 
 
 # ---- Diff-Instruct: IKL gradient (Luo talk Thm 3.3) ----------------------------------------------------------------
@@ -429,6 +446,11 @@ def gaussian_kl(m1: Tensor, C1: Tensor, m2: Tensor, C2: Tensor, diagonal: bool) 
     tr = torch.cholesky_solve(C1, L2).diagonal(dim1=-2, dim2=-1).sum(-1)
     maha = (d.unsqueeze(-1) * torch.cholesky_solve(d.unsqueeze(-1), L2)).sum((-2, -1))
     return 0.5 * (tr + maha - C1.shape[-1] + torch.logdet(C2) - torch.logdet(C1))
+
+
+#: data of the checks that need a closed-form KL: a Gaussian teacher (2D full covariance; at 3x32x32 seeded per-pixel
+#: means and variances, not CIFAR: KL(p_theta,t || q_t) has no closed form for an empirical teacher)
+_GAUSS_LABEL = "Gaussian teacher with seeded mean and covariance (closed-form KL reference)"
 
 
 def _gaussian_problem(dim: int):
@@ -453,7 +475,7 @@ def _gaussian_problem(dim: int):
                                       A=0.3 + 0.4 * torch.rand(3072, generator=g, dtype=F64))
         dirs = random_directions(gen, 3, 12, only="A") + random_directions(gen, 3, 13)
         names = ["A_dir0", "A_dir1", "A_dir2", "rand0", "rand1", "rand2"]
-        diagonal, n = True, 400
+        diagonal, n = True, 600     # 600, not 400: the sign-flip counterfactual at >= 12 s.e.
     else:
         raise ValueError(f"dim={dim}; allowed: {DIMS}")
     mq, Sq = m.reshape(-1), (cov[0] if dim == 2 else var.reshape(-1))
@@ -487,8 +509,9 @@ def di_ikl_gradient(dim):
         gen, z, lambda x0: diff_instruct_loss(x0, teacher, fake, t, eps=eps, reduction="none"), dirs)
     vsd = per_sample_derivatives_x0(
         gen, z, lambda x0: vsd_loss(x0, teacher, fake, t, eps=eps, weight=process.alpha(t), reduction="none"), dirs)
-    est = torch.cat([di, vsd], 1)
-    return _paired(est, torch.cat([ref, ref], 1), directions=[f"DI:{n}" for n in names] + [f"VSD:{n}" for n in names])
+    est = mutate(1, -1) * torch.cat([di, vsd], 1)      # counterfactual: both surrogates with their sign flipped
+    return _paired(est, torch.cat([ref, ref], 1), data=_GAUSS_LABEL,
+                   directions=[f"DI:{n}" for n in names] + [f"VSD:{n}" for n in names])
 
 
 # ---- SDS = Diff-Instruct with a Dirac generator (Luo talk Cor. 3.4); handbook's SDS sign -------------------------
@@ -504,7 +527,7 @@ def _dirac_problem(dim: int):
         m = 0.5 * torch.randn(1, 3, 32, 32, generator=g, dtype=F64)
         var = 0.05 + 0.3 * torch.rand(1, 3, 32, 32, generator=g, dtype=F64)
         point = 0.5 * torch.randn(3, 32, 32, generator=g, dtype=F64)
-        teacher, n, Sq = GaussianMixture(m, var, process=process), 400, var.reshape(-1)
+        teacher, n, Sq = GaussianMixture(m, var, process=process), 1000, var.reshape(-1)  # 1000: cf >= 12 s.e.
     else:
         raise ValueError(f"dim={dim}; allowed: {DIMS}")
     gen = DiracGenerator(point.shape, point)
@@ -540,15 +563,16 @@ def sds_is_di_dirac(dim):
     fake = gen.score_predictor(process, frozen=True)
     di = per_sample_derivatives_x0(
         gen, z, lambda x0: diff_instruct_loss(x0, teacher, fake, t, eps=eps, reduction="none"), dirs)
-    w = process.alpha(t) / process.sigma(t)
+    w = process.alpha(t) / mutate(process.sigma(t), 1.0)       # counterfactual: SDS weight without 1/sigma
     sds = per_sample_derivatives_x0(gen, z, lambda x0: sds_loss(x0, teacher, t, eps=eps, weight=w, reduction="none"),
                                     dirs)
     ident = identity(sds, di, rtol=1e-9, atol=1e-12)
     ref = per_sample_derivatives(gen, exact_kl, dirs)
-    mc = _paired(di, ref)
+    mc = _paired(sds, ref)                      # = _paired(di, ref) when the identity holds
     ok = ident.passed and mc.passed
     return CheckResult("monte_carlo", ok, mc.abs_err, mc.tol, mc.lhs, mc.rhs, mc.stderr,
-                       {**mc.details, "identity_sds_vs_di_abs_err": ident.abs_err, "identity_tol": ident.tol})
+                       {**mc.details, "identity_sds_vs_di_abs_err": ident.abs_err, "identity_tol": ident.tol,
+                        "data": _GAUSS_LABEL})
 
 
 @register("distill.sds_sign", "The SDS gradient's second line has the sign reversed",
@@ -568,7 +592,7 @@ def sds_sign(dim):
     w = process.alpha(t) / process.sigma(t)
     corrected = per_sample_derivatives_x0(
         gen, z, lambda x0: sds_loss(x0, teacher, t, eps=eps, weight=w, reduction="none"), dirs)
-    return erratum(_paired(-corrected, ref), _paired(corrected, ref))
+    return erratum(_paired(-corrected, ref), _paired(corrected, ref), data=_GAUSS_LABEL)
 
 
 # ---- VSD / DMD detach trick (handbook Sec. 3.2.4) -------------------------------------------------------------------
@@ -588,7 +612,7 @@ def vsd_detach_trick(dim):
                                 log_scales=torch.tensor([-0.5, 0.0], dtype=F64)).score_predictor(process, True)
         n = 64
     elif dim == 3072:
-        teacher, images, _ = image_teacher(process)
+        teacher, images, source = image_teacher(process)
         gen = image_mixture_generator(images)
         fake = MixtureGenerator(2, (3, 32, 32), means=images[4:6], log_scales=torch.zeros(2, dtype=F64)
                                 ).score_predictor(process, True)
@@ -605,7 +629,7 @@ def vsd_detach_trick(dim):
         diff = fake.predict("score", x_t, t) - teacher.predict("score", x_t, t)
         D_q = teacher.predict("x0", x_t, t)
         C = x0[0].numel()
-        w_dmd = 2 * process.sigma(t) ** 2 / process.alpha(t) * C / (x0 - D_q).abs().reshape(n, -1).sum(1)
+        w_dmd = mutate(2, 1) * process.sigma(t) ** 2 / process.alpha(t) * C / (x0 - D_q).abs().reshape(n, -1).sum(1)
 
     def vjp(weights):
         gs = torch.autograd.grad(x0, list(gen.parameters()), grad_outputs=weights.reshape(-1, *[1] * (x0.ndim - 1))
@@ -615,10 +639,29 @@ def vsd_detach_trick(dim):
     lhs = torch.stack([_grad_vec(gen, vsd_loss(x0, teacher, fake, t, eps=eps, weight=w)),
                        _grad_vec(gen, dmd_loss(x0, teacher, fake, t, eps=eps, weighting=w)),
                        _grad_vec(gen, dmd_loss(x0, teacher, fake, t, eps=eps, weighting="dmd"))])
-    return identity(lhs, ref, rtol=1e-9)
+    return identity(lhs, ref, rtol=1e-9, data=_label(dim, locals()))
 
 
 # ---- VSD global optimum and Eq. 43 (handbook Sec. 3.2.3) --------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _vsd_quadrature(ts: tuple) -> Tensor:
+    """KL(p_t || q_t) of ``vsd_global_optimum``'s pair by quadrature (computed once; the counterfactual reuses it)."""
+    p, q = _vsd_pair()
+    return torch.tensor([_grid_kl(p, q, t) for t in ts], dtype=F64)
+
+
+def _vsd_pair():
+    from toy_data.mixtures import GaussianMixture
+    process = VE(80.0)
+    q = teacher_2d(process)
+    covs = q.eigvecs @ torch.diag_embed(q.eigvals) @ q.eigvecs.transpose(1, 2)
+    covs_p = covs.clone()
+    covs_p[1] = covs_p[1] * 1.3
+    p = GaussianMixture(q.means + torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.0]], dtype=F64), covs_p, q.weights,
+                        process=process)
+    return p, q
+
+
 def _grid_kl(p, q, t: float, n: int = 501) -> float:
     """KL(p_t || q_t) of two 2D mixtures by the trapezoid rule on a square grid (independent of sampling)."""
     half_width = 2.0 + 7.0 * math.sqrt(1.0 + t * t)   # data within |x| < 2, plus 7 diffused standard deviations
@@ -637,16 +680,10 @@ def vsd_global_optimum(dim):
     """Two exact 2D mixtures that differ only slightly (one component's variance and mean): KL(p_t || q_t) by
     quadrature is strictly positive and non-increasing at t in {0.05, 0.3, 1, 3} (VE), and a Monte-Carlo
     estimate E_p[log p_t - log q_t] agrees with it within 5 s.e. (returned); KL(q_t || q_t) = 0 exactly."""
-    from toy_data.mixtures import GaussianMixture
     process = VE(80.0)
-    q = teacher_2d(process)
-    covs = q.eigvecs @ torch.diag_embed(q.eigvals) @ q.eigvecs.transpose(1, 2)
-    covs_p = covs.clone()
-    covs_p[1] = covs_p[1] * 1.3
-    p = GaussianMixture(q.means + torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.0]], dtype=F64), covs_p, q.weights,
-                        process=process)
+    p, q = _vsd_pair()
     ts = [0.05, 0.3, 1.0, 3.0]
-    quad = torch.tensor([_grid_kl(p, q, t) for t in ts], dtype=F64)
+    quad = _vsd_quadrature(tuple(ts))
     g = _gen(41)
     n = 20000
     est, se = [], []
@@ -654,7 +691,7 @@ def vsd_global_optimum(dim):
         x0 = p.sample(n, g)
         tt = torch.full((n,), t, dtype=F64)
         x_t = process.q_sample(x0, tt, generator=g)[0]
-        r = p.log_prob(x_t, tt) - q.log_prob(x_t, tt)
+        r = mutate(1, -1) * (p.log_prob(x_t, tt) - q.log_prob(x_t, tt))    # cf: KL(q || p)'s integrand sign
         est.append(r.mean())
         se.append(r.std() / math.sqrt(n))
     mc = monte_carlo(torch.stack(est), quad, torch.stack(se), n=n, times=ts, kl_quadrature=quad.tolist())
@@ -686,7 +723,7 @@ def eq43_score_average(dim):
     s = q.score(x_t, t)
     a, sg = process.alpha(t), process.sigma(t)
     C = a[:, None, None] ** 2 * S + sg[:, None, None] ** 2 * torch.eye(2, dtype=F64)
-    closed = -torch.linalg.solve(C, (a[:, None] * (x0 - m)).unsqueeze(-1)).squeeze(-1)
+    closed = -torch.linalg.solve(C, (mutate(a, a * a)[:, None] * (x0 - m)).unsqueeze(-1)).squeeze(-1)  # cf: alpha^2
     mc = _paired(s, closed)
     s0 = -torch.linalg.solve(S[0], (x0 - m)[0])
     se = s.std(0) / math.sqrt(n)
@@ -707,7 +744,7 @@ def _fgm_problem(dim: int, n: int, seed: int):
                                log_scales=torch.log(torch.tensor([0.3, 0.6], dtype=F64)))
         dirs, names = basis_directions(gen)
     elif dim == 3072:
-        teacher, images, _ = image_teacher(process)
+        teacher, images, source = image_teacher(process)
         gen = image_mixture_generator(images)
         dirs, names = random_directions(gen, 2, 51, only="log_scales") + random_directions(gen, 4, 52), None
     else:
@@ -716,6 +753,13 @@ def _fgm_problem(dim: int, n: int, seed: int):
     z = gen.noise(n, g)
     eps = torch.randn(n, *gen.event_shape, generator=g, dtype=F64)
     return process, teacher, gen, dirs, names, z, eps, t
+
+
+def _label(dim: int, scope: dict) -> str:
+    """The ``data`` detail of a check whose 2D teacher is ``teacher_2d`` and whose 3072-d one is ``image_teacher``."""
+    if dim == 2:
+        return "3-component 2D mixture teacher"
+    return f"empirical teacher of 32 images ({scope.get('source', 'see image_teacher')})"
 
 
 @register("distill.fgm_flow_product", "Flow product identity: E_{p_t}[f^T v_t] = E[f^T u_t(x_t|x0)]",
@@ -730,10 +774,11 @@ def fgm_flow_product(dim):
         x0 = gen(z)
         x_t = process.q_sample(x0, t, eps=eps)[0]
         v = gen.score_predictor(process).predict("velocity", x_t, t)
-        u_cond = eps - x0
+        u_cond = mutate(eps - x0, x0 - eps)                 # counterfactual: Eq. 30's sign convention
         fs = [teacher.predict("velocity", x_t, t), torch.tanh(x_t)]
         vals = torch.stack([(f * (v - u_cond)).reshape(n, -1).sum(1) for f in fs], 1)
-    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), vals.std(0) / math.sqrt(n), n=n)
+    return monte_carlo(vals.mean(0), torch.zeros(2, dtype=F64), vals.std(0) / math.sqrt(n), n=n,
+                       data=_label(dim, {"source": image_teacher(process)[2]} if dim == 3072 else {}))
 
 
 @register("distill.fgm_thm42", "FGM: grad of L_1 + L_2 (Eq. 4.11-4.12) = grad of the intractable flow-matching loss",
@@ -755,7 +800,7 @@ def fgm_thm42(dim):
     def l2_side(x0):
         x_t = process.q_sample(x0, t, eps=eps)[0]
         u, v = teacher.predict("velocity", x_t, t), fake.predict("velocity", x_t, t)
-        return 2 * ((u - v) * (v - (eps - x0))).sum(1)
+        return mutate(2, 1) * ((u - v) * (v - (eps - x0))).sum(1)          # cf: the 2 of Eq. 4.12 dropped
 
     def full_exact(m):
         x_t = process.q_sample(m(z), t, eps=eps)[0]
@@ -817,9 +862,9 @@ def table4_grads(dim):
     outs, refs = [], []
     for name, params in TABLE4.items():
         d = get_distance(name, **(params if name != "exp_power" else {"alpha": 2, "beta": 0.01}))
-        outs.append(d.grad(y).reshape(-1))
+        outs.append(mutate(1, 2) * d.grad(y).reshape(-1))          # counterfactual: a spurious factor 2
         refs.append(_autograd_grad(d, y).reshape(-1))
-    return identity(torch.cat(outs), torch.cat(refs), rtol=1e-12)
+    return identity(torch.cat(outs), torch.cat(refs), rtol=1e-12, data=POINTWISE)
 
 
 @register("distill.table4_exp_power", "Table 4's exp-power d' is missing the factor beta", "SIM Table 4 (row 3)",
@@ -833,7 +878,7 @@ def table4_exp_power(dim):
     ref = _autograd_grad(d, y)
     e = torch.exp(beta * y.pow(alpha).reshape(y.shape[0], -1).sum(1)).reshape(-1, *[1] * (y.ndim - 1))
     printed = alpha * e * y.pow(alpha - 1)
-    return erratum(identity(printed, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10))
+    return erratum(identity(printed, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10), data=POINTWISE)
 
 
 @register("distill.table4_pseudo_huber", "Table 4's pseudo-Huber d' has a spurious factor 2 (Eq. 3.8 is right)",
@@ -846,7 +891,7 @@ def table4_pseudo_huber(dim):
     y = _y(dim, 72)
     ref = _autograd_grad(d, y)
     root = torch.sqrt((y * y).reshape(y.shape[0], -1).sum(1) + 0.25).reshape(-1, *[1] * (y.ndim - 1))
-    return erratum(identity(2 * y / root, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10))
+    return erratum(identity(2 * y / root, ref, rtol=1e-10), identity(d.grad(y), ref, rtol=1e-10), data=POINTWISE)
 
 
 @register("distill.huber_branches", "The Huber definition of App. A.3 has its branches swapped",
@@ -861,7 +906,7 @@ def huber_branches(dim):
     ref = torch.nn.functional.huber_loss(y, torch.zeros_like(y), delta=delta, reduction="none").reshape(y.shape[0], -1).sum(1)
     printed = torch.where(y >= delta, 0.5 * y * y, delta * (y.abs() - 0.5 * delta)).reshape(y.shape[0], -1).sum(1)
     return erratum(identity(printed, ref, rtol=1e-12), identity(get_distance("huber", delta=delta).value(y), ref,
-                                                                 rtol=1e-12))
+                                                                 rtol=1e-12), data=POINTWISE)
 
 
 @register("distill.alpha_power_text", "Sec. 3.3 writes the alpha-power derivative as the distance",
@@ -881,3 +926,32 @@ def alpha_power_text(dim):
     yy = y.clone().requires_grad_(True)
     (g_corr,) = torch.autograd.grad(yy.pow(alpha).sum(), yy)
     return erratum(identity(g_printed, table_grad, rtol=1e-12), identity(g_corr, table_grad, rtol=1e-12))
+
+
+@register("distill.vsd_dxt_dtheta", "VSD: d x_t / d theta = sqrt(alpha_bar_t) dG/dtheta", "handbook Sec. 3.2.3 (VSD)",
+          dims=DIMS,
+          printed="'with grad_theta x_t = sqrt(alpha_t) grad_theta x0_hat = sqrt(alpha_t) grad_theta G_theta'",
+          corrected="grad_theta x_t = sqrt(ab_t) grad_theta G_theta for x_t = sqrt(ab_t) G_theta + sqrt(1 - ab_t) eps "
+                    "(Eq. 6); sqrt(alpha_t) (the per-step alpha) is right only in the DDIM notation, where alpha "
+                    "means alpha_bar")
+def vsd_dxt_dtheta(dim):
+    """Forward-mode derivative of x_t = q_sample(G_theta(z), t) (DDPM) along random parameter directions of an
+    affine generator, against sqrt(alpha_t) and sqrt(ab_t) times the generator's own derivative."""
+    p = DDPM(1000)
+    gen = AffineGaussianGenerator(dim if dim == 2 else (3, 32, 32), structure="full" if dim == 2 else "diagonal",
+                                  mean=0.1 * torch.ones(dim, dtype=F64))
+    n = 5
+    g = _gen(95)
+    z = gen.noise(n, g)
+    eps = torch.randn(n, *gen.event_shape, generator=g, dtype=F64)
+    t = torch.tensor([3.0, 40.0, 250.0, 600.0, 990.0], dtype=F64)
+    col = [1] * len(gen.event_shape)
+    params = {k: v.detach() for k, v in gen.named_parameters()}
+    d_x, d_g = [], []
+    for d in random_directions(gen, 3, 96):
+        d_g.append(jvp(lambda prm: functional_call(gen, prm, (z,)), (params,), (d,))[1])
+        d_x.append(jvp(lambda prm: p.q_sample(functional_call(gen, prm, (z,)), t, eps=eps)[0], (params,), (d,))[1])
+    d_x, d_g = torch.stack(d_x), torch.stack(d_g)
+    a, ab = p.step_alpha(t).reshape(1, -1, *col), p.alpha_bar(t).reshape(1, -1, *col)
+    return erratum(identity(a.sqrt() * d_g, d_x, rtol=1e-10), identity(ab.sqrt() * d_g, d_x, rtol=1e-10),
+                   data=POINTWISE)

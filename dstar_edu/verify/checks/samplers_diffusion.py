@@ -22,7 +22,7 @@ from dstar_edu.samplers.common import karras_sigmas, subsequence
 from dstar_edu.samplers.diffusion import (ddim_sigma, ddim_step, ddpm_step, dpm_solver, logsnr_grid, pf_ode_step,
                                           reverse_sde, pf_ode, smld, ddim)
 from dstar_edu.verify.checks.basics import exact_data as _basics_exact_data
-from dstar_edu.verify.registry import DIMS, CheckResult, erratum, identity, monte_carlo, register, check_generator, check_seed
+from dstar_edu.verify.registry import DIMS, CheckResult, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
@@ -41,6 +41,14 @@ def exact_data(dim: int, process: Process):
         _DATA[dim] = _basics_exact_data(dim, DDPM(1000))
     dist, what = _DATA[dim]
     return dist.with_process(process), what
+
+
+def counterfactual_model(dist, factor: float = 0.5):
+    """The exact model in a normal run; in a counterfactual run the same model with its noise prediction
+    scaled by ``factor`` (a missing factor in eps_hat, i.e. in the score), as an eps-predictor."""
+    from dstar_edu.predictors import FunctionPredictor
+    return mutate(dist, FunctionPredictor(lambda x, t, cond=None: factor * dist.predict("eps", x, t),
+                                          dist.process, "eps"))
 
 
 def _col(v: Tensor, x: Tensor) -> Tensor:
@@ -84,7 +92,7 @@ def ddim_eta1_is_ddpm(dim):
         z = torch.randn(x_t.shape, generator=_gen(200 + i), dtype=F64)
         mean, var = posterior_by_conditioning(p.alpha_bars[t - 1], p.alpha_bars[t], x_t, x0)
         ref = mean + var.sqrt() * z
-        for out in (ddim_step(dist, x_t, t, t - 1, eta=1.0, noise=z), ddpm_step(dist, x_t, t, noise=z),
+        for out in (ddim_step(dist, x_t, t, t - 1, eta=mutate(1.0, 0.5), noise=z), ddpm_step(dist, x_t, t, noise=z),
                     ddpm_step(dist, x_t, t, form="eq9", noise=z)):
             lhs.append(out)
             rhs.append(ref)
@@ -127,7 +135,7 @@ def _local_order(step, dist, process, x, t0, hs) -> dict:
 def _order_result(info: dict, expected: float, **details) -> CheckResult:
     """The extrapolated order equals ``expected`` within the size of the last Richardson correction."""
     return identity(torch.tensor(info["order_extrapolated"]), torch.tensor(float(expected)), rtol=0.0,
-                    atol=info["richardson_err"], **info, **details)
+                    atol=info["richardson_err"], order=float(expected), **info, **details)
 
 
 ORDER_T = {2: 0.6, 3072: 0.9}   # VP times where the posterior is far from one-hot (else DDIM is exact)
@@ -143,7 +151,7 @@ def ddim_eta0_ode_order(dim):
     p = VP()
     t0 = ORDER_T[dim]
     dist, what, x, _, _ = _exact_state(dim, p, t0, 8 if dim == 2 else 4, seed=300)
-    step = lambda y, a, b: ddim_step(dist, y, a, b, eta=0.0)  # noqa: E731
+    step = lambda y, a, b: ddim_step(counterfactual_model(dist), y, a, b, eta=0.0)  # noqa: E731
     info = _local_order(step, dist, p, x, t0, [0.04, 0.02, 0.01])
     return _order_result(info, 2.0, data=what, t=t0)
 
@@ -157,7 +165,7 @@ def dpm_solver1_is_ddim(dim):
     p = DDPM(1000)
     ts = subsequence(1000, 10, "leading")
     dist, what, x, _, _ = _exact_state(dim, p, float(ts[0]), 4, seed=400)
-    _, traj_d = dpm_solver(dist, ts, x, order=1, return_trajectory=True)
+    _, traj_d = dpm_solver(dist, ts, x, order=mutate(1, 2), return_trajectory=True)   # counterfactual: order 2
     _, traj_i = ddim(dist, ts, x, eta=0.0, return_trajectory=True)
     return identity(torch.stack(traj_d), torch.stack(traj_i), rtol=1e-10, data=what)
 
@@ -193,7 +201,7 @@ def dpm_solver_orders():
     for k in (1, 2, 3):
         errs = []
         for n in (12, 24, 48):
-            out = dpm_solver(dist, logsnr_grid(p, n, 1.0, 1e-3), x, order=k)
+            out = dpm_solver(dist, logsnr_grid(p, n, 1.0, 1e-3), x, order=mutate(k, 1))   # cf: all first order
             errs.append(float((out - exact).norm(dim=1).pow(2).mean().sqrt()))
         orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
         extrap, tol = 2 * orders[1] - orders[0], abs(orders[1] - orders[0])
@@ -201,7 +209,7 @@ def dpm_solver_orders():
         ok &= abs(extrap - k) <= tol
         worst = max(worst, abs(extrap - k))
     res = identity(torch.tensor(worst), torch.tensor(0.0), rtol=0.0,
-                   atol=max(v["tol"] for v in infos.values()), **infos)
+                   atol=max(v["tol"] for v in infos.values()), order=[1, 2, 3], **infos)
     res.passed = bool(ok)
     return res
 
@@ -236,7 +244,9 @@ def subsequence_eq10(dim):
         mean, var = posterior_by_conditioning(ab_p, ab_t, x_t, x0)
         alpha_eff = ab_t / ab_p
         sig_eff = torch.sqrt((1 - alpha_eff) * (1 - ab_p) / (1 - ab_t))
-        lhs += [ddim_step(dist, x_t, tn, tp, eta=1.0, noise=z), eq10_literal(x_t, x0, alpha_eff, ab_t, ab_p) + sig_eff * z]
+        lhs += [ddim_step(dist, x_t, tn, tp, eta=1.0, noise=z),
+                eq10_literal(x_t, x0, mutate(alpha_eff, p.step_alpha(tn)), ab_t, ab_p)   # cf: per-step alpha
+                + sig_eff * z]
         rhs += [mean + var.sqrt() * z] * 2
         if tp == 0:
             lhs += [ddim_step(dist, x_t, tn, 0, eta=0.0), ddim_step(dist, x_t, tn, 0, eta=1.0, noise=z)]
@@ -489,8 +499,9 @@ def _sde_ode_marginals(process: Process, grid: Tensor, stops: list[int], n: int 
         return process.q_sample(x0, torch.as_tensor(t, dtype=F64), generator=g)[0]
 
     x_init = exact(n, grid[0], _gen(1100))
-    _, traj_sde = reverse_sde(dist, grid, x_init, generator=_gen(1101), return_trajectory=True)
-    _, traj_ode = pf_ode(dist, grid, x_init, method="heun", return_trajectory=True)
+    model = counterfactual_model(dist)
+    _, traj_sde = reverse_sde(model, grid, x_init, generator=_gen(1101), return_trajectory=True)
+    _, traj_ode = pf_ode(model, grid, x_init, method="heun", return_trajectory=True)
     est, ref, se, rows = [], [], [], []
     for j, k in enumerate(stops):
         t = float(grid[k])
@@ -541,7 +552,7 @@ def smld_gaussian_law(mu, v, levels, n_steps, deltas, m0, V0):
     follow ``m' = (1 - k) m + k mu``, ``V' = (1 - k)^2 V + delta``."""
     m, V = m0.clone(), V0.clone()
     for t, d in zip(levels, deltas):
-        k = d / (2 * (v + t * t))
+        k = d / (2 * (v + mutate(t * t, t)))     # counterfactual: sigma for sigma^2 in the score
         for _ in range(n_steps):
             m, V = (1 - k) * m + k * mu, (1 - k) ** 2 * V + d
     return m, V
@@ -589,7 +600,9 @@ def smld_convergence(dim):
         b["rate_closed_form"] = math.log2(a["rel_err_closed_form"] / b["rel_err_closed_form"])
         b["rate_measured"] = (math.log2(a["rel_err_measured"] / b["rel_err_measured"])
                               if a["rel_err_measured"] > 0 and b["rel_err_measured"] > 0 else float("nan"))
-    return monte_carlo(torch.tensor(est), torch.tensor(ref), torch.tensor(se), n_samples=n, per_eps=rows)
+    return monte_carlo(torch.tensor(est), torch.tensor(ref), torch.tensor(se), n_samples=n, per_eps=rows,
+                       data=f"Gaussian N(mu, diag v) in {D} dimensions, seeded mu (the dynamics' law is closed-form "
+                            "only for Gaussian data)")
 
 
 # ---- diffusers cross-checks -----------------------------------------------------------------------------
@@ -608,7 +621,7 @@ def _f64_tables(scheduler, p: DDPM):
 
 
 def _model_output(dist, x_t, t, prediction_type, p):
-    target = {"epsilon": "eps", "sample": "x0", "v_prediction": "v_bar"}[prediction_type]
+    target = {"epsilon": "eps", "sample": "x0", "v_prediction": mutate("v_bar", "v")}[prediction_type]  # cf: v sign
     return dist.predict(target, x_t, float(t))
 
 
@@ -670,7 +683,7 @@ def diffusers_ddim_step(dim):
                     for eta in (0.0, 1.0):
                         z = torch.randn(x_t.shape, generator=_gen(2002 + j), dtype=F64)
                         out = sch.step(eps, t - 1, x_t, eta=eta, variance_noise=z if eta > 0 else None).prev_sample
-                        ours = x_t if tp == t else ddim_step(dist, x_t, t, tp, eta=eta, noise=z)
+                        ours = x_t if tp == t else ddim_step(dist, x_t, t, tp, eta=mutate(eta, 1 - eta), noise=z)
                         lhs.append(ours)
                         rhs.append(out)
                         n_steps_checked += 1
@@ -716,7 +729,7 @@ def diffusers_edm_euler_step(dim):
     p = VE(80.0)
     dist, what = exact_data(dim, p)
     net = ExactEDMNet(dist)
-    pred = DiffusersUNetPredictor(net, p, preconditioning="edm", sigma_data=0.5)
+    pred = DiffusersUNetPredictor(net, p, preconditioning="edm", sigma_data=mutate(0.5, 1.0))  # cf: sigma_data
     sch = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
     sch.set_timesteps(12)
     ours_sigmas = karras_sigmas(12, 0.002, 80.0, 7.0)
