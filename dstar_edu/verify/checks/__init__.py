@@ -5,3 +5,4 @@ from . import samplers_flow  # noqa: F401
 from . import training  # noqa: F401
 from . import distill  # noqa: F401
 from . import align  # noqa: F401
+from . import trajectory  # noqa: F401
