@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 __all__ = [
     "teacher_two_steps", "pd_target", "progressive_distillation_loss", "pd_halving_schedule", "halve_timesteps",
     "ect_mapping", "ect_loss", "sct_score_target", "ct_score_target",
-    "phase_edges", "phase_start", "phased_consistency_distillation_loss", "phased_sampling",
+    "phase_edges", "phase_start", "phased_consistency_distillation_loss", "phased_sampling", "PhasedPredictor",
     "ode_pairs", "reflow_loss", "rectified_diffusion_loss", "velocity_mapped_loss", "straightness",
     "add_generator_loss", "add_discriminator_loss", "dmd2_backward_simulation",
 ]
@@ -200,30 +200,33 @@ def ect_mapping(t, iters: int, *, q: float = 2.0, d: int = 1000, k: float = 8.0,
 def ect_loss(model, x0: Tensor, iters: int, *, generator: torch.Generator | None = None, t=None,
              eps: Tensor | None = None, P_mean: float = -1.1, P_std: float = 2.0, q: float = 2.0, d: int = 1000,
              distance="pseudo_huber", c: float | None = None, weighting: str = "inv_dt", cond=None,
-             parameterization: str = "cm_f", reduction: str = "mean") -> Tensor:
+             parameterization: str = "cm_f", r_min: float = 0.002, reduction: str = "mean") -> Tensor:
     """Easy Consistency Tuning loss (Luo talk, ECT Alg. 1): ``w(t) d(f_theta(x_t, t), f_sg(theta)(x_r, r))``.
 
     The EDM level ``t`` is log-normal (``ln t ~ N(P_mean, P_std^2)``, clamped to the process's range) unless given,
     ``r = ect_mapping(t, iters)``, both mapped to the model's process time; ``x_t`` and ``x_r`` share ``x0, eps``.
     This IS ``consistency_training_loss`` (Eq. 25) on the pair ``(r, t)`` with the target network = the online
     network under stop-gradient. ``weighting="inv_dt"``: ``w = 1 / (t - r)`` in EDM units; ``"none"``: 1.
-    ``c`` defaults to ``0.03 sqrt(D)`` for the pseudo-Huber distance (Song & Dhariwal's scaling).
+    ``c`` defaults to ``0.03 sqrt(D)`` for the pseudo-Huber distance (Song & Dhariwal's scaling). ``r`` is clamped
+    at ``r_min`` (EDM level; the consistency boundary epsilon = 0.002 of Eq. 19, where ``f`` is the identity: the
+    talk's ``r = 0``, moved to where the cm_f parameterisation is defined), and ``t`` at ``2 r_min``.
     """
     process = _check_process(model, None, "ect_loss")
     x0 = check_batch(x0, "x0", nonempty=True)
     if weighting not in ("inv_dt", "none"):
         raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'inv_dt', 'none'")
-    lo, hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    lo = max(lo, 1e-3)
+    r_min = max(float(r_min), process.edm_sigma(process.t_min).item())
+    lo, hi = 2 * r_min, process.edm_sigma(process.t_max).item()
     if t is None:
         s = torch.exp(P_mean + P_std * torch.randn(x0.shape[0], generator=generator, dtype=torch.float64))
         s = s.clamp(lo, hi)
     else:
         s = torch.as_tensor(t, dtype=torch.float64).expand(x0.shape[0]).clone()
-    r = ect_mapping(s, iters, q=q, d=d).clamp_min(lo * (1 - 1e-9))
-    r = torch.minimum(r, s * (1 - 1e-12))
+    r = ect_mapping(s, iters, q=q, d=d).clamp_min(r_min)
     t_hi = process.t_from_edm_sigma(s).to(x0.dtype)
     t_lo = process.t_from_edm_sigma(r).to(x0.dtype)
+    # in float32 a late-stage r can round onto t: use the next representable time below t instead
+    t_lo = torch.where(t_lo < t_hi, t_lo, torch.nextafter(t_hi, torch.full_like(t_hi, -math.inf)))
     if distance == "pseudo_huber" and c is None:
         c = 0.03 * math.sqrt(x0[0].numel())
     w = None
@@ -361,6 +364,26 @@ class _PhasedView(torch.nn.Module):
         if target != "x0":
             raise ValueError(f"a phased consistency view only provides 'x0' (the phase-edge point), not {target!r}")
         return self(x, t, cond)
+
+
+class PhasedPredictor(torch.nn.Module):
+    """A phased consistency model from any network ``F(x_t, t, cond)``: ``f^m(x_t, t) = x_t + (t - s_m) F(x_t, t)``,
+    so the boundary condition ``f^m(x, s_m) = x`` holds exactly at every phase edge (PCD; the analogue of Eq. 19's
+    ``c_skip(epsilon) = 1``). ``phased = True``: called with ``cond = {"cond": c, "s": s_m}``."""
+
+    phased = True
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.process, self.prediction = net.process, "x0"
+
+    def forward(self, x_t: Tensor, t, cond=None):
+        if not isinstance(cond, dict) or "s" not in cond:
+            raise ValueError("a PhasedPredictor needs cond={'cond': c, 's': s_m} (the lower phase edge)")
+        t = _batch_t(self.process, t, x_t)
+        s = _batch_t(self.process, cond["s"], x_t)
+        return x_t + expand_like((t - s).to(x_t.dtype), x_t) * self.net(x_t, t, cond.get("cond"))
 
 
 def phased_sampling(model, edges, x_init: Tensor, cond=None) -> Tensor:
