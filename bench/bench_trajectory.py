@@ -139,7 +139,7 @@ def method_pd(b, steps, every):
     from dstar_edu.objectives.trajectory import progressive_distillation_loss
     from dstar_edu.samplers.common import uniform_grid
     per_round = max(steps // 4, 1)
-    teacher, student = b.teacher, b.net("eps")
+    teacher, student = b.teacher, b.net("v")       # v-prediction (Salimans & Ho): eps cannot give x0 at t = 1
     result, cpu, hit, N = {"sw": {}}, 0.0, None, 16
     while N > 1:
         grid = uniform_grid(b.p, N)
