@@ -328,7 +328,9 @@ def method_dmd2(b, steps, every):
     from dstar_edu.objectives.trajectory import dmd2_backward_simulation
     student, fake = b.net("x0"), b.net("x0", seed=2)
     fake.load_state_dict(student.state_dict())
-    disc = FeatureDiscriminator(fake, "blocks.1", features=128, hidden=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1000 * b.seed + 3)
+        disc = FeatureDiscriminator(fake, "blocks.1", features=128, hidden=64)
     opt_g = torch.optim.Adam(student.parameters(), lr=5e-4, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(disc.head.parameters()), lr=1e-3, betas=(0.0, 0.999))
     times = STUDENT_TIMES[4] + [0.0]
