@@ -464,9 +464,9 @@ def reflow_straightness(dim):
 def velocity_mapped_weight(dim):
     """An imperfect eps model on VP (exact posterior eps + a smooth perturbation): ``velocity_mapped_loss`` per sample
     equals ``(1 + a/s)^2 ||x0_hat - x0||^2`` (``a = sqrt(ab)``, ``s = sqrt(1-ab)``, ``x0_hat`` the model's Tweedie
-    prediction). ``basics.weighted_regression`` states the same residual for the angular ``v^y`` (which is
-    ``(x0 - eps)/(1 + 2 a s)``) with the corrected weight ``s (a + s)``: multiply ours by ``s^2/(1 + 2as)^2``... i.e.
-    both are x0 regressions whose weight depends on t only."""
+    prediction). ``basics.weighted_regression`` (the erratum of the handbook's weights) states the residual of the
+    angular ``v^y``, which differs from ours by a factor depending on t only: both are x0 regressions with a
+    time-dependent weight."""
     p = VP()
     data, what = mixture(dim, p)
     model = FunctionPredictor(lambda x, t, c: data.predict("eps", x, t) + 0.1 * torch.sin(x), p, "eps")
