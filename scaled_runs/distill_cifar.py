@@ -9,6 +9,16 @@ Methods (``--method``), all losses from ``dstar_edu.objectives.distill``:
 * ``di``: Diff-Instruct (``diff_instruct_loss``, x0 space, weight 1), ``p_EDM`` times;
 * ``dmd``: DMD (``dmd_loss``, x0-space with DMD2's normalisation), ``p_EDM`` times.
 
+Trajectory distillation (``run_trajectory``; losses from ``dstar_edu.objectives.trajectory`` / ``pretrain``): the
+student is a copy of the teacher UNet (same process and parameterisation), trained on images (``--data``, an npz with
+``x`` uint8 NHWC such as ``cifar10_test1000.npz``; ``--tiny``: seeded random images) with one Adam loss:
+
+* ``pd``: progressive distillation (``progressive_distillation_loss``, handbook Sec. 3.2.1, Wang talk Alg. 2): teacher
+  DDIM on ``subsequence(T, 2 N, "trailing")``, student ``N = --student_steps`` steps;
+* ``cd``: consistency distillation / LCM (``consistency_distillation_loss``, Eq. 20-22, 47) with ``m = --cd_m`` teacher
+  DDIM steps on ``--cd_grid`` DDPM times, cm_f parameterisation (Eq. 24), the online network as target (stop-grad);
+* ``ect``: Easy Consistency Tuning (``ect_loss``, Luo talk Alg. 1, Eq. 15), ``dt`` halving every ``--ect_d`` steps.
+
 Generator (SIM Eq. B.4 / SiD): ``x0 = g_theta(z) = d_theta(z, t*)`` with ``z ~ N(0, 2.5^2 I)``: a copy of the
 teacher's denoiser at the fixed noise level sigma* = 2.5 (``generators.TeacherInitGenerator``); the online
 ("fake") score also starts from the teacher. Adam betas (0, 0.999), lr 1e-5 for both (SIM Table 5).
@@ -47,7 +57,8 @@ from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fake_sco
                                           p_sim, sid_generator_loss, sim_generator_loss)
 from dstar_edu.process import Process  # noqa: E402
 
-METHODS = ("sim", "sid", "di", "dmd")
+METHODS = ("sim", "sid", "di", "dmd", "pd", "cd", "ect")
+TRAJECTORY_METHODS = ("pd", "cd", "ect")
 GEN_TIMES = ("default", "sim", "edm", "sid")
 DEFAULT_GEN_TIME = {"sim": "sim", "sid": "sid", "di": "edm", "dmd": "edm"}
 
@@ -74,6 +85,11 @@ class CifarConfig(common.BaseConfig):
                               ("edm", "none", "snr", "min_snr"))
     export_samples: int = opt(0, "after training write this many generator samples to samples_<N>.npz (uint8, "
                                  "NHWC) for an offline FID")
+    data: str = opt("", "pd/cd/ect: npz of training images (key x: uint8 NHWC), e.g. cifar10_test1000.npz")
+    student_steps: int = opt(4, "pd: student DDIM steps N (the teacher takes 2N)")
+    cd_grid: int = opt(20, "cd: number of DDPM times in the consistency grid (1 .. T)")
+    cd_m: int = opt(1, "cd: teacher DDIM steps per target (Eq. 22 / 47)")
+    ect_d: int = opt(1000, "ect: iterations per halving of dt (Eq. 15)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,6 +99,10 @@ class CifarConfig(common.BaseConfig):
                              "export_samples >= 0")
         if not self.tiny and not self.teacher:
             raise ValueError("teacher='' : pass --teacher DIR (a local diffusers folder) or --tiny")
+        if self.method in TRAJECTORY_METHODS and not self.tiny and not self.data:
+            raise ValueError(f"method={self.method!r} trains on images: pass --data FILE.npz (or --tiny)")
+        if min(self.student_steps, self.cd_grid - 1, self.cd_m, self.ect_d) < 1:
+            raise ValueError("need student_steps >= 1, cd_grid >= 2, cd_m >= 1, ect_d >= 1")
 
 
 # ---- building the parts -----------------------------------------------------------------------------------------
@@ -179,6 +199,8 @@ def main(argv=None) -> dict:
 
 
 def run(cfg: CifarConfig, accelerator) -> dict:
+    if cfg.method in TRAJECTORY_METHODS:
+        return run_trajectory(cfg, accelerator)
     common.seed_all(cfg.seed)
     common.write_config(accelerator, cfg)
     device, rank = accelerator.device, accelerator.process_index
@@ -230,6 +252,69 @@ def export_samples(accelerator, model, cfg: CifarConfig) -> Path | None:
         np.savez_compressed(path, x=allx[:n].permute(0, 2, 3, 1).cpu().numpy())
     accelerator.wait_for_everyone()
     return path
+
+
+# ---- trajectory distillation: pd / cd / ect ------------------------------------------------------------------------
+def training_images(cfg: CifarConfig) -> torch.Tensor:
+    """(N, 3, 32, 32) float32 in [-1, 1]: ``--data`` npz, or 64 seeded random images under ``--tiny``."""
+    if cfg.data:
+        from toy_data.cifar import load_cifar10_sample
+        return load_cifar10_sample(path=cfg.data)[0]
+    return 2 * torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(cfg.seed + 17)) - 1
+
+
+def trajectory_loss(cfg: CifarConfig, student, teacher, process: Process, x0, cpu_rng, step: int):
+    """The method's loss from the library, its randomness from ``cpu_rng`` (so a test can redraw it)."""
+    from dstar_edu.objectives.pretrain import consistency_distillation_loss
+    from dstar_edu.objectives.trajectory import ect_loss, progressive_distillation_loss
+    from dstar_edu.samplers.common import subsequence
+    if cfg.method == "pd":
+        return progressive_distillation_loss(student, teacher, x0, subsequence(process.T, 2 * cfg.student_steps,
+                                                                                  "trailing"), generator=cpu_rng)
+    if cfg.method == "cd":
+        grid = torch.linspace(1.0, float(process.T), cfg.cd_grid, dtype=torch.float64).round().unique()
+        return consistency_distillation_loss(student, None, teacher, x0, grid, cfg.cd_m, generator=cpu_rng,
+                                             parameterization="cm_f")
+    return ect_loss(student, x0, step, generator=cpu_rng, d=cfg.ect_d, r_min=float(process.edm_sigma(1.0)))
+
+
+def run_trajectory(cfg: CifarConfig, accelerator) -> dict:
+    """PD / CD / ECT of the teacher into a copy of it: Adam on ``trajectory_loss``, metrics.jsonl, final checkpoint."""
+    common.seed_all(cfg.seed)
+    common.write_config(accelerator, cfg)
+    device = accelerator.device
+    unet, scheduler = load_teacher(cfg)
+    process = process_from_scheduler(scheduler)
+    if not hasattr(process, "T"):
+        raise ValueError(f"method={cfg.method!r} needs a DDPM-type teacher schedule, got {process}")
+    teacher = teacher_predictor(unet, scheduler, process)
+    student_net = copy.deepcopy(unet).requires_grad_(True).train()
+    unet.requires_grad_(False).eval().to(device)
+    optimizer = torch.optim.Adam(student_net.parameters(), lr=cfg.lr_gen, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    student_net, optimizer = accelerator.prepare(student_net, optimizer)
+    student = predictor_view(teacher, student_net)
+    images = training_images(cfg)
+    logger = common.MetricLogger(accelerator, cfg.output_dir, cfg.steps, desc=cfg.method, every=cfg.log_every,
+                                 progress=cfg.progress)
+    records = []
+    for step in range(cfg.steps):
+        cpu_rng, _ = common.step_generators(cfg.seed, step, "student", 0, accelerator.process_index, device)
+        idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=cpu_rng)
+        loss = trajectory_loss(cfg, student, teacher, process, images[idx].to(device), cpu_rng, step)
+        common.guard_finite(accelerator, loss.detach(), step=step, what=f"{cfg.method} loss")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        rec = {"loss": float(loss.detach())}
+        records.append({"step": step, **rec})
+        logger.log(step, rec)
+    logger.close()
+    path = common.save_checkpoint(accelerator, cfg.output_dir, cfg.steps,
+                                  {"student": common.Saved(student_net, accelerator.unwrap_model(student_net))},
+                                  losses={"loss": records[-1]["loss"]} if records else {},
+                                  meta={"method": cfg.method, "process": repr(process)})
+    return {"records": records, "checkpoint": path, "student": accelerator.unwrap_model(student_net),
+            "teacher": teacher, "config": cfg}
 
 
 if __name__ == "__main__":

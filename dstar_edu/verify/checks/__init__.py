@@ -6,3 +6,4 @@ from . import training  # noqa: F401
 from . import distill  # noqa: F401
 from . import align  # noqa: F401
 from . import guards  # noqa: F401
+from . import trajectory  # noqa: F401
