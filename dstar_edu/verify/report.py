@@ -70,13 +70,7 @@ def format_table(results: list[dict]) -> str:
 
 def run_and_report(results: list[dict], json_file=None) -> int:
     """Write the JSON to ``json_file`` (an open text file, or a path) first, then print the table; return the exit code."""
-    if json_file is not None:
-        if isinstance(json_file, (str, bytes)) or hasattr(json_file, "__fspath__"):
-            with open(json_file, "w") as f:
-                json.dump(results, f, indent=1, default=str)
-        else:
-            json.dump(results, json_file, indent=1, default=str)
-            json_file.close()
+    _write_json(results, json_file)
     print(format_table(results))
     return 0 if all(r["passed"] for r in results) else 1
 
@@ -122,9 +116,20 @@ def format_power_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_and_report_power(results: list[dict], json_path: str | None = None) -> int:
-    print(format_power_table(results))
-    if json_path:
-        with open(json_path, "w") as f:
+def _write_json(results: list[dict], json_file) -> None:
+    """``json_file``: None, an open text file (closed here) or a path."""
+    if json_file is None:
+        return
+    if isinstance(json_file, (str, bytes)) or hasattr(json_file, "__fspath__"):
+        with open(json_file, "w") as f:
             json.dump(results, f, indent=1, default=str)
+    else:
+        json.dump(results, json_file, indent=1, default=str)
+        json_file.close()
+
+
+def run_and_report_power(results: list[dict], json_file=None) -> int:
+    """Like ``run_and_report``, with each check's counterfactual margin."""
+    _write_json(results, json_file)
+    print(format_power_table(results))
     return 0 if all(r["passed"] and r["power"]["ok"] for r in results) else 1
