@@ -16,14 +16,16 @@ One registry for every area, each area a module that only defines and registers 
 
 Wrong answers never raise; ``check`` returns ``True``/``False``.
 """
-from .core import (ATOL, EXERCISES, GRADED_BY, RTOL, Exercise, GradientTrial, GradingGuardError, Trial, check, describe, list_exercises,
+from .core import (ATOL, EXERCISES, GRADED_BY, RTOL, Exercise, GradientTrial, GradingGuardError, OutcomeTrial, Trial, check, describe, list_exercises,
                    reference, register, sample_inputs)
 
 # importing an area registers its exercises; this order is list_exercises()'s
 from . import basics  # noqa: E402, F401
 from . import distill  # noqa: E402, F401
 from . import align  # noqa: E402, F401
+from . import samplers  # noqa: E402, F401
+from . import formulas  # noqa: E402, F401
 from .basics import ddpm_posterior_mean  # noqa: E402
 
-__all__ = ["Exercise", "Trial", "GradientTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL", "GRADED_BY", "register", "check",
+__all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL", "GRADED_BY", "register", "check",
            "describe", "list_exercises", "reference", "sample_inputs", "ddpm_posterior_mean"]

@@ -33,13 +33,13 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["Exercise", "Trial", "GradientTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL", "GRADED_BY", "register", "check",
+__all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL", "GRADED_BY", "register", "check",
            "describe", "list_exercises", "reference", "sample_inputs", "over_dims", "batch_label", "flat_grad"]
 
 #: an answer passes when ``max|got - expected| <= RTOL * max|expected| + ATOL`` on every trial
 RTOL = 1e-8
 ATOL = 1e-12
-GRADED_BY = ("value", "gradient")
+GRADED_BY = ("value", "gradient", "outcome")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,16 @@ class GradientTrial:
     loss: Callable[[Callable], Any]
     expected: Tensor
     atol: float = ATOL
+
+
+@dataclass(frozen=True)
+class OutcomeTrial:
+    """One outcome-graded problem: the student's function is called on ``inputs`` (in order) and ``judge(got)``
+    returns ``None`` when the outcome is good enough, else a sentence saying which property failed (measured
+    against an exact answer, e.g. the flow map of Gaussian data) without stating the formula."""
+    label: str
+    inputs: dict[str, Any]
+    judge: Callable[[Tensor], str | None]
 
 
 def over_dims(dims: tuple[int, ...], make: Callable[[int, torch.Generator], Trial | GradientTrial]):
@@ -181,7 +191,10 @@ def describe(name: str) -> None:
     lines = [f"Exercise {ex.name!r} ({ex.source})", "", ex.prompt, "", "Implement:", f"    {ex.signature}"]
     lines += [f"        # {a}: {meaning}" for a, meaning in ex.args]
     lines += [f"        ...  # return {ex.return_note or ex.returns}", ""]
-    if ex.graded_by == "gradient":
+    if ex.graded_by == "outcome":
+        lines.append(f"Graded by exercises.check({ex.name!r}, my_{ex.name}) by its outcome on {ex.n_trials} "
+                     f"random float64 problems{_covering(ex)}: {ex.grading}")
+    elif ex.graded_by == "gradient":
         lines.append(f"Graded by exercises.check({ex.name!r}, my_{ex.name}) by the gradient of your loss with "
                      f"respect to a generator's parameters, against the exact gradient of {ex.against}, on "
                      f"{ex.n_trials} random float64 problems{_covering(ex)}, rtol {RTOL:g}."
@@ -197,7 +210,7 @@ def sample_inputs(name: str, n_trials: int | None = None, seed: int = 0) -> list
     inputs); ``n_trials`` defaults to check's."""
     _refuse_while_grading("exercises.sample_inputs")
     ex = _get(name)
-    if ex.graded_by != "value":
+    if ex.graded_by == "gradient":
         raise ValueError(f"exercise {name!r} is graded by its gradient on a generated model; it has no fixed inputs")
     g = torch.Generator().manual_seed(int(seed))
     return [ex.draw(i, g).inputs for i in range(_n_trials(ex, n_trials))]
@@ -447,6 +460,32 @@ def _grade_gradient(ex: Exercise, student_fn: Callable, fn_name: str, trial: Gra
                              lambda wrong: _mistake_gradient(trial, wrong), trial.atol))
 
 
+def _grade_outcome(ex: Exercise, student_fn: Callable, fn_name: str, trial: OutcomeTrial, where: str) -> None:
+    got = _call(ex, fn_name, where, lambda: student_fn(*_copies(trial.inputs)))
+    x = next(iter(trial.inputs.values()))
+    if isinstance(x, Tensor) and tuple(got.shape) != tuple(x.shape):
+        raise _Rejected(f"Wrong shape on {where}: expected {tuple(x.shape)} (the shape of the first argument), "
+                        f"got {tuple(got.shape)}.")
+    failure = trial.judge(got.detach().to(torch.float64))
+    if failure is None:
+        return
+    lines = [f"Not yet: {where}.", f"  {failure}"]
+    if not torch.isfinite(got).all():
+        lines.append("  Your result contains NaN or inf: check for a division by zero "
+                     "or the sqrt of a negative number.")
+    for wrong, why in ex.mistakes:
+        try:
+            answer = torch.as_tensor(wrong(*_copies(trial.inputs)))
+        except Exception:  # noqa: BLE001 - a mistake that cannot be evaluated here cannot match
+            continue
+        if answer.shape == got.shape and torch.allclose(got.detach().to(torch.float64), answer.to(torch.float64),
+                                                        rtol=RTOL, atol=ATOL, equal_nan=True):
+            lines.append(f"  Likely mistake: {why}")
+            break
+    lines += _hint_lines(ex)
+    raise _Rejected("\n".join(lines))
+
+
 def check(name: str, student_fn: Callable, n_trials: int | None = None, seed: int | None = None) -> bool:
     """Grade ``student_fn`` against exercise ``name`` on ``n_trials`` random problems (default: the exercise's).
 
@@ -469,7 +508,7 @@ def check(name: str, student_fn: Callable, n_trials: int | None = None, seed: in
         raise ValueError(f"seed={seed!r} must be a non-negative integer or None (a fresh seed)")
     print(f"Grading {name!r} on fresh problems, seed {seed} "
           f"(reproduce with exercises.check({name!r}, {fn_name}, seed={seed})).")
-    grade = _grade_gradient if ex.graded_by == "gradient" else _grade_value
+    grade = {"gradient": _grade_gradient, "outcome": _grade_outcome}.get(ex.graded_by, _grade_value)
     g = torch.Generator().manual_seed(int(seed))
     for i in range(n):
         trial = ex.draw(i, g)
@@ -481,7 +520,9 @@ def check(name: str, student_fn: Callable, n_trials: int | None = None, seed: in
                 _FAILURES[name] = _FAILURES.get(name, 0) + 1
             print(msg)
             return False
-    if ex.graded_by == "gradient":
+    if ex.graded_by == "outcome":
+        print(f"Correct! {fn_name} reaches the target ({ex.source}) on {n} random problems{_covering(ex)}.")
+    elif ex.graded_by == "gradient":
         print(f"Correct! {fn_name}: its gradient matches the exact gradient of {ex.against} ({ex.source}) "
               f"on {n} random problems{_covering(ex)}.")
     else:
