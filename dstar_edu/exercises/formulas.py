@@ -243,3 +243,120 @@ register(Exercise(**{**_value(
               (lambda r: (r - r.mean()) / (r.std(unbiased=False) + 1e-8),
                "the biased standard deviation (unbiased=False); use torch's default, the unbiased one."))
 ).__dict__, "return_note": "a 1-d tensor shaped like rewards", "covers": "batches of 6 to 68 rewards"}))
+
+
+# ---- Eq. 15-17: the conditional score and Tweedie in score form (notebook 03) ------------------------------
+def _vp_inputs(shape, g):
+    t = 0.02 + 0.96 * torch.rand(shape[0], generator=g, dtype=F64)
+    vp = VP()
+    a, s = _col(vp.alpha(t), shape), _col(vp.sigma(t), shape)
+    x0 = _x(shape, g)
+    x_t = a * x0 + s * torch.randn(shape, generator=g, dtype=F64)
+    return {"x_t": x_t, "x0": x0, "alpha": a, "sigma": s}, None
+
+
+def _score_inputs(shape, g):
+    d, _ = _vp_inputs(shape, g)
+    score = -(d["x_t"] - d["alpha"] * d["x0"]) / d["sigma"] ** 2 + 0.1 * torch.randn(shape, generator=g, dtype=F64)
+    return {"x_t": d["x_t"], "score": score, "alpha": d["alpha"], "sigma": d["sigma"]}, None
+
+
+register(_value(
+    "conditional_score", "handbook Eq. 16-17 (the DSM regression target)",
+    ("Denoising score matching regresses onto the score of the forward kernel q(x_t | x0) = N(alpha x0, "
+     "sigma^2 I) (handbook Eq. 16-17), which is known in closed form for every x0. Given x_t, x0 and the "
+     "coefficients, return grad_{x_t} log q(x_t | x0)."),
+    (("x_t", "noisy sample, shape (batch, *shape)"), ("x0", "clean sample, same shape"),
+     ("alpha", "alpha(t), broadcasts against x_t"), ("sigma", "sigma(t), broadcasts against x_t")),
+    "-(x_t - alpha x0) / sigma^2",
+    lambda x_t, x0, alpha, sigma: cv.score_from_eps(cv.eps_from_x0(x_t, x0, alpha, sigma), sigma),
+    "the score of a Gaussian N(mu, sigma^2 I) at x is -(x - mu) / sigma^2.",
+    _vp_inputs, ("dstar_edu.conversions:score_from_eps", "dstar_edu.conversions:eps_from_x0",
+                 "dstar_edu.conversions:from_x0_eps", "dstar_edu.conversions:convert"),
+    mistakes=((lambda x_t, x0, a, s: -(x_t - a * x0) / s, "divide by the variance sigma^2, not by sigma."),
+              (lambda x_t, x0, a, s: (x_t - a * x0) / s ** 2, "sign: the score points back towards alpha x0."),
+              (lambda x_t, x0, a, s: -(x_t - x0) / s ** 2, "the mean of q(x_t | x0) is alpha x0, not x0."))))
+
+register(_value(
+    "x0_from_score", "handbook Eq. 15 (Tweedie's formula in score form)",
+    ("Tweedie's formula (handbook Eq. 15) in score form: the posterior mean E[x0 | x_t] of x_t = alpha x0 + "
+     "sigma eps is x_t plus sigma^2 times the score, rescaled by alpha. Given x_t, the score and the "
+     "coefficients, return E[x0 | x_t]."),
+    (("x_t", "noisy sample, shape (batch, *shape)"), ("score", "grad log p_t(x_t), same shape"),
+     ("alpha", "alpha(t), broadcasts against x_t"), ("sigma", "sigma(t), broadcasts against x_t")),
+    "(x_t + sigma^2 score) / alpha",
+    cv.x0_from_score,
+    "E[alpha x0 | x_t] = x_t + sigma^2 grad log p_t(x_t); then divide by alpha.",
+    _score_inputs, ("dstar_edu.conversions:x0_from_score", "dstar_edu.conversions:to_x0_eps",
+                    "dstar_edu.conversions:convert"),
+    mistakes=((lambda x_t, sc, a, s: (x_t + s * sc) / a, "the score is multiplied by the variance sigma^2."),
+              (lambda x_t, sc, a, s: x_t + s ** 2 * sc, "the result must be divided by alpha (E[alpha x0 | x_t] "
+               "is what x_t + sigma^2 s gives)."),
+              (lambda x_t, sc, a, s: (x_t - s ** 2 * sc) / a, "sign: the score term is added."))))
+
+
+# ---- LCM's boundary parameterisation (notebook 04) -----------------------------------------------------------
+def _lcm_inputs(shape, g):
+    t = torch.randint(1, 1000, (shape[0],), generator=g).to(F64)
+    return {"x_t": _x(shape, g), "x0_hat": _x(shape, g), "t": _col(t, shape)}, t
+
+
+def _ref_lcm_f(x_t, x0_hat, t):
+    from ..samplers.consistency import lcm_boundary_scalings
+    c_skip, c_out = lcm_boundary_scalings(t)
+    return c_skip * x_t + c_out * x0_hat
+
+
+register(_value(
+    "lcm_f", "handbook Eq. 24 / Alg. 5 (LCM boundary scalings as in LCM's code)",
+    ("LCM (handbook Alg. 5) parameterises its consistency function at DDPM time t with the boundary scalings of "
+     "LCM's code: with s = 10 (t - 1) (diffusers' timestep t - 1 times timestep_scaling = 10) and sigma_data = "
+     "0.5, c_skip = sigma_data^2 / (s^2 + sigma_data^2) and c_out = s / sqrt(s^2 + sigma_data^2). Return "
+     "f = c_skip x_t + c_out x0_hat; at t = 1 it is x_t exactly."),
+    (("x_t", "noisy sample, shape (batch, *shape)"), ("x0_hat", "the network's clean-sample estimate"),
+     ("t", "DDPM time in 1..999, broadcasts against x_t")),
+    "c_skip(t) x_t + c_out(t) x0_hat",
+    _ref_lcm_f,
+    "c_skip -> 1 and c_out -> 0 at t = 1: f(x, 1) = x is the boundary condition.",
+    _lcm_inputs, ("dstar_edu.samplers.consistency:lcm_boundary_scalings",),
+    mistakes=((lambda x_t, x0, t: 0.25 / ((10 * t) ** 2 + 0.25) * x_t + 10 * t / torch.sqrt((10 * t) ** 2 + 0.25) * x0,
+               "s uses diffusers' timestep t - 1, not t: at t = 1 the boundary f = x_t must hold."),
+              (lambda x_t, x0, t: 0.25 / ((10 * (t - 1)) ** 2 + 0.25) * x_t
+               + 0.5 * 10 * (t - 1) / torch.sqrt((10 * (t - 1)) ** 2 + 0.25) * x0,
+               "this c_out has Eq. 19's extra sigma_data factor; LCM's code drops it (see the erratum in section 3)."))))
+
+
+# ---- TrigFlow's forward process and velocity (notebook 06) ---------------------------------------------------
+def _trig_x0_inputs(shape, g):
+    t = (math.pi / 2) * torch.rand(shape[0], generator=g, dtype=F64)
+    return {"x0": _x(shape, g), "eps": torch.randn(shape, generator=g, dtype=F64), "t": _col(t, shape)}, None
+
+
+register(_value(
+    "trigflow_x_t", "handbook Sec. 2.5 (TrigFlow forward process, sigma_d = 0.5)",
+    ("TrigFlow (handbook Sec. 2.5) mixes data and noise on a quarter circle: x_t = cos(t) x0 + sin(t) z with "
+     "z ~ N(0, sigma_d^2 I), sigma_d = 0.5. You get a standard normal eps (so z = sigma_d eps). Return x_t."),
+    (("x0", "data, shape (batch, *shape)"), ("eps", "standard normal noise, same shape"),
+     ("t", "time in [0, pi/2], broadcasts against x0")),
+    "cos(t) x0 + sin(t) sigma_d eps",
+    lambda x0, eps, t: TrigFlow(0.5).q_sample(x0, t.flatten(), eps=eps)[0],
+    "the noise z has standard deviation sigma_d, not 1.",
+    _trig_x0_inputs, ("dstar_edu.process:Process.q_sample",),
+    mistakes=((lambda x0, eps, t: torch.cos(t) * x0 + torch.sin(t) * eps, "z = sigma_d eps: the noise carries sigma_d = 0.5."),
+              (lambda x0, eps, t: torch.sin(t) * x0 + torch.cos(t) * 0.5 * eps,
+               "sin and cos are swapped: t = 0 is data, t = pi/2 pure noise."))))
+
+register(_value(
+    "trigflow_velocity", "handbook Sec. 2.5, Eq. 38 (TrigFlow velocity, the sCM training target)",
+    ("The TrigFlow velocity dx_t/dt of x_t = cos(t) x0 + sin(t) sigma_d eps (sigma_d = 0.5) is the target of "
+     "TrigFlow's flow matching. Given x0, eps and t, return it."),
+    (("x0", "data, shape (batch, *shape)"), ("eps", "standard normal noise, same shape"),
+     ("t", "time in [0, pi/2], broadcasts against x0")),
+    "-sin(t) x0 + cos(t) sigma_d eps",
+    lambda x0, eps, t: cv.from_x0_eps("velocity", x0, eps, TrigFlow(0.5).q_sample(x0, t.flatten(), eps=eps)[0],
+                                      t.flatten(), TrigFlow(0.5)),
+    "differentiate cos(t) and sin(t) with respect to t.",
+    _trig_x0_inputs, ("dstar_edu.conversions:from_x0_eps", "dstar_edu.conversions:convert"),
+    mistakes=((lambda x0, eps, t: torch.sin(t) * x0 - torch.cos(t) * 0.5 * eps,
+               "sign: d cos(t)/dt = -sin(t), so the data term enters with a minus sign."),
+              (lambda x0, eps, t: -torch.sin(t) * x0 + torch.cos(t) * eps, "the noise term carries sigma_d = 0.5."))))
