@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["ASSIGNMENT", "HIDDEN_TEST", "REPO", "hidden_test_source", "fresh_grader", "source_notebooks",
-           "build_course", "generate", "autograde", "main"]
+           "build_course", "generate", "autograde", "is_exercise_cell", "light_version", "execute", "main"]
 
 ASSIGNMENT = "dstar_edu"
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,8 @@ def autograde(submissions: Path | str, course: Path | str = "course_build", sour
             with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
                 for student in students:
                     sub = gb.find_submission(ASSIGNMENT, student.name)
-                    scores[student.name] = {nb.name: (float(nb.score), float(nb.max_score)) for nb in sub.notebooks}
+                    scores[student.name] = {f"{nb.name}.ipynb": (float(nb.score), float(nb.max_score))
+                                           for nb in sub.notebooks}
     finally:
         for k, v in old_env.items():
             if v is None:
@@ -164,6 +165,37 @@ def autograde(submissions: Path | str, course: Path | str = "course_build", sour
             for nb, (s, m) in sorted(nbs.items()):
                 w.writerow([student, nb, s, m])
     return scores
+
+
+def is_exercise_cell(cell) -> bool:
+    """An nbgrader cell (solution or autograder test) or the ``describe`` cell that introduces one."""
+    text = "".join(cell.get("source", ""))
+    return "nbgrader" in cell.get("metadata", {}) or (cell.get("cell_type") == "code" and ".describe(" in text
+                                                       and len(text.splitlines()) == 1)
+
+
+def light_version(nb: dict) -> dict:
+    """The light profile of a notebook: its first code cell (imports and setup) and every exercise cell, in order.
+
+    The demo cells in between are the same in the source and the student version, and CI already runs them in
+    the source version (nbmake); the light profile executes what generating and grading change, in seconds."""
+    import copy
+    out = copy.deepcopy(nb)
+    first = next(i for i, c in enumerate(out["cells"]) if c["cell_type"] == "code")
+    out["cells"] = [c for i, c in enumerate(out["cells"]) if i == first or (c["cell_type"] == "code"
+                                                                          and is_exercise_cell(c))]
+    return out
+
+
+def execute(nb: dict, cwd: Path | str, timeout: int = 300) -> dict:
+    """Execute a notebook (a dict) top to bottom with nbclient; raises on the first exception in a cell."""
+    import json
+
+    import nbformat
+    from nbclient import NotebookClient
+    node = nbformat.reads(json.dumps(nb), as_version=4)
+    NotebookClient(node, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return node
 
 
 def main(argv: list[str] | None = None) -> int:
