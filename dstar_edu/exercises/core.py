@@ -33,7 +33,8 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL", "GRADED_BY", "register", "check",
+__all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL",
+           "GRADED_BY", "register", "check",
            "describe", "list_exercises", "reference", "sample_inputs", "over_dims", "batch_label", "flat_grad"]
 
 #: an answer passes when ``max|got - expected| <= RTOL * max|expected| + ATOL`` on every trial
@@ -282,7 +283,8 @@ def _call(ex: Exercise, fn_name: str, where: str, call: Callable[[], Any]) -> Te
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
         raise _Rejected(f"Your function raised {type(exc).__name__}: {exc}\n  on {where}.\n"
                         f"It is called positionally as f({arg_names}){ex.call_note}.\n"
-                        f"Traceback (last lines):\n{''.join(tb[-2:]).rstrip()}\n" + "\n".join(_hint_lines(ex))) from None
+                        f"Traceback (last lines):\n{''.join(tb[-2:]).rstrip()}\n"
+                        + "\n".join(_hint_lines(ex))) from None
     if got is None:
         raise _Rejected(f"Your function returned None on {where}: did you forget the `return` statement?")
     try:

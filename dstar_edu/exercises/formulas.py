@@ -323,7 +323,8 @@ register(_value(
                "s uses diffusers' timestep t - 1, not t: at t = 1 the boundary f = x_t must hold."),
               (lambda x_t, x0, t: 0.25 / ((10 * (t - 1)) ** 2 + 0.25) * x_t
                + 0.5 * 10 * (t - 1) / torch.sqrt((10 * (t - 1)) ** 2 + 0.25) * x0,
-               "this c_out has Eq. 19's extra sigma_data factor; LCM's code drops it (see the erratum in section 3)."))))
+               "this c_out has Eq. 19's extra sigma_data factor; LCM's code drops it (the erratum of "
+               "section 3)."))))
 
 
 # ---- TrigFlow's forward process and velocity (notebook 06) ---------------------------------------------------
@@ -342,7 +343,8 @@ register(_value(
     lambda x0, eps, t: TrigFlow(0.5).q_sample(x0, t.flatten(), eps=eps)[0],
     "the noise z has standard deviation sigma_d, not 1.",
     _trig_x0_inputs, ("dstar_edu.process:Process.q_sample",),
-    mistakes=((lambda x0, eps, t: torch.cos(t) * x0 + torch.sin(t) * eps, "z = sigma_d eps: the noise carries sigma_d = 0.5."),
+    mistakes=((lambda x0, eps, t: torch.cos(t) * x0 + torch.sin(t) * eps,
+               "z = sigma_d eps: the noise carries sigma_d = 0.5."),
               (lambda x0, eps, t: torch.sin(t) * x0 + torch.cos(t) * 0.5 * eps,
                "sin and cos are swapped: t = 0 is data, t = pi/2 pure noise."))))
 

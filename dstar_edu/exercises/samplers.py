@@ -27,6 +27,7 @@ SLACK = 1.5
 #: every wrong or truncated loop misses -- then Gaussians of variance 0.05..0.3, where the first-order
 #: discretisation error is the yardstick
 TRIALS = ((2, 64, True), (3 * 32 * 32, 4, False), (2, 256, False))
+_COVERS = "a single data point and Gaussian data, 2D points and 3x32x32 images"
 
 
 def _gaussian(process, dim: int, g: torch.Generator, point: bool):
@@ -67,7 +68,8 @@ def _judge(got: Tensor, exact: Tensor, ref: Tensor, grid: Tensor, rec: _Recorder
                      "(a scale property: a coefficient of the update is off).")
     mean_off = (got.mean(0) - exact.mean(0)).abs().max().item()
     if mean_off > 0.05 * max(1.0, exact.mean(0).abs().max().item()):
-        parts.append(f"The mean of your samples is off by {mean_off:.3g} (a shift: the data part of the update is off).")
+        parts.append(f"The mean of your samples is off by {mean_off:.3g} (a shift: the data part of the update "
+                     "is off).")
     return " ".join(parts)
 
 
@@ -170,13 +172,14 @@ register(Exercise(
     hint=("one step: x0_hat = (x - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t), then x_prev = sqrt(ab_prev) x0_hat + "
           "sqrt(1 - ab_prev) eps_hat; loop over consecutive pairs of the grid."),
     hints=("zip(timesteps[:-1], timesteps[1:]) gives the (t, t_prev) pairs; the last pair ends at t_prev = 0.",),
-    draw=_ddim_trial, graded_by="outcome", n_trials=3, covers="a single data point and Gaussian data, 2D points and 3x32x32 images",
+    draw=_ddim_trial, graded_by="outcome", n_trials=3, covers=_COVERS,
     grading=(f"run from the same x_T on the same grid, your end points must be within {SLACK}x the library DDIM "
              "loop's distance to the exact PF-ODE flow map of the Gaussian data (closed form)."),
     return_note="a tensor shaped like x_T",
     mistakes=(
         (lambda x_T, ts, m, ab: _ddim_loop(x_T, ts, m, ab, sign=-1.0),
-         "the noise is subtracted from x when estimating x0 (Eq. 7): x0_hat = (x - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t)."),
+         "the noise is subtracted from x when estimating x0 (Eq. 7): "
+         "x0_hat = (x - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t)."),
         (lambda x_T, ts, m, ab: _ddim_loop(x_T, ts, m, ab, prev_from_t=True),
          "your update uses alpha_bar at t instead of at t_prev, so x never moves to the next time."),
         (lambda x_T, ts, m, ab: _ddim_loop(x_T, ts, m, ab, stop_early=True),
@@ -199,7 +202,7 @@ register(Exercise(
     reference=lambda x_1, timesteps, velocity_model: _rf_loop(x_1, timesteps, velocity_model),
     hint="an Euler step is x_next = x + (t_next - t) * v(x, t): the time difference is negative here.",
     hints=("evaluate the velocity at the start of each step (x, t), not at t_next.",),
-    draw=_rf_trial, graded_by="outcome", n_trials=3, covers="a single data point and Gaussian data, 2D points and 3x32x32 images",
+    draw=_rf_trial, graded_by="outcome", n_trials=3, covers=_COVERS,
     grading=(f"run from the same x_1 on the same grid, your end points must be within {SLACK}x the library Euler "
              "loop's distance to the exact flow map of the Gaussian data (closed form)."),
     return_note="a tensor shaped like x_1",
