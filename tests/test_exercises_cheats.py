@@ -1,4 +1,6 @@
 """The four ways issue 9 found to game the grader each fail now (and the honest answer still passes)."""
+import sys
+
 import torch
 
 from dstar_edu import conversions as cv
@@ -76,6 +78,7 @@ def test_cheat_4_patching_the_grader_fails_after_the_hidden_tests_reimport(capsy
         return x_t
 
     original = core._close
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("dstar_edu.exercises")}
     core._close = lambda got, expected, atol=0: (True, 0.0, 0.0)    # the student's monkeypatch
     try:
         assert ex.check("tweedie_x0", my_tweedie) is True             # fools the grader it patched...
@@ -89,4 +92,7 @@ def test_cheat_4_patching_the_grader_fails_after_the_hidden_tests_reimport(capsy
         assert namespace["_grader"] is not ex and namespace["_grader"].check("tweedie_x0", honest_tweedie)
     finally:
         core._close = original
-        fresh_grader()                                                # a clean grader for later tests
+        fresh_grader()
+        sys.modules.update(saved)                # later tests keep the modules they imported
+        import dstar_edu
+        dstar_edu.exercises = saved["dstar_edu.exercises"]
