@@ -96,3 +96,13 @@ def test_cheat_4_patching_the_grader_fails_after_the_hidden_tests_reimport(capsy
         sys.modules.update(saved)                # later tests keep the modules they imported
         import dstar_edu
         dstar_edu.exercises = saved["dstar_edu.exercises"]
+
+
+def test_every_exercise_guards_a_swappable_library_function():
+    # a guard that does not resolve, or a function with a closure (whose code cannot be swapped), would let the
+    # library answer through silently
+    for name, exercise in ex.EXERCISES.items():
+        assert exercise.guards, name
+        for target in exercise.guards:
+            fn = core._resolve(target)
+            assert callable(fn) and fn.__code__.co_freevars == (), (name, target)
