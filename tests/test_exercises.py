@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -5,9 +6,19 @@ import torch
 
 from dstar_edu import conversions as cv
 from dstar_edu import exercises as ex
+from dstar_edu.exercises import core
 from dstar_edu.process import DDPM
 
 NAMES = ex.list_exercises("basics")
+
+
+@pytest.fixture(autouse=True)
+def _instructor_mode(monkeypatch):
+    """These tests grade the reference and the catalogued mistakes as if they were answers, which the guards
+    forbid a student (tests/test_exercises_cheats.py proves that); here the guards are off and the hint level is
+    reset, so every test sees a first failure."""
+    monkeypatch.setattr(core, "_guarded", lambda exercise: contextlib.nullcontext())
+    core._FAILURES.clear()
 
 
 def test_registry_has_the_required_exercises():
@@ -17,7 +28,8 @@ def test_registry_has_the_required_exercises():
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_passes(name, capsys):
     assert ex.check(name, ex.reference(name)) is True
-    assert capsys.readouterr().out.startswith("Correct!")
+    out = capsys.readouterr().out
+    assert out.startswith(f"Grading {name!r} on fresh problems, seed ") and "\nCorrect!" in out
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -60,6 +72,9 @@ def test_posterior_mean_per_step_alpha_hint(capsys):
 
     assert not ex.check("posterior_mean_ddpm", used_alpha_bar)
     out = capsys.readouterr().out
+    assert "did you use alpha_bar_t or the per-step alpha_t?" not in out      # hint 2 waits for a second try
+    assert not ex.check("posterior_mean_ddpm", used_alpha_bar)
+    out += capsys.readouterr().out
     assert "did you use alpha_bar_t or the per-step alpha_t?" in out
     assert "per-step alpha_t belongs" in out
 
@@ -92,7 +107,11 @@ def test_unlisted_wrong_answer_gets_generic_hint(capsys):
     ref = ex.reference("tweedie_x0")
     assert not ex.check("tweedie_x0", lambda *a: 1.01 * ref(*a))
     out = capsys.readouterr().out
-    assert "Likely mistake" not in out and "Hint (handbook Eq. 7)" in out
+    assert "Likely mistake" not in out and "Hint 1 (re-read handbook Eq. 7)" in out
+    # a uniform 1 % scale error is named as such (a property, not the formula), and the next failure adds hint 2
+    assert "an overall constant factor is off" in out and "times 1.01" in out and "Hint 2" not in out
+    assert not ex.check("tweedie_x0", lambda *a: 1.01 * ref(*a))
+    assert "Hint 2: Eq. 6 scales x0" in capsys.readouterr().out
 
 
 def test_float32_result_is_flagged(capsys):
@@ -172,7 +191,7 @@ def test_seeds_are_deterministic(capsys):
     assert all(torch.equal(u, d["x_t"]) for u, d in zip(first, ex.sample_inputs("tweedie_x0", 3, seed=5)))
 
     failed = [ex.check("tweedie_x0", lambda *a: 1.01 * ex.reference("tweedie_x0")(*a), seed=5) for _ in range(2)]
-    outs = capsys.readouterr().out.split("Not yet")
+    outs = [o.split("Hint 1")[0] for o in capsys.readouterr().out.split("Not yet")]
     assert failed == [False, False] and outs[1] == outs[2]
 
 

@@ -4,7 +4,13 @@ One registry for every area, each area a module that only defines and registers 
 
 * ``basics``: the handbook's DDPM formulas (Tweedie, the DDPM posterior mean, v-prediction, ...), by value;
 * ``distill``: SIM's distances ``d'(y)`` by value and SIM's generator loss by its gradient;
-* ``align``: the CFG implicit-reward loss by its gradient, the guided score, DPO and DRWR weights by value.
+* ``align``: the CFG implicit-reward loss by its gradient, the guided score, DPO and DRWR weights by value;
+* ``samplers``: whole DDIM and rectified-flow Euler loops, graded by their outcome against the exact flow map;
+* ``formulas``: Sec. 2.7's unified velocity, consistency / LCM / TrigFlow parameterisations, InstaFlow's y-space,
+  the DSM target, DDPO's log-density and advantages, by value.
+
+Grading draws fresh problems from a printed OS seed, and while a student's function runs the library functions
+that implement its answer (``Exercise.guards``) and ``reference`` refuse to run (see ``core``).
 
 ``core`` holds the grading machinery they share (see its docstring for how answers are graded)::
 
@@ -16,14 +22,17 @@ One registry for every area, each area a module that only defines and registers 
 
 Wrong answers never raise; ``check`` returns ``True``/``False``.
 """
-from .core import (ATOL, EXERCISES, GRADED_BY, RTOL, Exercise, GradientTrial, Trial, check, describe, list_exercises,
-                   reference, register, sample_inputs)
+from .core import (ATOL, EXERCISES, GRADED_BY, RTOL, Exercise, GradientTrial, GradingGuardError, OutcomeTrial, Trial,
+                   check, describe, list_exercises, reference, register, sample_inputs)
 
 # importing an area registers its exercises; this order is list_exercises()'s
 from . import basics  # noqa: E402, F401
 from . import distill  # noqa: E402, F401
 from . import align  # noqa: E402, F401
+from . import samplers  # noqa: E402, F401
+from . import formulas  # noqa: E402, F401
 from .basics import ddpm_posterior_mean  # noqa: E402
 
-__all__ = ["Exercise", "Trial", "GradientTrial", "EXERCISES", "RTOL", "ATOL", "GRADED_BY", "register", "check",
+__all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL",
+           "GRADED_BY", "register", "check",
            "describe", "list_exercises", "reference", "sample_inputs", "ddpm_posterior_mean"]

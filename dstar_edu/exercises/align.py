@@ -131,7 +131,9 @@ def _align(covers: str = "2D points and 3x32x32 images", **fields) -> Exercise:
 
 # ---- the exercises ------------------------------------------------------------------------------------------
 register(_align(
-    name="cfg_implicit_reward_loss", source="DI* Thm 3.2, Eq. 3.6-3.7 (corrected sign); Luo talk Thm 3.3",
+    name="cfg_implicit_reward_loss",
+    guards=('dstar_edu.objectives.alignment:cfg_implicit_reward_loss',),
+    source="DI* Thm 3.2, Eq. 3.6-3.7 (corrected sign); Luo talk Thm 3.3",
     prompt=("Classifier-free guidance as an implicit reward. The implicit reward of a class (or prompt) c is "
             "r = E w(t) log p_ref(x_t|c) / p_ref(x_t) with x_t = alpha g_theta(z) + sigma eps (DI* Eq. 3.7). Its "
             "gradient needs only the two scores: grad_x log p(x|c)/p(x) = s(x|c) - s(x|None). Write a *loss* whose "
@@ -170,7 +172,9 @@ register(_align(
     )))
 
 register(_align(
-    name="guided_score", source="DI* Sec. 3.3 (DI*-In, corrected); Luo talk Eq. 3.5; handbook Eq. 23",
+    name="guided_score",
+    guards=('dstar_edu.objectives.alignment:GuidedPredictor.forward',),
+    source="DI* Sec. 3.3 (DI*-In, corrected); Luo talk Eq. 3.5; handbook Eq. 23",
     prompt=("The CFG-enhanced reference of DI*-In. Given the conditional score s_c = s_ref(x_t|t,c), the "
             "unconditional s_u = s_ref(x_t|t,None) and the guidance scale alpha_cfg, return the guided score that "
             "DI*-In uses as its reference: the conditional score plus alpha_cfg times the CFG direction."),
@@ -193,7 +197,9 @@ register(_align(
 
 register(_align(
     covers="",  # (batch,) vectors of log-probabilities / rewards
-    name="dpo_loss", source="Wang talk (DPO: implicit reward beta log pi/pi_ref, Bradley-Terry)",
+    name="dpo_loss",
+    guards=('dstar_edu.objectives.preference:dpo_loss',),
+    source="Wang talk (DPO: implicit reward beta log pi/pi_ref, Bradley-Terry)",
     prompt=("Direct preference optimisation. For a preferred sample y_w and a rejected y_l you get the policy's "
             "log-probabilities logp_w, logp_l and the reference's ref_logp_w, ref_logp_l (tensors of shape (batch,)). "
             "The implicit reward is h = beta (log pi - log pi_ref); the Bradley-Terry likelihood of 'w beats l' is "
@@ -218,7 +224,9 @@ register(_align(
 
 register(_align(
     covers="",  # (batch,) vectors of log-probabilities / rewards
-    name="drwr_weights", source="handbook Sec. 3.3.2 (DRWR, corrected); reward-weighted regression",
+    name="drwr_weights",
+    guards=('dstar_edu.objectives.reward_finetune:drwr_weights',),
+    source="handbook Sec. 3.3.2 (DRWR, corrected); reward-weighted regression",
     prompt=("Diffusion reward-weighted regression weights each sample's denoising loss by a function of its reward "
             "R(x), clipped at w_max. Reward-weighted regression (Peters & Schaal 2007) uses the exponentiated "
             "reward, so that the regression's optimum is p_old(x) exp(beta R(x)) / Z: the KL-regularised optimum "

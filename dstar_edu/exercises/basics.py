@@ -78,7 +78,7 @@ def _basics(pick: Callable[[dict], dict], **fields) -> Exercise:
         d = _draw(trial, g)
         t = d["t"]
         times = f"one shared t = {int(t.item())}" if t.numel() == 1 else f"t = {[int(v) for v in t.tolist()][:8]}"
-        return Trial(pick(d), times)
+        return Trial(pick(d), times, times=t if t.numel() > 1 else None)
     return Exercise(area="basics", draw=draw, n_trials=len(TRIAL_SHAPES),
                     covers="2D points and 3x32x32 images, DDPM T=1000, several t",
                     call_note=(" with float64 torch tensors; the coefficients already broadcast against x "
@@ -92,7 +92,9 @@ def _basics(pick: Callable[[dict], dict], **fields) -> Exercise:
 _AB = "DDPM alpha_bar_t, a tensor that broadcasts against x_t (shape (batch, 1, ...) or 0-d)"
 
 register(_basics(
-    name="tweedie_x0", source="handbook Eq. 7",
+    name="tweedie_x0",
+    guards=('dstar_edu.conversions:x0_from_eps', 'dstar_edu.conversions:to_x0_eps', 'dstar_edu.conversions:convert'),
+    source="handbook Eq. 7",
     prompt=("Tweedie's formula (handbook Eq. 7). The forward process of Eq. 6 gives x_t = sqrt(alpha_bar_t) x0 "
             "+ sqrt(1 - alpha_bar_t) eps. A network that predicts the noise eps_hat therefore also predicts the "
             "clean sample: solve Eq. 6 for x0 with eps replaced by eps_hat. Return x0_hat (same shape as x_t)."),
@@ -123,7 +125,9 @@ register(_basics(
     ), pick=lambda d: {"x_t": d["x_t"], "eps_hat": d["eps_hat"], "alpha_bar": d["alpha_bar_t"]}))
 
 register(_basics(
-    name="posterior_mean_ddpm", source="handbook Eq. 8/10",
+    name="posterior_mean_ddpm",
+    guards=('dstar_edu.exercises.basics:ddpm_posterior_mean', 'dstar_edu.samplers.diffusion:_ddpm_update'),
+    source="handbook Eq. 8/10",
     prompt=("DDPM posterior mean (handbook Eq. 8, written with x0_hat in Eq. 10). Given x_t and a clean-sample "
             "prediction x0_hat, the forward posterior q(x_{t-1} | x_t, x0) is Gaussian; its mean is a weighted sum "
             "of x0_hat and x_t. The weights mix the per-step alpha_t = 1 - beta_t (Eq. 5) and the cumulative "
@@ -168,7 +172,11 @@ register(_basics(
     ), pick=lambda d: {k: d[k] for k in ("x_t", "x0_hat", "alpha_t", "alpha_bar_t", "alpha_bar_prev")}))
 
 register(_basics(
-    name="v_prediction", source="handbook Sec. 2.6.2, Fig. 3",
+    name="v_prediction",
+    guards=('dstar_edu.conversions:v_from_x0_eps',
+            'dstar_edu.conversions:from_x0_eps',
+            'dstar_edu.conversions:convert'),
+    source="handbook Sec. 2.6.2, Fig. 3",
     prompt=("v-prediction target (handbook Sec. 2.6.2). Write x_t = sin(phi) x0 + cos(phi) eps with "
             "sin(phi) = sqrt(alpha_bar_t); the handbook's v is the rate of change of x_t along the angle phi, "
             "v = dx_t/dphi, which points from the noise towards the data. Given the clean sample x0, the noise eps "
@@ -195,7 +203,9 @@ register(_basics(
     ), pick=lambda d: {"x0": d["x0"], "eps": d["eps"], "alpha_bar": d["alpha_bar_t"]}))
 
 register(_basics(
-    name="x0_from_v", source="handbook Fig. 3",
+    name="x0_from_v",
+    guards=('dstar_edu.conversions:x0_from_v', 'dstar_edu.conversions:to_x0_eps', 'dstar_edu.conversions:convert'),
+    source="handbook Fig. 3",
     prompt=("Triangular formula x0 <- v (handbook Fig. 3). A v-prediction network outputs v_hat; rotate back by "
             "the angle phi (sin(phi) = sqrt(alpha_bar_t)) to recover the clean sample: x_t and v are the signal "
             "and its angular derivative, so x0 is a rotation of the pair (x_t, v). Return x0_hat (same shape as x_t)."),
@@ -218,7 +228,11 @@ register(_basics(
                        "alpha_bar": d["alpha_bar_t"]}))
 
 register(_basics(
-    name="score_from_eps", source="handbook Eq. 18",
+    name="score_from_eps",
+    guards=('dstar_edu.conversions:score_from_eps',
+            'dstar_edu.conversions:from_x0_eps',
+            'dstar_edu.conversions:convert'),
+    source="handbook Eq. 18",
     prompt=("Score from noise prediction (handbook Eq. 16-18). The conditional score of q(x_t | x0) = "
             "N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) is -(x_t - sqrt(alpha_bar_t) x0) / (1 - alpha_bar_t) "
             "= -eps / sqrt(1 - alpha_bar_t); replacing eps by the network's eps_hat gives the model score "

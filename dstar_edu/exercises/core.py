@@ -4,7 +4,11 @@ An area module (``basics``, ``distill``, ``align``) builds :class:`Exercise` obj
 solution, a trial generator, a hint and the catalogued typical mistakes -- and adds them with :func:`register`.
 :func:`check` does the rest, the same way for every area:
 
-* it draws ``n_trials`` random float64 problems from ``Generator().manual_seed(seed)`` (same seed, same problems);
+* it draws ``n_trials`` random float64 problems from ``Generator().manual_seed(seed)``; by default the seed is
+  fresh for every grading run (drawn from the OS, not chosen by the student) and printed, so a failure can be
+  reproduced with ``check(name, fn, seed=...)`` while a table of ``sample_inputs`` answers is useless;
+* while the student's function runs, the library functions that implement the answer (``Exercise.guards``),
+  the exercise's reference and :func:`reference` / :func:`sample_inputs` refuse to run, with a message;
 * it calls the student's function positionally on copies of the inputs and reports, instead of raising,
   an exception (``NotImplementedError`` as "not implemented yet"), a ``None`` or non-tensor result and a
   wrong shape;
@@ -18,6 +22,9 @@ solution, a trial generator, a hint and the catalogued typical mistakes -- and a
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import secrets
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,13 +33,14 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["Exercise", "Trial", "GradientTrial", "EXERCISES", "RTOL", "ATOL", "GRADED_BY", "register", "check",
+__all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL",
+           "GRADED_BY", "register", "check",
            "describe", "list_exercises", "reference", "sample_inputs", "over_dims", "batch_label", "flat_grad"]
 
 #: an answer passes when ``max|got - expected| <= RTOL * max|expected| + ATOL`` on every trial
 RTOL = 1e-8
 ATOL = 1e-12
-GRADED_BY = ("value", "gradient")
+GRADED_BY = ("value", "gradient", "outcome")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Trial:
     """One value-graded problem: the arguments in call order; ``note`` completes its description in messages."""
     inputs: dict[str, Any]
     note: str = ""
+    times: Any = None        # per-sample times of the batch (1-d tensor), for "which time region" feedback
 
     @property
     def label(self) -> str:
@@ -57,6 +66,16 @@ class GradientTrial:
     loss: Callable[[Callable], Any]
     expected: Tensor
     atol: float = ATOL
+
+
+@dataclass(frozen=True)
+class OutcomeTrial:
+    """One outcome-graded problem: the student's function is called on ``inputs`` (in order) and ``judge(got)``
+    returns ``None`` when the outcome is good enough, else a sentence saying which property failed (measured
+    against an exact answer, e.g. the flow map of Gaussian data) without stating the formula."""
+    label: str
+    inputs: dict[str, Any]
+    judge: Callable[[Tensor], str | None]
 
 
 def over_dims(dims: tuple[int, ...], make: Callable[[int, torch.Generator], Trial | GradientTrial]):
@@ -96,6 +115,10 @@ class Exercise:
     return_note: str = ""                          # what describe says to return ("" -> returns)
     against: str = ""                              # gradient-graded: the objective whose gradient is matched
     grading: str = ""                              # gradient-graded: how that exact gradient is computed (describe)
+    guards: tuple[str, ...] = ()                   # "module:qualname" of library functions that implement the
+    #                                                answer: they refuse to run while a student's answer is graded
+    hints: tuple[str, ...] = ()                    # progressive hints after `hint` (the seed equation pointer):
+    #                                                the k-th failed check in a session also shows hints[:k-1]
 
     @property
     def signature(self) -> str:
@@ -139,8 +162,23 @@ def list_exercises(area: str | None = None) -> list[str]:
     return [name for name, ex in EXERCISES.items() if ex.area == area]
 
 
+class GradingGuardError(RuntimeError):
+    """Raised by a guarded function called while a student's answer is being graded."""
+
+
+#: names of the exercises whose student answer is running right now (a stack: grading does not nest in practice)
+_GRADING: list[str] = []
+
+
+def _refuse_while_grading(what: str) -> None:
+    if _GRADING:
+        raise GradingGuardError(f"{what} refuses to run while exercise {_GRADING[-1]!r} is being graded: "
+                                "write the computation yourself.")
+
+
 def reference(name: str) -> Callable:
-    """The reference solution of exercise ``name`` (for instructors)."""
+    """The reference solution of exercise ``name`` (for instructors); refuses to run while an answer is graded."""
+    _refuse_while_grading("exercises.reference")
     return _get(name).reference
 
 
@@ -154,7 +192,10 @@ def describe(name: str) -> None:
     lines = [f"Exercise {ex.name!r} ({ex.source})", "", ex.prompt, "", "Implement:", f"    {ex.signature}"]
     lines += [f"        # {a}: {meaning}" for a, meaning in ex.args]
     lines += [f"        ...  # return {ex.return_note or ex.returns}", ""]
-    if ex.graded_by == "gradient":
+    if ex.graded_by == "outcome":
+        lines.append(f"Graded by exercises.check({ex.name!r}, my_{ex.name}) by its outcome on {ex.n_trials} "
+                     f"random float64 problems{_covering(ex)}: {ex.grading}")
+    elif ex.graded_by == "gradient":
         lines.append(f"Graded by exercises.check({ex.name!r}, my_{ex.name}) by the gradient of your loss with "
                      f"respect to a generator's parameters, against the exact gradient of {ex.against}, on "
                      f"{ex.n_trials} random float64 problems{_covering(ex)}, rtol {RTOL:g}."
@@ -168,11 +209,56 @@ def describe(name: str) -> None:
 def sample_inputs(name: str, n_trials: int | None = None, seed: int = 0) -> list[dict]:
     """The inputs ``check`` passes for value-graded exercise ``name``, in argument order (same seed -> same
     inputs); ``n_trials`` defaults to check's."""
+    _refuse_while_grading("exercises.sample_inputs")
     ex = _get(name)
-    if ex.graded_by != "value":
+    if ex.graded_by == "gradient":
         raise ValueError(f"exercise {name!r} is graded by its gradient on a generated model; it has no fixed inputs")
     g = torch.Generator().manual_seed(int(seed))
     return [ex.draw(i, g).inputs for i in range(_n_trials(ex, n_trials))]
+
+
+# ---- guards: what refuses to run while the student's function runs ---------------------------------------
+def _resolve(target: str) -> Callable:
+    """``"package.module:Qual.name"`` -> the function object (a plain function or a method's function)."""
+    module, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "__func__", obj)
+
+
+def _refusing_code(label: str, exercise: str):
+    """A code object that raises ``GradingGuardError`` whatever it is called with; swapped into a guarded
+    function's ``__code__`` so that every reference to that function object (``from m import f`` included)
+    refuses. The message is a constant of the code, as the function keeps its own module's globals."""
+    msg = (f"{label} refuses to run while exercise {exercise!r} is being graded: it implements the answer, "
+           "so write the computation yourself.")
+    namespace: dict[str, Any] = {}
+    exec(f"def _refuse(*args, **kwargs):\n    raise RuntimeError({msg!r})", {}, namespace)  # noqa: S102
+    return namespace["_refuse"].__code__
+
+
+@contextlib.contextmanager
+def _guarded(ex: Exercise):
+    """While the block runs: ``ex.guards`` and ``ex.reference`` refuse to run, ``reference()`` and
+    ``sample_inputs()`` too. Functions with a closure cannot have their code swapped; they are skipped."""
+    targets = [(t, _resolve(t)) for t in ex.guards] + [("the reference solution", ex.reference)]
+    swapped = []
+    try:
+        for label, fn in targets:
+            code = getattr(fn, "__code__", None)
+            if code is None or code.co_freevars:
+                continue
+            label = label.replace(":", ".")
+            swapped.append((fn, code))
+            fn.__code__ = _refusing_code(label, ex.name)
+        _GRADING.append(ex.name)
+        yield
+    finally:
+        if _GRADING and _GRADING[-1] == ex.name:
+            _GRADING.pop()
+        for fn, code in reversed(swapped):
+            fn.__code__ = code
 
 
 # ---- calling the student and explaining the answer -------------------------------------------------------
@@ -188,15 +274,17 @@ def _call(ex: Exercise, fn_name: str, where: str, call: Callable[[], Any]) -> Te
     """Run ``call()`` (which calls the student's function); its result as a tensor, or ``_Rejected``."""
     arg_names = ", ".join(a for a, _ in ex.args)
     try:
-        got = call()
+        with _guarded(ex):
+            got = call()
     except NotImplementedError:
         raise _Rejected(f"Not implemented yet: {fn_name}({arg_names}) raised NotImplementedError on {where}.\n"
-                        f"Replace the body with your formula. Hint: {ex.hint}") from None
+                        f"Replace the body with your own code (see {ex.source}).") from None
     except Exception as exc:  # noqa: BLE001 - the student's error is reported, not raised
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
         raise _Rejected(f"Your function raised {type(exc).__name__}: {exc}\n  on {where}.\n"
                         f"It is called positionally as f({arg_names}){ex.call_note}.\n"
-                        f"Traceback (last lines):\n{''.join(tb[-2:]).rstrip()}\nHint: {ex.hint}") from None
+                        f"Traceback (last lines):\n{''.join(tb[-2:]).rstrip()}\n"
+                        + "\n".join(_hint_lines(ex))) from None
     if got is None:
         raise _Rejected(f"Your function returned None on {where}: did you forget the `return` statement?")
     try:
@@ -223,8 +311,71 @@ def _entries(expected: Tensor, got: Tensor, k: int = 3) -> str:
     return "\n".join(rows)
 
 
+#: how many times each exercise has failed in this session: the k-th failure shows the first k hint levels
+_FAILURES: dict[str, int] = {}
+
+
+def _hint_lines(ex: Exercise) -> list[str]:
+    """Progressive hints: first only the seed equation to read, then the exercise's hint, then ``ex.hints``."""
+    level = _FAILURES.get(ex.name, 0) + 1
+    lines = [f"Hint 1 (re-read {ex.source}): write out the equation's symbols one by one and match each to an "
+             "argument of your function."]
+    if level >= 2:
+        lines.append(f"Hint 2: {ex.hint}")
+    for k, more in enumerate(ex.hints[:max(0, level - 2)], start=3):
+        lines.append(f"Hint {k}: {more}")
+    if level < 2 + len(ex.hints):
+        lines.append("(Check again after a change: each further failure reveals one more hint.)")
+    return lines
+
+
+def _properties(got: Tensor, expected: Tensor, times=None) -> list[str]:
+    """Which property of a wrong answer fails -- sign, overall scale, scale varying per sample (time), the time
+    region -- measured against the reference without printing the formula."""
+    g = got.detach().to(torch.float64)
+    e = expected.to(torch.float64)
+    if not torch.isfinite(g).all() or e.abs().max() == 0 or g.shape != e.shape:
+        return []
+    out = []
+    fit = (g * e).sum() / (e * e).sum()                          # least-squares factor got ~ fit * expected
+    resid = (g - fit * e).norm() / e.norm()
+    if resid < 1e-6:
+        if abs(fit + 1) < 1e-6:
+            out.append("Property check: your answer has the right magnitude everywhere but the opposite sign.")
+        elif fit < 0:
+            out.append(f"Property check: your answer is the reference times {fit.item():.4g}: the sign and the "
+                       "overall scale are both off.")
+        else:
+            out.append(f"Property check: your answer is the reference times {fit.item():.4g}: the direction is "
+                       "right, an overall constant factor is off.")
+        return out
+    cos = ((g * e).sum() / (g.norm() * e.norm()).clamp_min(1e-300)).item()
+    if cos < -0.5:
+        out.append("Property check: your answer points against the reference (negative correlation): a sign is off.")
+    if e.ndim >= 1 and e.shape[0] > 1:
+        per = [((gi * ei).sum() / (ei * ei).sum().clamp_min(1e-300)).item() for gi, ei in zip(g, e)]
+        per_resid = max(((gi - c * ei).norm() / ei.norm().clamp_min(1e-300)).item()
+                        for gi, ei, c in zip(g, e, per))
+        if per_resid < 1e-6:
+            out.append("Property check: per sample your answer is the reference times a factor, but the factor "
+                       f"changes from sample to sample (from {min(per):.4g} to {max(per):.4g}): a time-dependent "
+                       "coefficient is wrong, not the structure.")
+        if times is not None and torch.as_tensor(times).numel() == e.shape[0]:
+            t = torch.as_tensor(times).to(torch.float64).flatten()
+            bad = torch.tensor([not torch.allclose(gi, ei, rtol=RTOL * 10, atol=1e-10) for gi, ei in zip(g, e)])
+            if bad.any() and not bad.all():
+                out.append(f"Property check: correct at t = {sorted(int(v) for v in t[~bad].tolist())[:6]}, wrong at "
+                           f"t = {sorted(int(v) for v in t[bad].tolist())[:6]}: look at what changes with the time.")
+            elif bad.all():
+                rel = [((gi - ei).norm() / ei.norm().clamp_min(1e-300)).item() for gi, ei in zip(g, e)]
+                lo, hi = t[torch.tensor(rel).argmin()].item(), t[torch.tensor(rel).argmax()].item()
+                out.append(f"Property check: wrong at every t; the relative error is smallest at t = {lo:g} and "
+                           f"largest at t = {hi:g}.")
+    return out
+
+
 def _explain(ex: Exercise, lines: list[str], got: Tensor, expected: Tensor, err: float,
-             answer_of: Callable[[Callable], Tensor | None], atol: float = ATOL) -> str:
+             answer_of: Callable[[Callable], Tensor | None], atol: float = ATOL, times=None) -> str:
     """Finish the explanation of a wrong ``got``: NaN/inf, the matching catalogued mistake (``answer_of(wrong)``
     is what that mistake gives on this trial), else a float32 or rounding-level near miss; then the hint."""
     if not torch.isfinite(got).all():
@@ -246,7 +397,9 @@ def _explain(ex: Exercise, lines: list[str], got: Tensor, expected: Tensor, err:
     elif err <= 1e-4 * max(expected.abs().max().item(), 1.0):
         lines.append("  Very close: a rounding-level difference, e.g. a float32 intermediate "
                      "or an approximate constant.")
-    lines.append(f"Hint ({ex.source}): {ex.hint}")
+    else:
+        lines += [f"  {p}" for p in _properties(got, expected, times)]
+    lines += _hint_lines(ex)
     return "\n".join(lines)
 
 
@@ -266,7 +419,7 @@ def _grade_value(ex: Exercise, student_fn: Callable, fn_name: str, trial: Trial,
              f"  max |got - expected| = {err:.3g} (allowed {tol:.3g}); the entries that differ most:",
              _entries(expected, got.detach().to(torch.float64))]
     raise _Rejected(_explain(ex, lines, got, expected, err,
-                             lambda wrong: torch.as_tensor(wrong(*_copies(trial.inputs)))))
+                             lambda wrong: torch.as_tensor(wrong(*_copies(trial.inputs))), times=trial.times))
 
 
 def _gradient(trial: GradientTrial, loss: Tensor) -> Tensor | None:
@@ -291,14 +444,15 @@ def _grade_gradient(ex: Exercise, student_fn: Callable, fn_name: str, trial: Gra
         raise _Rejected(f"Wrong shape on {where}: the loss must be a scalar tensor, got shape {tuple(loss.shape)}.")
     if not loss.requires_grad:
         raise _Rejected(f"Your loss does not depend on {wrt} (no gradient) on {where}: let {wrt} carry the "
-                        f"gradient to the generator's parameters.\nHint: {ex.hint}")
+                        f"gradient to the generator's parameters.\n" + "\n".join(_hint_lines(ex)))
     try:
         got = _gradient(trial, loss)
     except Exception as exc:  # noqa: BLE001
         raise _Rejected(f"Your loss could not be differentiated on {where}: {type(exc).__name__}: {exc}\n"
-                        f"Hint: {ex.hint}") from None
+                        + "\n".join(_hint_lines(ex))) from None
     if got is None:
-        raise _Rejected(f"Your loss does not depend on every generator parameter on {where}.\nHint: {ex.hint}")
+        raise _Rejected(f"Your loss does not depend on every generator parameter on {where}.\n"
+                        + "\n".join(_hint_lines(ex)))
     ok, err, tol = _close(got, trial.expected, trial.atol)
     if ok:
         return
@@ -308,11 +462,39 @@ def _grade_gradient(ex: Exercise, student_fn: Callable, fn_name: str, trial: Gra
                              lambda wrong: _mistake_gradient(trial, wrong), trial.atol))
 
 
-def check(name: str, student_fn: Callable, n_trials: int | None = None, seed: int = 0) -> bool:
+def _grade_outcome(ex: Exercise, student_fn: Callable, fn_name: str, trial: OutcomeTrial, where: str) -> None:
+    got = _call(ex, fn_name, where, lambda: student_fn(*_copies(trial.inputs)))
+    x = next(iter(trial.inputs.values()))
+    if isinstance(x, Tensor) and tuple(got.shape) != tuple(x.shape):
+        raise _Rejected(f"Wrong shape on {where}: expected {tuple(x.shape)} (the shape of the first argument), "
+                        f"got {tuple(got.shape)}.")
+    failure = trial.judge(got.detach().to(torch.float64))
+    if failure is None:
+        return
+    lines = [f"Not yet: {where}.", f"  {failure}"]
+    if not torch.isfinite(got).all():
+        lines.append("  Your result contains NaN or inf: check for a division by zero "
+                     "or the sqrt of a negative number.")
+    for wrong, why in ex.mistakes:
+        try:
+            answer = torch.as_tensor(wrong(*_copies(trial.inputs)))
+        except Exception:  # noqa: BLE001 - a mistake that cannot be evaluated here cannot match
+            continue
+        if answer.shape == got.shape and torch.allclose(got.detach().to(torch.float64), answer.to(torch.float64),
+                                                        rtol=RTOL, atol=ATOL, equal_nan=True):
+            lines.append(f"  Likely mistake: {why}")
+            break
+    lines += _hint_lines(ex)
+    raise _Rejected("\n".join(lines))
+
+
+def check(name: str, student_fn: Callable, n_trials: int | None = None, seed: int | None = None) -> bool:
     """Grade ``student_fn`` against exercise ``name`` on ``n_trials`` random problems (default: the exercise's).
 
-    Prints "Correct! ..." or an explanation (failing input, max error, a diagnosis, a hint); returns
-    ``True``/``False``. Never raises for a wrong answer or an exception inside ``student_fn``.
+    ``seed=None`` (the default) draws fresh problems from an OS seed the student does not choose and prints it;
+    pass that seed to reproduce a failure. Prints "Correct! ..." or an explanation (failing input, the property
+    that fails, a diagnosis, progressive hints); returns ``True``/``False``. Never raises for a wrong answer or
+    an exception inside ``student_fn``.
     """
     ex = _get(name)
     if not callable(student_fn):
@@ -322,16 +504,27 @@ def check(name: str, student_fn: Callable, n_trials: int | None = None, seed: in
     n = _n_trials(ex, n_trials)
     fn_name = getattr(student_fn, "__name__", f"my_{name}")
     fn_name = f"my_{name}" if fn_name == "<lambda>" else fn_name
-    grade = _grade_gradient if ex.graded_by == "gradient" else _grade_value
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative integer or None (a fresh seed)")
+    print(f"Grading {name!r} on fresh problems, seed {seed} "
+          f"(reproduce with exercises.check({name!r}, {fn_name}, seed={seed})).")
+    grade = {"gradient": _grade_gradient, "outcome": _grade_outcome}.get(ex.graded_by, _grade_value)
     g = torch.Generator().manual_seed(int(seed))
     for i in range(n):
         trial = ex.draw(i, g)
         try:
             grade(ex, student_fn, fn_name, trial, f"trial {i + 1}/{n} ({trial.label})")
         except _Rejected as wrong:
-            print(wrong.args[0])
+            msg = wrong.args[0]
+            if not msg.startswith("Not implemented yet"):
+                _FAILURES[name] = _FAILURES.get(name, 0) + 1
+            print(msg)
             return False
-    if ex.graded_by == "gradient":
+    if ex.graded_by == "outcome":
+        print(f"Correct! {fn_name} reaches the target ({ex.source}) on {n} random problems{_covering(ex)}.")
+    elif ex.graded_by == "gradient":
         print(f"Correct! {fn_name}: its gradient matches the exact gradient of {ex.against} ({ex.source}) "
               f"on {n} random problems{_covering(ex)}.")
     else:

@@ -165,7 +165,9 @@ def _distill(**fields) -> Exercise:
 
 # ---- the exercises ------------------------------------------------------------------------------------------------
 register(_distill(
-    name="pseudo_huber_grad", source="SIM Eq. 3.8, Table 4 (row 6, corrected)",
+    name="pseudo_huber_grad",
+    guards=('dstar_edu.objectives.divergences:PseudoHuber.grad',),
+    source="SIM Eq. 3.8, Table 4 (row 6, corrected)",
     prompt=("The pseudo-Huber distance of SIM is d(y) = sqrt(||y||_2^2 + c^2) - c, where the norm runs over ALL "
             "non-batch dimensions of one sample (a 2D point, or a whole 3x32x32 image). SIM's generator loss only "
             "needs its gradient d'(y) = grad_y d(y). Given y of shape (batch, *shape) and the constant c > 0, "
@@ -192,7 +194,9 @@ register(_distill(
     )))
 
 register(_distill(
-    name="huber_grad", source="SIM App. A.3 (corrected), Table 4 (row 5)",
+    name="huber_grad",
+    guards=('dstar_edu.objectives.divergences:Huber.grad',),
+    source="SIM App. A.3 (corrected), Table 4 (row 5)",
     prompt=("The Huber distance sums L_delta(y_i) over the coordinates of a sample, with L_delta(u) = u^2/2 for "
             "|u| <= delta and delta (|u| - delta/2) otherwise. Return its gradient d'(y) (same shape as y). "
             "Careful: SIM App. A.3 prints the two branches the other way round."),
@@ -212,7 +216,9 @@ register(_distill(
     )))
 
 register(_distill(
-    name="sim_loss", source="SIM Eq. 3.7-3.8, Thm 3.1",
+    name="sim_loss",
+    guards=('dstar_edu.objectives.distill:sim_generator_loss',),
+    source="SIM Eq. 3.7-3.8, Thm 3.1",
     prompt=("Write SIM's generator loss with the pseudo-Huber distance (Eq. 3.8), batch mean:\n"
             "  x_t = alpha x0 + sigma eps,   y = s_psi(x_t) - s_q(x_t),\n"
             "  L = mean_i  -( y_i / sqrt(||y_i||^2 + c^2) )^T ( s_psi(x_t,i) - grad log q(x_t,i | x0,i) ),\n"
