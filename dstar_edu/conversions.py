@@ -62,9 +62,11 @@ def _finite(c: Tensor, what: str, t) -> Tensor:
 
 
 def _coefs(process: Process, t, x: Tensor):
+    """alpha, sigma and their derivatives computed from float64 t, then cast to x's dtype (issue 13)."""
     t = process.check_t(t, x)
-    return (expand_like(process._alpha(t), x), expand_like(process._sigma(t), x),
-            expand_like(process._d_alpha(t), x), expand_like(process._d_sigma(t), x), t)
+    dt = x.dtype if x.is_floating_point() else torch.float64
+    return tuple(expand_like(c(t).to(dt), x) for c in (process._alpha, process._sigma, process._d_alpha,
+                                                      process._d_sigma)) + (t,)
 
 
 # ---- eps / x0 / score (Eq. 7, 17, 18) --------------------------------------------------------------
