@@ -49,7 +49,7 @@ def loss_name(fn) -> str:
     """A readable name of a loss callable (unwrapping ``functools.partial``)."""
     while isinstance(fn, functools.partial):
         fn = fn.func
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 class DivergenceDetector:
