@@ -136,6 +136,9 @@ def training_steps(loss_fn: Callable[[int, torch.Generator], Tensor], params_or_
         raise ValueError(f"grad_clip={grad_clip!r} must be positive (or None)")
     if ema is not None and not isinstance(ema, EMA):
         raise ValueError(f"ema must be a dstar_edu.training.EMA (or None), got {type(ema).__name__}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas={betas!r} must be two numbers in [0, 1) (Adam's (beta1, beta2))")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup={warmup!r} must be a non-negative integer")
     params = _params(params_or_model)

@@ -541,6 +541,8 @@ def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float 
         raise ValueError(f"K={K!r} must be an integer >= 2")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho={rho!r} must be a positive finite number (EDM uses 7)")
     k = torch.arange(K, dtype=torch.float64)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (a + k / (K - 1) * (b - a)) ** rho
