@@ -205,3 +205,27 @@ def test_sampler_first_and_last_step_at_the_ends(name, dtype):
     out = ddim(teacher, [p.t_max, p.t_min], x)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert torch.equal(out, teacher.posterior_mean(x, p.t_max))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, F32], ids=["bf16", "f32"])
+def test_callers_keep_time_float64(dtype):
+    """Conversions, the forward sample, a loss and a sampler with a low-precision x at t = T, T-1, 601, 0: no
+    IndexError at t >= 998 (the bf16 grid near 1000 has spacing 4), coefficients = float64 values cast once."""
+    p = DDPM(1000)
+    t = torch.tensor([1000.0, 999.0, 601.0, 0.0], dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 2, generator=g).to(dtype), torch.randn(4, 2, generator=g).to(dtype)
+    x_t, _ = p.q_sample(x, t, eps=eps)
+    a, s = p.alpha(t).to(dtype)[:, None], p.sigma(t).to(dtype)[:, None]
+    assert x_t.dtype == dtype and torch.equal(x_t, a * x + s * eps)
+    x0 = convert(eps[:3], "eps", "x0", x_t[:3], t[:3], p)
+    assert torch.equal(x0, (x_t[:3] - s[:3] * eps[:3]) / a[:3])
+    from dstar_edu.objectives import denoising_loss
+    from dstar_edu.predictors import MLPPredictor
+    torch.manual_seed(0)
+    net = MLPPredictor(p, "eps", dim=2, hidden=8, depth=1).to(dtype)
+    loss = denoising_loss(net, x, t=torch.tensor([1000.0, 999.0, 601.0, 1.0], dtype=F64), eps=eps)
+    assert loss.dtype == dtype and torch.isfinite(loss)
+    teacher = GaussianMixture(torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=F64), 0.1, process=p)
+    out = ddim(teacher, [1000, 999, 601, 0], torch.randn(4, 2, generator=g).to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
