@@ -92,7 +92,7 @@ def _guarded(fake_update, generator_loss_fn, fake_loss_fn, divergence):
         try:
             return generator_loss_fn(*args, **kwargs)
         except FloatingPointError as err:
-            raise relabel(err, step, "generator") from err
+            raise relabel(err, step, "generator") from (None if isinstance(err, TrainingFailure) else err)
 
     def watch(step, phase, value, norm):
         det = detectors[phase]
