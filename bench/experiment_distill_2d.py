@@ -12,7 +12,8 @@ generators distilled from an 8-Gaussian teacher on 2D,
 
 with the same budget for every method (generator steps, one online-score step per generator step, batch,
 Adam betas (0, 0.999), time distributions p_SIM for the generator and p_EDM for the online score, both
-clamped to sigma in [0.002, 80]), at a small and a large generator learning rate, several seeds. All three
+clamped to sigma in [0.002, 80]; SiD keeps its own generator times, the Karras grid counted from sigma_min as in
+SiD's public code, see ``bench_distillation.py --sid-times``), at a small and a large generator learning rate, several seeds. All three
 losses are the EDM/denoiser-space forms of the public methods: SIM Alg. 2 (Eq. B.13, pseudo-Huber, weight 1),
 SiD (alpha = 1.2, weight 1/mean|x0 - D_q|), Diff-Instruct (sg(D_psi - D_q) . x_t, weight 1).
 
@@ -92,7 +93,7 @@ def run_one(cfg: dict) -> dict:
     torch.set_num_threads(1)
     from dstar_edu.distillation import distill
     from dstar_edu.metrics import mode_coverage, sliced_wasserstein
-    from dstar_edu.objectives.distill import p_edm, p_sim
+    from dstar_edu.objectives.distill import p_edm, p_sid, p_sim
     from toy_data.datasets2d import eight_gaussians_means
     from toy_data.mixtures import eight_gaussians_mixture
     trained = None
@@ -117,7 +118,10 @@ def run_one(cfg: dict) -> dict:
     try:
         hist = distill(gen, teacher, fake, loss_fn(cfg["method"], cfg["c"]), steps=cfg["steps"], fake_steps=1,
                        lr_gen=cfg["lr"], lr_fake=cfg["lr_fake"], batch_size=cfg["batch"],
-                       t_sampler_gen=p_sim(process, sigma_min=0.002, sigma_max=80.0),
+                       # SiD's own recipe samples its generator times on the Karras grid from sigma_min
+                       # (sigma in [0.002, 24.5]); with SIM's p_sim (median sigma 0.03) alpha = 1.2 diverges
+                       t_sampler_gen=(p_sid(process, from_end="min") if cfg["method"] == "SiD"
+                                      else p_sim(process, sigma_min=0.002, sigma_max=80.0)),
                        t_sampler_fake=p_edm(process, sigma_min=0.002, sigma_max=80.0), fake_warmup=warmup,
                        generator=torch.Generator().manual_seed(cfg["seed"]), progress=False, callback=callback,
                        callback_every=cfg["every"])

@@ -62,9 +62,11 @@ def _finite(c: Tensor, what: str, t) -> Tensor:
 
 
 def _coefs(process: Process, t, x: Tensor):
+    """alpha, sigma and their derivatives computed from float64 t, then cast to x's dtype (issue 13)."""
     t = process.check_t(t, x)
-    return (expand_like(process._alpha(t), x), expand_like(process._sigma(t), x),
-            expand_like(process._d_alpha(t), x), expand_like(process._d_sigma(t), x), t)
+    dt = x.dtype if x.is_floating_point() else torch.float64
+    return tuple(expand_like(c(t).to(dt), x) for c in (process._alpha, process._sigma, process._d_alpha,
+                                                      process._d_sigma)) + (t,)
 
 
 # ---- eps / x0 / score (Eq. 7, 17, 18) --------------------------------------------------------------
@@ -176,14 +178,15 @@ def cm_c_skip_c_out(t: Tensor, sigma_data: float = 0.5, eps: float = 0.002) -> t
 
 def consistency_f(x_t: Tensor, x0: Tensor, t: Tensor, sigma_data: float = 0.5, eps: float = 0.002) -> Tensor:
     """Handbook Eq. 19 / 24: ``f = c_skip(t) x_t + c_out(t) x0_hat`` (t is the EDM noise level)."""
-    c_skip, c_out = cm_c_skip_c_out(expand_like(torch.as_tensor(t, dtype=x_t.dtype), x_t), sigma_data, eps)
+    t64 = expand_like(torch.as_tensor(t, dtype=torch.float64, device=x_t.device), x_t)   # time stays float64
+    c_skip, c_out = (c.to(x_t.dtype) for c in cm_c_skip_c_out(t64, sigma_data, eps))
     return c_skip * x_t + c_out * x0
 
 
 def trigflow_f(x_t: Tensor, t, F: Tensor, sigma_data: float) -> Tensor:
     """Handbook Eq. 38: ``f = cos(t) x_t - sin(t) sigma_d F``."""
-    t = expand_like(torch.as_tensor(t, dtype=x_t.dtype), x_t)
-    return torch.cos(t) * x_t - torch.sin(t) * sigma_data * F
+    t = expand_like(torch.as_tensor(t, dtype=torch.float64, device=x_t.device), x_t)    # time stays float64
+    return torch.cos(t).to(x_t.dtype) * x_t - (torch.sin(t) * sigma_data).to(x_t.dtype) * F
 
 
 # ---- generic router -------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def to_x0_eps(source: str, value: Tensor, x_t: Tensor, t, process: Process, **cm
         g = a / (a + s)
         return y + (1 - g) * value, y - g * value
     # cm_f
-    c_skip, c_out = cm_c_skip_c_out(s / _nonzero(a, "alpha(t)", tt), **cm_kw)
+    c_skip, c_out = _cm_coefs(process, tt, x_t, a, cm_kw)
     x0 = (value - c_skip * x_t) / _nonzero(c_out, "c_out(t) (consistency boundary)", tt)
     return x0, eps_from_x0(x_t, x0, a, _nonzero(s, "sigma(t)", tt))
 
@@ -237,8 +240,16 @@ def from_x0_eps(target: str, x0: Tensor, eps: Tensor, x_t: Tensor, t, process: P
         return u if target == "velocity" else u / _trig_sd(process)
     if target == "instaflow_v":
         return x0 - eps
-    c_skip, c_out = cm_c_skip_c_out(s / _nonzero(a, "alpha(t)", tt), **cm_kw)
+    c_skip, c_out = _cm_coefs(process, tt, x_t, a, cm_kw)
     return c_skip * x_t + c_out * x0
+
+
+def _cm_coefs(process: Process, tt: Tensor, x_t: Tensor, a: Tensor, cm_kw) -> tuple[Tensor, Tensor]:
+    """Eq. 19's c_skip, c_out at the EDM noise level sigma/alpha, from float64 t, cast once to x_t's dtype."""
+    _nonzero(a, "alpha(t)", tt)
+    a64, s64 = expand_like(process._alpha(tt), x_t), expand_like(process._sigma(tt), x_t)
+    dt = x_t.dtype if x_t.is_floating_point() else torch.float64
+    return tuple(c.to(dt) for c in cm_c_skip_c_out(s64 / a64, **cm_kw))
 
 
 def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, process: Process, **cm_kw) -> Tensor:

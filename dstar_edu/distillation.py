@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .failures import Diverged, TrainingFailure, loss_name, make_detector
 from .objectives.distill import fake_score_loss, frozen
 from .training import EMA
 
@@ -40,22 +41,67 @@ def _positive(name: str, v) -> float:
 
 
 def _step(opt: torch.optim.Optimizer, params: list, loss: Tensor, step: int, phase: str,
-          grad_clip: float | None) -> tuple[float, float]:
+          grad_clip: float | None, watch=None) -> tuple[float, float]:
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise ValueError(f"the {phase} loss must be a scalar tensor, got "
                          f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else ' ' + str(tuple(loss.shape))}")
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise FloatingPointError(f"{phase} loss is {value} at step {step}: distillation stopped before the update "
-                                 "(lower the learning rate, check the time range and the networks)")
+        raise TrainingFailure(f"{phase} loss is {value} at step {step}: distillation stopped before the update "
+                              "(lower the learning rate, check the time range and the networks)", step=step,
+                              phase=phase)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf))
     if not math.isfinite(norm):
-        raise FloatingPointError(f"{phase} gradient norm is {norm} at step {step} (loss {value:.4g}): distillation "
-                                 "stopped before the update")
+        raise TrainingFailure(f"{phase} gradient norm is {norm} at step {step} (loss {value:.4g}): distillation "
+                              "stopped before the update", step=step, phase=phase)
+    if watch is not None:                      # divergence detector: fake loss / generator gradient norm
+        watch(step, phase, value, norm)
     opt.step()
     return value, norm
+
+
+def _guarded(fake_update, generator_loss_fn, fake_loss_fn, divergence):
+    """Wrap the two phases so any failure names the step, the phase and the loss (``failures``)."""
+    gen_name = loss_name(generator_loss_fn)
+    fake_name = loss_name(fake_loss_fn) if fake_loss_fn is not None else "fake_score_loss"
+    names = {"fake-score": fake_name, "generator": gen_name}
+    count = {"gen": 0}
+    detectors = {"fake-score": make_detector(divergence, "loss"), "generator": make_detector(divergence,
+                                                                                           "gradient norm")}
+
+    def relabel(err, step, phase):
+        if isinstance(err, TrainingFailure):
+            err.loss = err.loss or names[phase]
+            if names[phase] not in str(err):
+                err.args = (f"{err.args[0]} [loss {names[phase]}]",)
+            return err
+        return TrainingFailure(f"distillation step {step}, phase {phase!r} (loss {names[phase]}): {err}",
+                               step=step, phase=phase, loss=names[phase])
+
+    def fake(step):
+        try:
+            return fake_update(step)
+        except FloatingPointError as err:
+            raise relabel(err, step, "fake-score") from (None if isinstance(err, TrainingFailure) else err)
+
+    def gen_loss(*args, **kwargs):
+        step = count["gen"]
+        count["gen"] += 1
+        try:
+            return generator_loss_fn(*args, **kwargs)
+        except FloatingPointError as err:
+            raise relabel(err, step, "generator") from (None if isinstance(err, TrainingFailure) else err)
+
+    def watch(step, phase, value, norm):
+        det = detectors[phase]
+        if det is not None:
+            try:
+                det.observe(step, value if phase == "fake-score" else norm, phase)
+            except Diverged as err:
+                raise relabel(err, step, phase)
+    return fake, gen_loss, watch
 
 
 def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callable, *, steps: int, fake_steps: int = 1,
@@ -63,7 +109,7 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
             generator: torch.Generator | None = None, progress: bool = True, callback=None, callback_every: int = 100,
             fake_loss_fn: Callable | None = None, fake_params=None, fake_target: str | None = None,
             fake_weighting="none", fake_warmup: int = 0, ema_decay: float | None = None,
-            grad_clip: float | None = None, cond_sampler: Callable | None = None) -> dict:
+            grad_clip: float | None = None, cond_sampler: Callable | None = None, divergence=True) -> dict:
     """Alternate online-score and generator updates; returns the history.
 
     Args:
@@ -90,6 +136,11 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
         ema_decay: keep an EMA of the generator (``history["ema"]`` is a ``training.EMA``).
         grad_clip: max global gradient norm for both optimisers.
         cond_sampler: ``(n, generator) -> cond`` for conditional teachers (passed as ``cond=``).
+        divergence: ``failures.DivergenceDetector`` on the fake-score loss and the generator's gradient norm
+            (True: defaults; a dict of its keywords; None/False: off).
+
+    Failures raise ``failures.TrainingFailure`` (``Diverged`` for the detector), a ``FloatingPointError`` whose
+    message names the step, the phase and the loss, with ``err.history`` = the history so far.
 
     The teacher's parameters are switched to ``requires_grad=False`` (it is never updated); the generator and the
     fake score must not share parameters with it (copy it, as ``TeacherInitGenerator`` does).
@@ -147,8 +198,9 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
         else:
             loss = fake_score_loss(fake, x0, generator=generator, t_sampler=t_sampler_fake, target=fake_target,
                                    weighting=fake_weighting, cond=cond_for(batch_size))
-        return _step(opt_fake, fake_params, loss, step, "fake-score", grad_clip)[0]
+        return _step(opt_fake, fake_params, loss, step, "fake-score", grad_clip, watch)[0]
 
+    fake_update, generator_loss_fn, watch = _guarded(fake_update, generator_loss_fn, fake_loss_fn, divergence)
     hist = {"gen_loss": [], "fake_loss": [], "gen_grad_norm": [], "metrics": [], "seconds": 0.0, "ema": ema}
     bar = None
     if progress:
@@ -168,7 +220,7 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
             with frozen(fake):
                 loss = generator_loss_fn(x0, teacher, fake, t.to(device=x0.device), generator=generator,
                                          cond=cond_for(batch_size))
-            value, norm = _step(opt_gen, gen_params, loss, step, "generator", grad_clip)
+            value, norm = _step(opt_gen, gen_params, loss, step, "generator", grad_clip, watch)
             fake.train()
             if ema is not None:
                 ema.update()
@@ -187,6 +239,9 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
                     hist["metrics"].append(rec)
                     if rec.get("stop"):
                         break
+    except TrainingFailure as err:
+        err.history = hist
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -82,6 +82,8 @@ class Generator(nn.Module):
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``z ~ N(0, I)`` of shape ``(n, *latent_shape)`` in the generator's dtype/device."""
         ref = self._param_like()
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
         return torch.randn((_check_n(n), *self.latent_shape), generator=generator, dtype=ref.dtype, device=ref.device)
 
     def sample(self, n: int, generator: torch.Generator | None = None, return_noise: bool = False):
@@ -111,6 +113,8 @@ class MLPGenerator(Generator):
         for name, v in (("dim", dim), ("latent_dim", latent_dim), ("hidden", hidden), ("depth", depth)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale):
+            raise ValueError(f"init_scale={init_scale!r} must be a finite number")
         self.dim, self.latent_dim = dim, latent_dim
         self.event_shape, self.latent_shape = (dim,), (latent_dim,)
         self.inp = nn.Linear(latent_dim, hidden)
@@ -282,6 +286,8 @@ class AffineGaussianGenerator(ExactGenerator):
         mu = torch.zeros(D, dtype=dtype) if mean is None else torch.as_tensor(mean, dtype=dtype).reshape(-1)
         if mu.numel() != D:
             raise ValueError(f"mean has {mu.numel()} entries; expected D={D}")
+        if not bool(torch.isfinite(mu).all()):
+            raise ValueError(f"mean must be finite, got {mu.tolist()[:8]}")
         if structure == "full":
             a = torch.eye(D, dtype=dtype) if A is None else torch.as_tensor(A, dtype=dtype)
             if tuple(a.shape) != (D, D):
@@ -435,6 +441,8 @@ class DiracGenerator(ExactGenerator):
         p = torch.zeros(self.event_shape, dtype=dtype) if point is None else torch.as_tensor(point, dtype=dtype)
         if tuple(p.shape) != self.event_shape:
             raise ValueError(f"point has shape {tuple(p.shape)}; expected {self.event_shape}")
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError("point must be finite (it contains NaN or inf)")
         self.point = nn.Parameter(p.clone())
 
     def forward(self, z: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .conversions import check_prediction, convert
-from .process import Process, time_tensor
+from .process import Process
 
 Tensor = torch.Tensor
 
@@ -85,11 +85,15 @@ class MLPPredictor(Predictor):
     def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
         if x_t.ndim != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)}; this MLP expects (batch, {self.dim})")
-        t = time_tensor(t, x_t)
-        t = self.process.check_t(t, x_t)
+        dtype = self.inp.weight.dtype
+        if x_t.dtype != dtype:
+            raise ValueError(f"x_t has dtype {x_t.dtype} but this MLP's weights are {dtype}: cast one of them "
+                             f"(x_t.to({dtype}) or model.to({x_t.dtype}))")
+        t = self.process.check_t(t, x_t)                                   # float64 time (issue 13)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        h = self.inp(x_t) + self.time_mlp(sinusoidal_embedding(1000.0 * t / self.process.t_max, self.time_dim))
+        emb = sinusoidal_embedding(1000.0 * t / self.process.t_max, self.time_dim).to(dtype)
+        h = self.inp(x_t) + self.time_mlp(emb)
         if self.class_emb is not None:
             labels = torch.full((x_t.shape[0],), self.num_classes, device=x_t.device, dtype=torch.long) \
                 if cond is None else torch.as_tensor(cond, device=x_t.device).long()

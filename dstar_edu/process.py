@@ -39,11 +39,25 @@ __all__ = [
 
 
 def time_tensor(t, x: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
-    """``t`` as a tensor of x's dtype/device, either 0-d or shaped ``(batch,)`` matching ``x``."""
+    """``t`` as a float64 tensor on x's device, either 0-d or shaped ``(batch,)`` matching ``x``.
+
+    Time stays float64 (or exact integers widened to it) whatever x's dtype: casting ``t = 601`` to bf16
+    would move it to 600, and ``t = 1000`` to 1000 +- 4 (issue 13). Pass ``dtype`` to override.
+    """
     if dtype is None:
-        dtype = x.dtype if (x is not None and x.is_floating_point()) else torch.float64
-    device = x.device if x is not None else None
-    t = torch.as_tensor(t, dtype=dtype, device=device)
+        dtype = torch.float64
+    device = x.device if isinstance(x, Tensor) else None
+    if isinstance(t, Tensor):
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must be real times (a number or a float/int tensor), got a tensor of dtype {t.dtype}")
+        t = t.to(dtype=dtype, device=device)
+    else:
+        if isinstance(t, (str, bytes, complex)) or t is None:
+            raise ValueError(f"t={t!r} must be a number, a sequence of numbers or a tensor of times")
+        try:
+            t = torch.as_tensor(t, dtype=dtype, device=device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"t={t!r} must be a number, a sequence of numbers or a tensor of times ({err})") from None
     if t.ndim > 1:
         raise ValueError(f"t must be a scalar or a 1-d tensor of shape (batch,), got shape {tuple(t.shape)}")
     if x is not None and t.ndim == 1:
@@ -52,6 +66,19 @@ def time_tensor(t, x: Tensor | None = None, dtype: torch.dtype | None = None) ->
                 f"t has shape {tuple(t.shape)} but x_t has shape {tuple(x.shape)}: "
                 "t must be a scalar or have one entry per batch element (x_t.shape[0])")
     return t
+
+
+def _out_dtype(t, x) -> torch.dtype:
+    """The dtype a coefficient is returned in: x's (floating) dtype, else t's floating dtype, else float64."""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        return x.dtype
+    if isinstance(t, Tensor) and t.is_floating_point():
+        return t.dtype
+    return torch.float64
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def expand_like(coef: Tensor, x: Tensor) -> Tensor:
@@ -72,51 +99,60 @@ class Process:
 
     # ---- public API (validates t) -------------------------------------------------------------
     def check_t(self, t, x: Tensor | None = None) -> Tensor:
-        """Validate ``t`` against the domain and return it in x's dtype.
+        """Validate ``t`` against the domain and return it as a float64 tensor (see ``time_tensor``).
 
-        The domain test runs in float64 with a slack of one unit in the last place of ``t``'s own
-        dtype, so that e.g. float32(pi/2) counts as TrigFlow's t_max; values are then clamped into it.
+        The domain test allows a slack of one unit in the last place of ``t``'s own dtype when ``t`` is a
+        lower-precision tensor, so that e.g. float32(pi/2) counts as TrigFlow's t_max; values are then
+        clamped into the domain. Coefficients are computed from this float64 time and only then cast.
         """
+        src = t.dtype if isinstance(t, Tensor) and t.is_floating_point() else torch.float64
         t = time_tensor(t, x)
         if torch.isnan(t).any():
             raise ValueError(f"t contains NaN; allowed: the time domain [{self.t_min}, {self.t_max}] of {self}")
-        t64 = t.detach().to(torch.float64)
-        slack = torch.finfo(t.dtype).eps * max(1.0, abs(self.t_max)) if t.dtype != torch.float64 else 0.0
-        lo, hi = t64.min().item(), t64.max().item()
+        slack = torch.finfo(src).eps * max(1.0, abs(self.t_max)) if src != torch.float64 else 0.0
+        if t.numel() == 0:
+            return t
+        lo, hi = t.min().item(), t.max().item()
         if lo < self.t_min - slack or hi > self.t_max + slack:
             bad = lo if lo < self.t_min - slack else hi
             raise ValueError(f"t={bad:g} is outside the time domain [{self.t_min:g}, {self.t_max:g}] of {self}")
         return t.clamp(self.t_min, self.t_max) if slack else t
 
     def alpha(self, t, x: Tensor | None = None) -> Tensor:
-        return self._alpha(self.check_t(t, x))
+        """alpha(t), computed from float64 t and returned in x's dtype (t's, or float64)."""
+        return self._alpha(self.check_t(t, x)).to(_out_dtype(t, x))
 
     def sigma(self, t, x: Tensor | None = None) -> Tensor:
-        return self._sigma(self.check_t(t, x))
+        """sigma(t), computed from float64 t and returned in x's dtype (t's, or float64)."""
+        return self._sigma(self.check_t(t, x)).to(_out_dtype(t, x))
 
     def d_alpha(self, t, x: Tensor | None = None) -> Tensor:
         """d alpha / dt."""
-        return self._d_alpha(self.check_t(t, x))
+        return self._d_alpha(self.check_t(t, x)).to(_out_dtype(t, x))
 
     def d_sigma(self, t, x: Tensor | None = None) -> Tensor:
-        """d sigma / dt."""
-        return self._d_sigma(self.check_t(t, x))
+        """d sigma / dt (``+inf`` where sigma = 0 for the VP processes: sigma ~ sqrt(t) there)."""
+        return self._d_sigma(self.check_t(t, x)).to(_out_dtype(t, x))
 
     def coefficients(self, t, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(alpha, sigma)`` shaped to broadcast against ``x``."""
-        t = self.check_t(t, x)
-        return expand_like(self._alpha(t), x), expand_like(self._sigma(t), x)
+        """``(alpha, sigma)`` shaped to broadcast against ``x``, computed in float64 and cast to x's dtype."""
+        tt = self.check_t(t, x)
+        dt = _out_dtype(t, x)
+        return expand_like(self._alpha(tt).to(dt), x), expand_like(self._sigma(tt).to(dt), x)
 
     def alpha_bar(self, t, x: Tensor | None = None) -> Tensor:
         """DDPM ``alpha_bar`` of the variance-normalised process (= alpha^2 for VP processes)."""
-        t = self.check_t(t, x)
+        tt = self.check_t(t, x)
+        return self._alpha_bar(tt).to(_out_dtype(t, x))
+
+    def _alpha_bar(self, t: Tensor) -> Tensor:
         a, s = self._alpha(t), self._sigma(t)
         return a * a / (a * a + s * s)
 
     def edm_sigma(self, t, x: Tensor | None = None) -> Tensor:
         """VE/EDM noise level sigma(t)/alpha(t) of the equivalent variance-exploding process."""
-        t = self.check_t(t, x)
-        return self._sigma(t) / self._alpha(t)
+        tt = self.check_t(t, x)
+        return (self._sigma(tt) / self._alpha(tt)).to(_out_dtype(t, x))
 
     def t_from_edm_sigma(self, s) -> Tensor:
         """The time whose EDM noise level ``sigma(t)/alpha(t)`` equals ``s`` (float64; inverse of ``edm_sigma``).
@@ -171,24 +207,43 @@ class _AlphaBarProcess(Process):
     def _d_log_alpha_bar(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise TypeError(f"{type(self).__name__} must define _d_log_alpha_bar")
 
+    def _lab(self, t: Tensor) -> Tensor:
+        """``log alpha_bar(t)`` clamped to <= 0 and exactly 0 at t_min.
+
+        Vectorised and scalar kernels of log/cos may round one ulp apart, so the raw formula can come out
+        as +2.7e-20 at t = 0 (VP cosine on some CPUs; issue 8), and ``sqrt(-expm1(+tiny))`` is NaN.
+        """
+        lab = self._log_alpha_bar(t).clamp(max=0.0)
+        return torch.where(t <= self.t_min, torch.zeros_like(lab), lab)
+
     def _alpha(self, t):
-        return torch.exp(0.5 * self._log_alpha_bar(t))
+        return torch.exp(0.5 * self._lab(t))
 
     def _sigma(self, t):
-        return torch.sqrt(0.0 - torch.expm1(self._log_alpha_bar(t)))  # 0.0 - 0.0 = +0.0 at t = 0
+        return torch.sqrt(0.0 - torch.expm1(self._lab(t)))  # 0.0 - 0.0 = +0.0 at t = 0
+
+    def _alpha_bar(self, t):
+        return torch.exp(self._lab(t))
 
     def _d_alpha(self, t):
         return 0.5 * self._d_log_alpha_bar(t) * self._alpha(t)
 
     def _d_sigma(self, t):
-        # d sqrt(1 - ab)/dt = -ab' / (2 sigma) = -(ab dlogab)/(2 sigma)
-        ab = torch.exp(self._log_alpha_bar(t))
+        # d sqrt(1 - ab)/dt = -ab' / (2 sigma) = -(ab dlogab)/(2 sigma); +inf where sigma = 0 (t = t_min)
+        ab = torch.exp(self._lab(t))
         return -0.5 * ab * self._d_log_alpha_bar(t) / self._sigma(t)
 
 
 def ddpm_betas(T: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
                cosine_s: float = 0.008) -> Tensor:
     """Per-step variances beta_1..beta_T (float64). Linear (Ho et al.) or cosine (Nichol & Dhariwal)."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T={T!r} must be a positive integer number of diffusion steps")
+    for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if not (_finite_number(v) and 0 < v < 1):
+            raise ValueError(f"{name}={v!r} must be a number in (0, 1)")
+    if not (_finite_number(cosine_s) and 0 <= cosine_s < 1):
+        raise ValueError(f"cosine_s={cosine_s!r} must be a number in [0, 1) (Nichol & Dhariwal use 0.008)")
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if schedule == "scaled_linear":  # Stable Diffusion's schedule
@@ -217,13 +272,23 @@ class DDPM(_AlphaBarProcess):
     def __init__(self, T: int = 1000, schedule: str = "linear", betas: Tensor | None = None, **kw):
         self.schedule = schedule if betas is None else "custom"
         if betas is None:
-            if not isinstance(T, int) or T < 1:
+            if isinstance(T, bool) or not isinstance(T, int) or T < 1:
                 raise ValueError(f"T={T!r} must be a positive integer number of diffusion steps")
             betas = ddpm_betas(T, schedule, **kw)
-        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
-        if ((betas <= 0) | (betas >= 1)).any():
-            raise ValueError("betas must lie in (0, 1); got values in "
-                             f"[{betas.min().item():g}, {betas.max().item():g}]")
+        else:
+            try:
+                betas = torch.as_tensor(betas, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"betas must be a sequence of numbers in (0, 1), got {type(betas).__name__} "
+                                 f"({err})") from None
+        betas = betas.detach().to(torch.float64).flatten().cpu()
+        if betas.numel() == 0:
+            raise ValueError("betas is empty; a DDPM needs T >= 1 per-step variances in (0, 1)")
+        bad = ~((betas > 0) & (betas < 1))                                   # NaN fails both tests
+        if bad.any():
+            k = int(bad.nonzero()[0])
+            raise ValueError(f"betas must lie in (0, 1); got betas[{k}]={betas[k].item():g} "
+                             f"(values in [{betas.min().item():g}, {betas.max().item():g}])")
         self.betas = betas
         self.T = int(betas.numel())
         self.t_max = float(self.T)
@@ -305,8 +370,10 @@ class VP(_AlphaBarProcess):
                  cosine_s: float = 0.008):
         if schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule={schedule!r} is not supported; allowed: 'linear', 'cosine'")
-        if not 0 < beta_min < beta_max:
-            raise ValueError(f"need 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        if not (_finite_number(beta_min) and _finite_number(beta_max) and 0 < beta_min < beta_max):
+            raise ValueError(f"need finite 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        if not (_finite_number(cosine_s) and 0 <= cosine_s < 1):
+            raise ValueError(f"cosine_s={cosine_s} must be a number in [0, 1) (Nichol & Dhariwal use 0.008)")
         self.schedule, self.beta_min, self.beta_max, self.s = schedule, beta_min, beta_max, cosine_s
         self.t_max = 1.0 if schedule == "linear" else 1.0 - 1e-3
 
@@ -347,8 +414,8 @@ class VE(Process):
     name = "ve"
 
     def __init__(self, sigma_max: float = 80.0):
-        if not sigma_max > 0:
-            raise ValueError(f"sigma_max={sigma_max} must be positive")
+        if not (_finite_number(sigma_max) and sigma_max > 0):
+            raise ValueError(f"sigma_max={sigma_max!r} must be a positive finite number (EDM uses 80)")
         self.t_max = float(sigma_max)
         self.prior_std = float(sigma_max)
 
@@ -408,26 +475,30 @@ class TrigFlow(Process):
     name = "trigflow"
 
     def __init__(self, sigma_data: float = 0.5):
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data={sigma_data} must be positive")
+        if not (_finite_number(sigma_data) and sigma_data > 0):
+            raise ValueError(f"sigma_data={sigma_data!r} must be a positive finite number (TrigFlow uses 0.5)")
         self.sigma_data = float(sigma_data)
         self.t_max = math.pi / 2
         self.prior_std = self.sigma_data
 
+    def _cos(self, t):
+        # float64 cos(pi/2) is 6e-17, not 0: the end point is the prior, alpha(t_max) = 0 exactly
+        return torch.where(t >= self.t_max, torch.zeros_like(t), torch.cos(t).clamp(min=0.0))
+
     def _alpha(self, t):
-        return torch.cos(t)
+        return self._cos(t)
 
     def _t_from_edm_sigma(self, s):
         return torch.atan(s / self.sigma_data)
 
     def _sigma(self, t):
-        return self.sigma_data * torch.sin(t)
+        return self.sigma_data * torch.where(t >= self.t_max, torch.ones_like(t), torch.sin(t))
 
     def _d_alpha(self, t):
-        return -torch.sin(t)
+        return -torch.where(t >= self.t_max, torch.ones_like(t), torch.sin(t))
 
     def _d_sigma(self, t):
-        return self.sigma_data * torch.cos(t)
+        return self.sigma_data * self._cos(t)
 
     def __repr__(self):
         return f"TrigFlow(sigma_data={self.sigma_data:g})"

@@ -111,6 +111,8 @@ class LinearReward(Reward):
     def __init__(self, w, b: float = 0.0):
         super().__init__()
         self.register_buffer("w", _as_vector(w, "w"))
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+            raise ValueError(f"b={b!r} must be a finite number")
         self.b = float(b)
 
     def reward(self, x, cond=None):

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .failures import Diverged, TrainingFailure, loss_name, make_detector
 from .process import Process, make_process
 
 Tensor = torch.Tensor
@@ -113,12 +114,15 @@ def _params(params_or_model) -> list[nn.Parameter]:
 def training_steps(loss_fn: Callable[[int, torch.Generator], Tensor], params_or_model, steps: int, lr: float = 1e-3,
                    *, generator: torch.Generator | None = None, optimizer: str = "adam", betas=(0.9, 0.999),
                    weight_decay: float = 0.0, grad_clip: float | None = None, ema: EMA | None = None,
-                   lr_schedule: str = "constant", warmup: int = 0) -> Iterator[StepRecord]:
+                   lr_schedule: str = "constant", warmup: int = 0, divergence=True) -> Iterator[StepRecord]:
     """The training loop as a generator: one ``StepRecord`` per optimiser step.
 
     ``loss_fn(step, generator)`` returns a scalar loss whose randomness comes from ``generator``.
     ``optimizer``: ``"adam"`` or ``"adamw"``; ``lr_schedule``: ``"constant"`` or ``"cosine"`` (to 0 at
     ``steps``), after ``warmup`` linear warm-up steps; ``grad_clip``: max global gradient norm.
+    ``divergence``: the ``failures.DivergenceDetector`` on the loss (True: defaults; a dict of its keywords;
+    None/False: off). Failures raise ``failures.TrainingFailure`` (a ``FloatingPointError``) naming the step,
+    the phase and the loss.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be a positive integer")
@@ -132,9 +136,14 @@ def training_steps(loss_fn: Callable[[int, torch.Generator], Tensor], params_or_
         raise ValueError(f"grad_clip={grad_clip!r} must be positive (or None)")
     if ema is not None and not isinstance(ema, EMA):
         raise ValueError(f"ema must be a dstar_edu.training.EMA (or None), got {type(ema).__name__}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas={betas!r} must be two numbers in [0, 1) (Adam's (beta1, beta2))")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup={warmup!r} must be a non-negative integer")
     params = _params(params_or_model)
+    detector = make_detector(divergence, "loss")
+    name = loss_name(loss_fn)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
@@ -150,19 +159,33 @@ def training_steps(loss_fn: Callable[[int, torch.Generator], Tensor], params_or_
         for group in opt.param_groups:
             group["lr"] = lr_at(k)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(k, generator)
+        try:
+            loss = loss_fn(k, generator)
+        except TrainingFailure:
+            raise
+        except FloatingPointError as err:            # a library loss met a NaN first: say where
+            raise TrainingFailure(f"training step {k} (phase 'loss', loss_fn {name}): {err}", step=k, phase="loss",
+                                  loss=name) from err
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                              f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}")
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at step {k}: training stopped before the update "
-                                     "(lower lr, check the data and the time range)")
+            raise TrainingFailure(f"loss is {value} at step {k} (phase 'loss', loss_fn {name}): training stopped "
+                                  "before the update (lower lr, check the data and the time range)", step=k,
+                                  phase="loss", loss=name)
+        if detector is not None:
+            try:
+                detector.observe(k, value, "training")
+            except Diverged as err:
+                err.loss = name
+                raise
         loss.backward()
         norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf))
         if not math.isfinite(norm):
-            raise FloatingPointError(f"gradient norm is {norm} at step {k} (loss {value:.4g}): training stopped "
-                                     "before the update")
+            raise TrainingFailure(f"gradient norm is {norm} at step {k} (phase 'backward', loss_fn {name}, loss "
+                                  f"{value:.4g}): training stopped before the update", step=k, phase="backward",
+                                  loss=name)
         opt.step()
         if ema is not None:
             ema.update()
@@ -177,7 +200,9 @@ def train(loss_fn: Callable[[int, torch.Generator], Tensor], params_or_model, st
     ``callback(record)`` is called after every step; returning ``True`` stops training early (e.g. a
     time-to-quality benchmark). ``progress`` shows a tqdm bar with the running loss. Other keywords
     (``optimizer``, ``betas``, ``weight_decay``, ``grad_clip``, ``lr_schedule``, ``warmup``) go to
-    ``training_steps``. Raises ``FloatingPointError`` naming the step on a NaN/inf loss or gradient.
+    ``training_steps`` (``divergence=`` too). Raises ``failures.TrainingFailure`` (a ``FloatingPointError``)
+    naming the step, phase and loss on a NaN/inf loss or gradient, ``failures.Diverged`` when the loss
+    explodes; either carries ``err.history = {"loss": [...]}``, the curve up to the failure.
     """
     losses: list[float] = []
     bar = None
@@ -194,6 +219,9 @@ def train(loss_fn: Callable[[int, torch.Generator], Tensor], params_or_model, st
                     bar.set_postfix(loss=f"{sum(window) / len(window):.4g}")
             if callback is not None and callback(rec) is True:
                 break
+    except TrainingFailure as err:
+        err.history = {"loss": list(losses)}
+        raise
     finally:
         if bar is not None:
             bar.close()

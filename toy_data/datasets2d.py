@@ -61,6 +61,11 @@ def _check_n(n) -> int:
     return int(n)
 
 
+def _check_dtype(dtype) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype} must be a floating torch dtype (torch.float32, torch.float64, ...)")
+
+
 def _randn(n: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(n, 2, generator=generator, dtype=_F64)
 
@@ -85,6 +90,9 @@ def checkerboard_dark_mask(x: torch.Tensor) -> torch.Tensor:
     The board is 4x4 unit squares on [-2, 2]^2; square (i, j) with lower-left corner
     (-2 + i, -2 + j) is dark when i + j is even.
     """
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (N, 2), got {got}")
     idx = torch.floor(x.to(_F64) + 2.0)
     inside = ((idx >= 0) & (idx <= 3)).all(dim=1)
     return inside & ((idx[:, 0] + idx[:, 1]) % 2 == 0)
@@ -98,18 +106,21 @@ def _mixture(means: torch.Tensor, std: float, n: int, generator) -> torch.Tensor
 def eight_gaussians(n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
     """n samples from the equal-weight mixture of 8 Gaussians (std 0.1) on a radius-2 circle."""
     n = _check_n(n)
+    _check_dtype(dtype)
     return _mixture(eight_gaussians_means(), EIGHT_GAUSSIANS_STD, n, generator).to(dtype)
 
 
 def grid25(n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
     """n samples from the equal-weight mixture of 25 Gaussians (std 0.05) on the grid {-2..2}^2."""
     n = _check_n(n)
+    _check_dtype(dtype)
     return _mixture(grid25_means(), GRID25_STD, n, generator).to(dtype)
 
 
 def ring(n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
     """n samples on a ring: uniform angle, radius 1.5 + N(0, 0.05^2)."""
     n = _check_n(n)
+    _check_dtype(dtype)
     theta = 2 * math.pi * torch.rand(n, generator=generator, dtype=_F64)
     r = RING_RADIUS + RING_STD * torch.randn(n, generator=generator, dtype=_F64)
     return (r[:, None] * torch.stack([theta.cos(), theta.sin()], dim=1)).to(dtype)
@@ -123,6 +134,7 @@ def two_moons(n: int, generator: torch.Generator | None = None, dtype=torch.floa
     lower one, in random order.
     """
     n = _check_n(n)
+    _check_dtype(dtype)
     t = math.pi * torch.rand(n, generator=generator, dtype=_F64)
     lower = torch.randperm(n, generator=generator) >= n // 2
     x = torch.where(lower, 1.0 - t.cos(), t.cos()) - 0.5
@@ -137,6 +149,7 @@ def swiss_roll(n: int, generator: torch.Generator | None = None, dtype=torch.flo
     Gaussian noise with std 0.05 is added after scaling, so the points lie in about [-2, 2]^2.
     """
     n = _check_n(n)
+    _check_dtype(dtype)
     t = math.pi * (1.5 + 3.0 * torch.rand(n, generator=generator, dtype=_F64))
     clean = SWISS_ROLL_SCALE * torch.stack([t * t.cos(), t * t.sin()], dim=1)
     return (clean + SWISS_ROLL_STD * _randn(n, generator)).to(dtype)
@@ -148,6 +161,7 @@ def checkerboard(n: int, generator: torch.Generator | None = None, dtype=torch.f
     See :func:`checkerboard_dark_mask` for which squares are dark.
     """
     n = _check_n(n)
+    _check_dtype(dtype)
     square = torch.randint(8, (n,), generator=generator)
     row = square // 2  # j = 0..3
     col = 2 * (square % 2) + row % 2  # i with i + j even

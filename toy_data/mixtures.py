@@ -43,10 +43,23 @@ class GaussianMixture(Predictor):
                  process: Process | None = None, *, _allow_zero_cov: bool = False):
         nn.Module.__init__(self)
         self.prediction = "score"
+        if process is not None and not isinstance(process, Process):
+            raise ValueError(f"process={process!r} must be a dstar_edu Process (e.g. VP()) or None")
         self.process = process
-        means = torch.as_tensor(means, dtype=torch.float64)
+        name = "points" if _allow_zero_cov else "means"
+        try:
+            means = torch.as_tensor(means, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a tensor of shape (K, *event_shape), got {type(means).__name__} "
+                             f"({err})") from None
         if means.ndim < 2:
-            raise ValueError(f"means must have shape (K, *event_shape), got shape {tuple(means.shape)}")
+            raise ValueError(f"{name} must have shape (K, *event_shape), got shape {tuple(means.shape)}")
+        if means.shape[0] == 0 or means[0].numel() == 0:
+            raise ValueError(f"{name} has no components (shape {tuple(means.shape)}); need K >= 1 "
+                             f"{'points' if _allow_zero_cov else 'components'} of dimension >= 1")
+        if not bool(torch.isfinite(means).all()):
+            k = int((~torch.isfinite(means)).reshape(means.shape[0], -1).any(1).nonzero()[0])
+            raise ValueError(f"{name} must be finite; {name}[{k}] contains NaN or inf")
         K = means.shape[0]
         self.event_shape = tuple(means.shape[1:])
         D = math.prod(self.event_shape)
@@ -57,7 +70,13 @@ class GaussianMixture(Predictor):
         if self.labels is not None and self.labels.numel() != K:
             raise ValueError(f"labels has {self.labels.numel()} entries but there are K={K} components")
         self.eigvecs = None  # (K, D, D) for full covariances
-        covs = torch.as_tensor(covs, dtype=torch.float64)
+        try:
+            covs = torch.as_tensor(covs, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"covs must be a number or a tensor of variances/covariances ({err})") from None
+        if torch.isinf(covs).any():
+            raise ValueError("covs must be finite; got an infinite variance (a component with infinite spread "
+                             "has no density)")
         if covs.ndim == 0 or tuple(covs.shape) == (K,):
             lam = covs.reshape(-1, 1).expand(K, D)
             self.cov_type = "isotropic"
@@ -108,7 +127,7 @@ class GaussianMixture(Predictor):
     def sample(self, n: int, generator: torch.Generator | None = None, cond=None,
                dtype: torch.dtype = torch.float64, return_components: bool = False):
         """``n`` samples of x0 (seeded by ``generator``); ``cond`` restricts to one class."""
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r} must be a positive integer")
         logw = self._log_weights(cond, n)
         k = torch.multinomial(torch.softmax(logw, -1), 1, replacement=True, generator=generator).squeeze(1)
@@ -146,6 +165,10 @@ class GaussianMixture(Predictor):
 
     def _stats(self, x_t: Tensor, t, cond, need_post: bool):
         """Per-sample log p_t, responsibilities, score and (optionally) posterior mean, all exact."""
+        if not isinstance(x_t, Tensor) or not x_t.is_floating_point() or x_t.ndim < 1:
+            got = type(x_t).__name__ + (f" of dtype {x_t.dtype}, shape {tuple(x_t.shape)}"
+                                        if isinstance(x_t, Tensor) else "")
+            raise ValueError(f"x_t must be a floating tensor of shape (batch, *{self.event_shape}), got {got}")
         if x_t.shape[1:] != self.event_shape:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (batch, *{self.event_shape})")
         dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
@@ -209,11 +232,11 @@ class GaussianMixture(Predictor):
 
     def score(self, x_t: Tensor, t=None, cond=None) -> Tensor:
         """Exact ``grad_x log p_t(x)`` (handbook Eq. 15 with the posterior expectation)."""
-        return self._stats(x_t, t, cond, False)[2].reshape(x_t.shape)
+        return self._stats(x_t, t, cond, False)[2].reshape(x_t.shape).to(x_t.dtype)
 
     def posterior_mean(self, x_t: Tensor, t, cond=None) -> Tensor:
         """Exact ``E[x0 | x_t]`` by Gaussian conditioning inside each component."""
-        return self._stats(x_t, t, cond, True)[3].reshape(x_t.shape)
+        return self._stats(x_t, t, cond, True)[3].reshape(x_t.shape).to(x_t.dtype)
 
     def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
         return self.score(x_t, t, cond)

@@ -257,7 +257,13 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
 
     ``weighting="sid"``: ``w = 1 / sg(mean |x0 - D_q(x_t)|)`` (mean over the entries of a sample), which is
     SIM Eq. B.11's ``C t^4 / ||x0 - d_q(x_t)||_1`` carried from score space (EDM: ``s = (D - x_t)/t^2``) to
-    denoiser space. ``"none"``: 1. A number, ``(batch,)`` tensor or callable of ``t`` is used as is.
+    denoiser space (normaliser clipped at 1e-5 as in SiD's code). ``"none"``: 1. A number, ``(batch,)`` tensor or
+    callable of ``t`` is used as is.
+
+    Recipe matters (issue 13): SiD draws its generator times with ``p_sid(process, from_end="min")`` (sigma in
+    [0.002, 24.5]). With SIM's ``p_sim`` (median sigma 0.03) the ``(1 - alpha) ||D_q - D_psi||^2`` term of
+    alpha = 1.2 made 2 of 3 seeds of the 2D benchmark diverge; with SiD's times 3 of 3 converge
+    (``bench/bench_distillation.py``).
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
@@ -271,7 +277,8 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     per = _sum(diff * ((D_q - x0) - alpha * diff))
     if isinstance(weighting, str):
         if weighting == "sid":
-            w = 1.0 / (x0 - D_q).detach().abs().reshape(x0.shape[0], -1).mean(1)
+            # SiD's public code clips the normaliser at 1e-5 (a generator sample on its own denoised point)
+            w = 1.0 / (x0 - D_q).detach().abs().reshape(x0.shape[0], -1).mean(1).clamp_min(1e-5)
         elif weighting == "none":
             w = torch.ones_like(per)
         else:
@@ -541,6 +548,8 @@ def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float 
         raise ValueError(f"K={K!r} must be an integer >= 2")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho={rho!r} must be a positive finite number (EDM uses 7)")
     k = torch.arange(K, dtype=torch.float64)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (a + k / (K - 1) * (b - a)) ** rho

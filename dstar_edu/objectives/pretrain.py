@@ -208,7 +208,7 @@ def _inside(process: Process, t: Tensor, x0: Tensor) -> Tensor:
     past it (float32(pi/2) > pi/2 for TrigFlow); such samples move to the nearest representable time
     inside the open domain.
     """
-    dtype = x0.dtype
+    dtype = torch.float64                 # time stays float64 whatever x0's dtype (issue 13)
     lo = torch.tensor(process.t_min, dtype=dtype)
     hi = torch.tensor(process.t_max, dtype=dtype)
     while float(lo) <= process.t_min:
@@ -348,8 +348,8 @@ def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generat
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif eps.shape != x0.shape:
         raise ValueError(f"eps has shape {tuple(eps.shape)} but x0 has shape {tuple(x0.shape)}")
-    s = expand_like(t.to(x0.dtype), x0)
-    x_s = (1 - s) * x0 + (sigma_min + (1 - sigma_min) * s) * eps
+    s = expand_like(t, x0)                                   # float64 time; only coefficients are cast
+    x_s = (1 - s).to(x0.dtype) * x0 + (sigma_min + (1 - sigma_min) * s).to(x0.dtype) * eps
     u = (1 - sigma_min) * eps - x0
     if predictor.prediction == "velocity":
         pred = predictor(x_s, t, cond)
@@ -376,9 +376,10 @@ def trigflow_diffusion_loss(predictor, x0: Tensor, *, generator: torch.Generator
         z = sd * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif z.shape != x0.shape:
         raise ValueError(f"z has shape {tuple(z.shape)} but x0 has shape {tuple(x0.shape)}")
-    tt = expand_like(t.to(x0.dtype), x0)
-    x_t = torch.cos(tt) * x0 + torch.sin(tt) * z
-    v_t = torch.cos(tt) * z - torch.sin(tt) * x0
+    tt = expand_like(t, x0)                                  # float64 time; only coefficients are cast
+    c, s_ = process._alpha(tt).to(x0.dtype), (process._sigma(tt) / sd).to(x0.dtype)
+    x_t = c * x0 + s_ * z
+    v_t = c * z - s_ * x0
     if predictor.prediction == "trigflow_F":
         pred = sd * predictor(x_t, t, cond)
     else:

@@ -9,6 +9,8 @@ share (the batch check, shared with the objectives, is ``dstar_edu.validation.ch
 """
 from __future__ import annotations
 
+import math
+
 
 from typing import Callable
 
@@ -67,6 +69,8 @@ def _draw_noise(noise, x: Tensor, generator, noise_dtype=None) -> Tensor:
 def check_timesteps(timesteps, process: Process, dtype=torch.float64) -> Tensor:
     """Validate a strictly decreasing 1-d time grid inside the process domain."""
     ts = torch.as_tensor(timesteps, dtype=dtype).flatten()
+    if torch.isnan(ts).any():
+        raise ValueError(f"timesteps contains NaN: {ts.tolist()[:6]}")
     if ts.numel() < 2:
         raise ValueError(f"timesteps needs at least 2 entries (start and end), got {ts.tolist()}")
     if not (ts[1:] < ts[:-1]).all():
@@ -96,7 +100,7 @@ def run_loop(step: Callable[[Tensor, Tensor, Tensor, int], Tensor], timesteps: T
 def uniform_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None,
                  dtype=torch.float64) -> Tensor:
     """``n_steps + 1`` equally spaced times from ``t_start`` (default t_max) down to ``t_end`` (default t_min)."""
-    if not isinstance(n_steps, int) or n_steps < 1:
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
     t0 = process.t_max if t_start is None else t_start
     t1 = process.t_min if t_end is None else t_end
@@ -142,8 +146,15 @@ def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: i
 def karras_sigmas(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   append_zero: bool = True, dtype=torch.float64) -> Tensor:
     """EDM (Karras et al. 2022) noise levels ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
-    if n_steps < 2:
-        raise ValueError(f"n_steps={n_steps} must be at least 2")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
+        raise ValueError(f"n_steps={n_steps!r} must be an integer >= 2")
+    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v!r} must be a positive finite number (EDM: sigma_min=0.002, sigma_max=80, "
+                             "rho=7)")
+    if not sigma_min < sigma_max:
+        raise ValueError(f"need sigma_min < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r} "
+                         "(the grid runs from sigma_max down to sigma_min)")
     ramp = torch.linspace(0, 1, n_steps, dtype=dtype)
     inv = 1.0 / rho
     s = (sigma_max ** inv + ramp * (sigma_min ** inv - sigma_max ** inv)) ** rho

@@ -480,6 +480,9 @@ def smld_step_sizes(process: Process, levels: Tensor, step_size: float) -> Tenso
 def _prepare(predictor, timesteps, x_init, generator):
     process = _check_predictor(predictor)
     check_batch(x_init, "x_init")
+    if not bool(torch.isfinite(x_init).all()):
+        raise ValueError(f"x_init contains NaN or inf ({int((~torch.isfinite(x_init)).sum())} of {x_init.numel()} "
+                         "entries): the initial noise must be finite")
     _check_generator(generator)
     return process, check_timesteps(timesteps, process)
 
