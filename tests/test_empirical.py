@@ -77,10 +77,10 @@ def test_far_queries_do_not_underflow():
 
 
 @pytest.mark.parametrize("points, kwargs, message", [
-    (torch.zeros(0, 3), {}, r"points must have shape \(N, \*event_shape\) with N >= 1"),
-    (torch.zeros(3), {}, r"points must have shape"),
-    (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), {}, r"points\[1\] is not finite"),
-    (torch.tensor([[0.0, float("inf")]]), {}, r"points\[0\] is not finite"),
+    (torch.zeros(0, 3), {}, r"points has no components \(shape \(0, 3\)\)"),
+    (torch.zeros(3), {}, r"points must have shape \(K, \*event_shape\)"),
+    (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), {}, r"points must be finite; points\[1\] contains NaN"),
+    (torch.tensor([[0.0, float("inf")]]), {}, r"points must be finite; points\[0\] contains NaN or inf"),
     (torch.zeros(2, 2), {"chunk_size": 0}, r"chunk_size must be a positive integer"),
     (torch.zeros(2, 2), {"labels": [0]}, r"labels has 1 entries but there are K=2"),
 ])

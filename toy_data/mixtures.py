@@ -283,8 +283,11 @@ class EmpiricalDistribution(GaussianMixture):
         points = torch.as_tensor(points)
         if not points.is_floating_point():
             points = points.to(torch.float64)
-        if points.ndim < 2 or points.shape[0] == 0:
-            raise ValueError(f"points must have shape (N, *event_shape) with N >= 1, got shape {tuple(points.shape)}")
+        if points.ndim < 2:
+            raise ValueError(f"points must have shape (K, *event_shape) (one row per point), got shape "
+                             f"{tuple(points.shape)}")
+        if points.shape[0] == 0:
+            raise ValueError(f"points has no components (shape {tuple(points.shape)}); need K >= 1 points")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got chunk_size={chunk_size!r}")
@@ -299,7 +302,7 @@ class EmpiricalDistribution(GaussianMixture):
             block = self.means[i:i + rows].to(torch.float64)
             if not torch.isfinite(block).all():
                 bad = i + int((~torch.isfinite(block)).any(1).nonzero()[0])
-                raise ValueError(f"points[{bad}] is not finite (NaN or inf); every point must be finite")
+                raise ValueError(f"points must be finite; points[{bad}] contains NaN or inf")
             norms.append((block * block).sum(1))
         self._sq_norms = torch.cat(norms)                               # |x_i|^2 in float64, (K,)
         self.weights = torch.full((K,), 1.0 / K, dtype=torch.float64)
