@@ -99,7 +99,8 @@ def test_library_implementations_refuse_while_graded(capsys):
         return pd_target(z_t, z_next, t, vp.t_from_edm_sigma((sigma_next / alpha_next).reshape(-1)), vp)
 
     def via_ddim_denoise(x_start, times, eps_cond, eps_uncond, w):
-        teacher = FunctionPredictor(lambda x, t, c: eps_uncond(x, t) if c is None else eps_cond(x, t), DDPM(1000), "eps")
+        teacher = FunctionPredictor(lambda x, t, c: eps_uncond(x, t) if c is None else eps_cond(x, t), DDPM(1000),
+                                    "eps")
         x = x_start
         for t, t_next in zip(times[:-1], times[1:]):
             x = ddim_denoise(teacher, x, t.expand(len(x)), t_next.expand(len(x)), cond=torch.ones(len(x)),
@@ -124,7 +125,8 @@ def test_uncatalogued_mistakes_get_property_feedback(instructor, capsys):
         return my_ect_r(t, iters, q, d) * (1 + 0.1 * (t < 1).double())
     assert ex.check("ect_r", wrong_below_one, seed=1) is False
     out = capsys.readouterr().out
-    assert "Likely mistake" not in out and "factor changes from sample to sample" not in out   # 1-d: no per-sample factor
+    # uncatalogued, and 1-d (one number per noise level): no per-sample-factor message
+    assert "Likely mistake" not in out and "factor changes from sample to sample" not in out
     found = re.search(r"correct for t in \[([\d.e+-]+), ([\d.e+-]+)\], wrong for t in \[([\d.e+-]+), ([\d.e+-]+)\]",
                       out)
     assert found, out
