@@ -82,25 +82,35 @@ def test_autograde_full_marks_and_a_catalogued_mistake_loses_its_points(built, t
     root, _ = built
     names = [p.name for p in SOURCES]
     mistake = "01_forward_process_and_tweedie.ipynb"
+    trajectory = "07_trajectory_distillation.ipynb"
 
-    def plant(name, nb):       # the catalogued "alpha_bar_t where alpha_t belongs" mistake of posterior_mean_ddpm
-        if name != mistake:
-            return
+    def plant(name, nb):
         for cell in _cells(nb, "solution"):
             text = "".join(cell["source"])
-            if "def my_posterior_mean_ddpm" in text:
+            if name == mistake and "def my_posterior_mean_ddpm" in text:
+                # the catalogued "alpha_bar_t where alpha_t belongs" mistake of posterior_mean_ddpm
                 text = re.sub(r"\(1 - alpha_t\)", "(1 - alpha_bar_t)", text)
                 text = text.replace("torch.sqrt(alpha_t)", "torch.sqrt(alpha_bar_t)")
-                cell["source"] = text
+            if name == trajectory and "def my_cd_cfg_target" in text:
+                # the catalogued "other CFG convention" mistake of cd_cfg_target (w = 1: no guidance)
+                assert "eps_w = e_c + w * (e_c - e_u)" in text
+                text = text.replace("eps_w = e_c + w * (e_c - e_u)", "eps_w = e_u + w * (e_c - e_u)")
+            cell["source"] = text
     subs = tmp_path / "submissions"
     _light_submission(subs / "ada", names)
-    _light_submission(subs / "bob", [mistake], plant)
+    _light_submission(subs / "bob", [mistake, trajectory], plant)
     scores = course.autograde(subs, root / "course")
     points = {p.name: sum(c["metadata"]["nbgrader"]["points"] for c in _cells(json.loads(p.read_text()), "grade"))
               for p in SOURCES}
     assert scores["ada"] == {n: (points[n], points[n]) for n in names}
-    lost = next(c["metadata"]["nbgrader"]["points"] for c in _cells(json.loads((SOURCES[0]).read_text()), "grade")
-                if c["metadata"]["nbgrader"]["grade_id"] == "posterior_mean_ddpm_test")
-    assert scores["bob"][mistake] == (points[mistake] - lost, points[mistake])
+
+    def worth(notebook, grade_id):
+        path = next(p for p in SOURCES if p.name == notebook)
+        return next(c["metadata"]["nbgrader"]["points"] for c in _cells(json.loads(path.read_text()), "grade")
+                    if c["metadata"]["nbgrader"]["grade_id"] == grade_id)
+    assert scores["bob"][mistake] == (points[mistake] - worth(mistake, "posterior_mean_ddpm_test"), points[mistake])
+    lost = worth(trajectory, "cd_cfg_target_test")
+    assert 0 < lost < points[trajectory]                     # the other exercises of 07 keep their points
+    assert scores["bob"][trajectory] == (points[trajectory] - lost, points[trajectory])
     assert (root / "course" / "scores.csv").exists()
     shutil.rmtree(subs)

@@ -353,19 +353,25 @@ def _properties(got: Tensor, expected: Tensor, times=None) -> list[str]:
     if cos < -0.5:
         out.append("Property check: your answer points against the reference (negative correlation): a sign is off.")
     if e.ndim >= 1 and e.shape[0] > 1:
-        per = [((gi * ei).sum() / (ei * ei).sum().clamp_min(1e-300)).item() for gi, ei in zip(g, e)]
-        per_resid = max(((gi - c * ei).norm() / ei.norm().clamp_min(1e-300)).item()
-                        for gi, ei, c in zip(g, e, per))
-        if per_resid < 1e-6:
-            out.append("Property check: per sample your answer is the reference times a factor, but the factor "
-                       f"changes from sample to sample (from {min(per):.4g} to {max(per):.4g}): a time-dependent "
-                       "coefficient is wrong, not the structure.")
+        if e.ndim >= 2:          # a 1-d answer has one number per sample: any two are trivially proportional
+            per = [((gi * ei).sum() / (ei * ei).sum().clamp_min(1e-300)).item() for gi, ei in zip(g, e)]
+            per_resid = max(((gi - c * ei).norm() / ei.norm().clamp_min(1e-300)).item()
+                            for gi, ei, c in zip(g, e, per))
+            if per_resid < 1e-6:
+                out.append("Property check: per sample your answer is the reference times a factor, but the factor "
+                           f"changes from sample to sample (from {min(per):.4g} to {max(per):.4g}): a "
+                           "time-dependent coefficient is wrong, not the structure.")
         if times is not None and torch.as_tensor(times).numel() == e.shape[0]:
             t = torch.as_tensor(times).to(torch.float64).flatten()
             bad = torch.tensor([not torch.allclose(gi, ei, rtol=RTOL * 10, atol=1e-10) for gi, ei in zip(g, e)])
-            if bad.any() and not bad.all():
+            if bad.any() and not bad.all() and bool((t == t.round()).all()):      # integer (DDPM) times: list them
                 out.append(f"Property check: correct at t = {sorted(int(v) for v in t[~bad].tolist())[:6]}, wrong at "
                            f"t = {sorted(int(v) for v in t[bad].tolist())[:6]}: look at what changes with the time.")
+            elif bad.any() and not bad.all():                                   # continuous times: their ranges
+                ok_t = t[~bad]
+                out.append(f"Property check: correct for t in [{ok_t.min().item():.3g}, {ok_t.max().item():.3g}], "
+                           f"wrong for t in [{t[bad].min().item():.3g}, {t[bad].max().item():.3g}]: look at what "
+                           "changes with the time.")
             elif bad.all():
                 rel = [((gi - ei).norm() / ei.norm().clamp_min(1e-300)).item() for gi, ei in zip(g, e)]
                 lo, hi = t[torch.tensor(rel).argmin()].item(), t[torch.tensor(rel).argmax()].item()

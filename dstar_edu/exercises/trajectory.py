@@ -1,14 +1,15 @@
 """Exercises on trajectory distillation (handbook Sec. 3.2.1, Eq. 21-23, 47; Wang talk PD Alg. 2; Luo talk ECT Eq. 15).
 
     >>> from dstar_edu import exercises
-    >>> import dstar_edu.exercises.trajectory          # registers the area "trajectory"
     >>> exercises.list_exercises("trajectory")
     ['pd_target', 'cd_cfg_target', 'ect_r']
     >>> exercises.check("pd_target", my_pd_target)
 
 All three are graded by value against the library (``objectives.trajectory.pd_target``,
-``objectives.pretrain.ddim_denoise`` with ``cfg_scale``, ``objectives.trajectory.ect_mapping``) on random float64
-problems: 2D points and 3x32x32 images for the first two.
+``objectives.pretrain.ddim_denoise`` with ``cfg_scale``, ``objectives.trajectory.ect_mapping``) on fresh random
+float64 problems: 2D points and 3x32x32 images for the first two, EDM noise levels early (``r`` clamped at 0) and
+late in training for ``ect_r``. While an answer is graded those library functions (and the DDIM samplers that
+would do ``cd_cfg_target``'s loop) refuse to run (``Exercise.guards``).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _draw_pd(dim: int, g: torch.Generator) -> Trial:
     z_t = torch.randn(shape, generator=g, dtype=F64)
     z_next = 0.8 * z_t + 0.3 * torch.randn(shape, generator=g, dtype=F64)
     return Trial({"z_t": z_t, "z_next": z_next, "alpha_t": a, "sigma_t": s, "alpha_next": a2, "sigma_next": s2},
-                 batch_label(dim, B) + ", VP process, per-sample t > t''")
+                 batch_label(dim, B) + ", VP process, per-sample t > t''", times=t)
 
 
 register(Exercise(
@@ -61,8 +62,13 @@ register(Exercise(
           ("alpha_next", "alpha(t''), broadcastable"), ("sigma_next", "sigma(t''), broadcastable")),
     returns="x_tilde = (z_next - (sigma_next/sigma_t) z_t) / (alpha_next - (sigma_next/sigma_t) alpha_t)",
     reference=_ref_pd_target,
-    hint=("Write the DDIM step as z_next = (alpha_next - r alpha_t) x0 + r z_t with r = sigma_next / sigma_t, "
-          "then isolate x0."),
+    guards=("dstar_edu.objectives.trajectory:pd_target",),
+    hint=("z_next is linear in x0: collect the x0 terms of the DDIM step on one side. x0 appears twice (in the "
+          "clean part and inside the noise estimate (z_t - alpha_t x0) / sigma_t)."),
+    hints=("Write the DDIM step as z_next = (alpha_next - r alpha_t) x0 + r z_t with r = sigma_next / sigma_t, "
+           "then isolate x0.",
+           "r = sigma(t'')/sigma(t) < 1 is the share of z_t's noise that survives the step; the denominator "
+           "alpha_next - r alpha_t is positive because the SNR grows from t to t''."),
     draw=over_dims(TRIAL_DIMS, _draw_pd),
     mistakes=(
         (lambda z_t, z_next, a, s, a2, s2: (z_next - (s / s2) * z_t) / (a2 - (s / s2) * a),
@@ -125,15 +131,21 @@ def _cd_variant(kind: str):
         for j in range(times.numel() - 1):
             t0, t1 = int(times[j]), int(times[j + 1])
             e_c, e_u = eps_cond(x, times[j]), eps_uncond(x, times[j])
+            renoise = None
             if kind == "w_only":
                 e = e_c + w * e_u
+            elif kind == "other_convention":
+                e = e_u + w * (e_c - e_u)
+            elif kind == "renoise_cond":
+                e = e_c + w * (e_c - e_u)
+                renoise = e_c
             elif kind == "one_step":
                 t1 = int(times[-1])
                 e = (1 + w) * e_c - w * e_u
             else:  # "plain"
                 e = e_c + w * (e_c - e_u)
             x0 = (x - torch.sqrt(1 - ab[t0]) * e) / torch.sqrt(ab[t0])
-            x = torch.sqrt(ab[t1]) * x0 + torch.sqrt(1 - ab[t1]) * e
+            x = torch.sqrt(ab[t1]) * x0 + torch.sqrt(1 - ab[t1]) * (e if renoise is None else renoise)
             if kind == "one_step":
                 return x
         return x
@@ -152,27 +164,48 @@ register(Exercise(
           ("w", "guidance weight (float)")),
     returns="m DDIM steps with eps_w = (1 + w) eps_cond - w eps_uncond",
     reference=_ref_cd_target,
-    hint=("Use dstar_edu.process.DDPM(1000).alpha_bars[t] for alpha_bar_t. Per step: eps_w from Eq. 23, "
-          "x0 = (x - sqrt(1 - ab_t) eps_w) / sqrt(ab_t) (Eq. 7), then x = sqrt(ab_next) x0 + sqrt(1 - ab_next) eps_w."),
+    guards=("dstar_edu.objectives.pretrain:ddim_denoise", "dstar_edu.objectives.trajectory:teacher_two_steps",
+            "dstar_edu.samplers.diffusion:ddim", "dstar_edu.samplers.diffusion:ddim_step",
+            "dstar_edu.samplers.diffusion:_ddim_update", "dstar_edu.samplers.diffusion:dpm_solver_step"),
+    hint=("One loop over consecutive pairs of `times`; in each step form the guided noise eps_w of Eq. 23, read the "
+          "clean sample off it with Tweedie (Eq. 7), and re-noise that clean sample to the next time with the SAME "
+          "eps_w (Eq. 21 with sigma = 0)."),
+    hints=("alpha_bar_t is dstar_edu.process.DDPM(1000).alpha_bars[int(t)] (the times are DDPM steps stored as "
+           "float64); call eps_cond / eps_uncond at the current time of the step.",
+           "per step: x0 = (x - sqrt(1 - ab_t) eps_w) / sqrt(ab_t), then x = sqrt(ab_next) x0 + sqrt(1 - ab_next) "
+           "eps_w, with eps_w = eps_cond + w (eps_cond - eps_uncond)."),
     draw=over_dims(TRIAL_DIMS, _draw_cd),
-    mistakes=((_cd_variant("w_only"), "the guided noise is eps_cond + w (eps_cond - eps_uncond), not eps_cond + w eps_uncond."),
-              (_cd_variant("one_step"), "you jumped from t_{n+m} to t_n in ONE step: Denoise^m takes m steps along times.")),
+    mistakes=((_cd_variant("w_only"),
+               "the guided noise is eps_cond + w (eps_cond - eps_uncond), not eps_cond + w eps_uncond."),
+              (_cd_variant("other_convention"),
+               "eps_uncond + w (eps_cond - eps_uncond) is the other CFG convention (w = 1: no guidance); Eq. 23 "
+               "guides as eps_cond + w (eps_cond - eps_uncond) (w = 0: no guidance)."),
+              (_cd_variant("renoise_cond"),
+               "you re-noise with the unguided eps_cond; the DDIM step re-noises with the same guided eps_w it "
+               "used for x0 (both come from the guided teacher)."),
+              (_cd_variant("one_step"),
+               "you jumped from t_{n+m} to t_n in ONE step: Denoise^m takes m steps along times.")),
     n_trials=3, covers="2D points and 3x32x32 images, DDPM T=1000, m = 2 or 3",
     return_note="a torch.Tensor of the same shape as x_start"))
 
 
-# ---- 3. ECT's mapping function ----------------------------------------------------------------------------------------
+# ---- 3. ECT's mapping function -------------------------------------------------------------------------------
 def _ref_ect_r(t, iters, q, d):
     from ..objectives.trajectory import ect_mapping
     return ect_mapping(t, int(iters), q=float(q), d=int(d))
 
 
 def _draw_ect(trial: int, g: torch.Generator) -> Trial:
-    t = torch.exp(-1.1 + 2.0 * torch.randn(64, generator=g, dtype=F64))
-    iters = int(torch.randint(0, 12000, (1,), generator=g))
+    """Trial 0 is early in training (stage 0 or 1 with q = 2: r < 0 before the clamp for every t at stage 0, for
+    t < ln 7 at stage 1), the others late (stages 2-11, where r > 0 mostly); iters is never a multiple of d, so
+    iters / d and iters // d differ."""
+    t = torch.exp(-1.1 + 2.0 * torch.randn(64, generator=g, dtype=F64))      # EDM noise levels, ECT's log-normal
     d = [1000, 2000, 500][trial % 3]
     q = [2.0, 4.0, 2.0][trial % 3]
-    return Trial({"t": t, "iters": iters, "q": q, "d": d}, f"iters = {iters}, q = {q}, d = {d}")
+    lo, hi = (0, 2) if trial % 3 == 0 else (2, 12)
+    stage = int(torch.randint(lo, hi, (1,), generator=g))
+    iters = stage * d + int(torch.randint(1, d, (1,), generator=g))
+    return Trial({"t": t, "iters": iters, "q": q, "d": d}, f"iters = {iters}, q = {q}, d = {d}", times=t)
 
 
 register(Exercise(
@@ -184,13 +217,18 @@ register(Exercise(
           ("q", "shrink factor per stage (float > 1)"), ("d", "iterations per stage (int)")),
     returns="r = max(t (1 - (1 + 8 sigmoid(-t)) / q ** (iters // d)), 0)",
     reference=_ref_ect_r,
-    hint="a = iters // d is the stage; dt = t n(t) / q^a halves (q = 2) at every stage. Use torch.sigmoid and clamp_min(0).",
+    guards=("dstar_edu.objectives.trajectory:ect_mapping",),
+    hint=("dt = t - r = t n(t) / q^a where a is the training stage: dt shrinks by the factor q once every d "
+          "iterations, and r never goes below the data end 0."),
+    hints=("the stage is a = iters // d (an integer: dt shrinks in steps); n(t) = 1 + 8 torch.sigmoid(-t).",
+           "r = (t * (1 - n / q ** a)).clamp_min(0): early in training n / q^a > 1 and the clamp matters."),
     draw=_draw_ect,
     mistakes=((lambda t, iters, q, d: (t * (1 - (1 + 8 * torch.sigmoid(-t)) / q ** (iters / d))).clamp_min(0),
                "the stage is floor(iters / d): dt shrinks in steps, not continuously (use iters // d)."),
               (lambda t, iters, q, d: t * (1 - (1 + 8 * torch.sigmoid(-t)) / q ** (iters // d)),
                "early in training n(t)/q^a > 1 makes r negative: clamp r at 0 (the data end)."),
               (lambda t, iters, q, d: (t * (1 - (1 + 8 * torch.sigmoid(t)) / q ** (iters // d))).clamp_min(0),
-               "n(t) = 1 + 8 sigmoid(-t): larger dt/t at SMALL noise levels, so the sign inside the sigmoid is minus.")),
+               "n(t) = 1 + 8 sigmoid(-t): larger dt/t at SMALL noise levels, so the sign inside the sigmoid is "
+               "minus.")),
     n_trials=3, covers="EDM noise levels t ~ log-normal, several stages",
     return_note="a torch.Tensor of the same shape as t"))
