@@ -278,8 +278,8 @@ def ect_limit(dim):
     """VE process, small cm_f MLP, fixed (x0, eps, t); ECT stage a = floor(iters/d) = 2..9 halves dt each stage
     (mean dt 0.6 -> 0.005). ``grad L_ECT`` (l2, weight 1/dt) / 2 vs ``grad`` of ``trigflow_ct_gradient_surrogate`` (the
     continuous-time CT gradient via jvp): the relative error's observed order in dt is 1 within 0.2 and the last error
-    is < 2 %. (Stages up to a = 7 only, dt ~ 0.02, left the pre-asymptotic range on 3 of seeds 0..7: last error 2.6-4.9 %,
-    orders still 0.8-0.97; from a = 9 every seed 0..7 passes with orders 0.93-1.04.) Counterfactual: the 1/dt weight
+    is < 2 %. (Stages up to a = 7 only, dt ~ 0.02, left the pre-asymptotic range on 3 of seeds 0..7: last error
+    2.6-4.9 %, orders still 0.8-0.97; from a = 9 every seed 0..7 passes with orders 0.93-1.04.) Counterfactual: the 1/dt weight
     applied twice, so the gradient has no limit (error ~ 1/dt: order -1, 10 tolerances off)."""
     from dstar_edu.objectives.pretrain import trigflow_ct_gradient_surrogate
     from dstar_edu.predictors import MLPPredictor
