@@ -1,6 +1,6 @@
 """The newcomer: the repository's tracked files alone, in a folder with nothing beside it, pass `dstar-edu verify`.
 
-This is what a fresh ``git clone`` on another machine gets: no ``../shared``, no untracked files, no data
+This is what a fresh ``git clone`` on another machine gets: no folder beside it, no untracked files, no data
 folder. It reuses the installed environment (the packages), but imports ``dstar_edu`` and ``toy_data`` from
 the copy, so a check that reads anything outside the repository (or a file not tracked in git) fails here.
 """
@@ -25,7 +25,7 @@ def _tracked_files() -> list[str]:
 
 
 def test_fresh_clone_passes_verify(tmp_path):
-    clone = tmp_path / "alone" / "dstar_edu"          # nothing beside it: no ../shared, no data folder
+    clone = tmp_path / "alone" / "dstar_edu"          # nothing beside it: no sibling data folder
     for rel in _tracked_files():
         src = ROOT / rel
         if src.is_file():                             # a tracked file deleted in the working tree is skipped
