@@ -2,7 +2,7 @@
 
 Reference diffusion: SDXL (``UNet2DConditionModel`` with ``text_time`` additional embeddings, two CLIP text
 encoders, VAE) from a local ``StableDiffusionXLPipeline`` folder (``--pretrained``, ``local_files_only=True``).
-One-step model ``g_theta(z, c)``: the SDXL UNet at a fixed time (``adapters.ConditionalTeacherInitGenerator``,
+One-step model ``g_theta(z, c)``: the SDXL UNet at a fixed time (``generators.TeacherInitGenerator`` with a condition,
 sigma* = 2.5 by default, or ``--t_star``), initialised from the reference or from ``--generator_init`` (DI*
 starts from DMD2-SDXL-1step, which takes unit-variance noise at diffusers timestep 399; ours feeds ``alpha* z``,
 ``z ~ N(0, sigma*^2 I)``, of variance ``1 - alpha_bar(t*)`` = 0.57 at ``t* = 400``: a DMD2 init starts from a
@@ -40,10 +40,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import ConditionalTeacherInitGenerator, predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
+from dstar_edu.generators import TeacherInitGenerator  # noqa: E402
 from dstar_edu.objectives.alignment import diff_instruct_star_loss  # noqa: E402
 from dstar_edu.objectives.distill import fake_score_loss, p_edm  # noqa: E402
 from dstar_edu.process import Process  # noqa: E402
@@ -177,7 +177,7 @@ class DecodedReward(nn.Module):
 class Parts:
     pipe: Any
     reference: DiffusersUNetPredictor         # frozen SDXL UNet
-    generator: ConditionalTeacherInitGenerator
+    generator: TeacherInitGenerator
     fake_net: nn.Module
     fake: DiffusersUNetPredictor
     reward: DecodedReward | None
@@ -201,10 +201,10 @@ def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     reference = DiffusersUNetPredictor(pipe.unet, process, prediction)
     init = reference if gen_unet is None else DiffusersUNetPredictor(gen_unet, process, prediction)
-    generator = ConditionalTeacherInitGenerator(init, cfg.t_star or None, sigma_star=cfg.sigma_star,
+    generator = TeacherInitGenerator(init, cfg.t_star or None, sigma_star=cfg.sigma_star,
                                                 event_shape=latent_shape)
     fake_net = copy.deepcopy(pipe.unet).requires_grad_(True).train()
-    fake = predictor_view(reference, fake_net)
+    fake = reference.with_net(fake_net)
     frozen = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae] + ([pixel_reward] if pixel_reward else [])
     for m in frozen:
         m.requires_grad_(False).eval().to(device)

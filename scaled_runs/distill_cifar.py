@@ -38,7 +38,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler, tiny_unet  # noqa: E402
@@ -132,7 +131,7 @@ def build(cfg: CifarConfig, device, dtype: torch.dtype = torch.float32) -> Parts
     teacher = teacher_predictor(unet, scheduler, process)
     generator = TeacherInitGenerator(teacher, sigma_star=cfg.sigma_star)   # deep-copies the fp32 teacher
     fake_net = copy.deepcopy(unet).requires_grad_(True).train()
-    fake = predictor_view(teacher, fake_net)
+    fake = teacher.with_net(fake_net)
     unet.requires_grad_(False).eval().to(device)
     if dtype != torch.float32:
         unet.to(dtype=dtype)        # frozen teacher in bf16 under bf16 mixed precision

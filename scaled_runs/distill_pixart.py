@@ -3,10 +3,10 @@
 Teacher: a ``PixArtTransformer2DModel`` with its T5 text encoder, VAE and noise schedule, from a local
 ``PixArtAlphaPipeline`` folder (``--pretrained``, ``local_files_only=True``); prompts from a text file (one per
 line; SIM used SAM-LLaVA-Caption10M). The transformer predicts eps and a learned variance; only the eps
-channels are used (``adapters.PixArtDenoiser``), so ``d(x; t) = x - t F`` in EDM units (Eq. B.14).
+channels are used (``DiffusersUNetPredictor(learned_variance=True)``), so ``d(x; t) = x - t F`` in EDM units (Eq. B.14).
 
 * generator ``g_theta(z, c) = d_theta(z, t*; c)`` with sigma(t*) = 2.5, ``z ~ N(0, 2.5^2 I)`` in latent space
-  (Eq. B.15): a copy of the teacher (``adapters.ConditionalTeacherInitGenerator``); fake score also a copy;
+  (Eq. B.15): a copy of the teacher (``generators.TeacherInitGenerator`` with the prompt as condition); fake score also a copy;
 * generator loss: ``sim_generator_loss`` (pseudo-Huber, denoiser space = Alg. 2 / Eq. B.13), weight 1;
   online score: ``fake_score_loss`` (x0 target, weight 1);
 * both phases draw ln sigma ~ N(-2, 2^2), truncated to the schedule's [edm_sigma(1), edm_sigma(T)] =
@@ -35,10 +35,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import ConditionalTeacherInitGenerator, PixArtDenoiser, predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
+from dstar_edu.generators import TeacherInitGenerator  # noqa: E402
 from dstar_edu.objectives.alignment import GuidedPredictor  # noqa: E402
 from dstar_edu.objectives.distill import fake_score_loss, p_edm, sim_generator_loss  # noqa: E402
 from dstar_edu.process import Process  # noqa: E402
@@ -125,9 +125,9 @@ def load_pipeline(cfg: PixArtConfig):
 @dataclass
 class Parts:
     pipe: Any                                 # frozen text encoder, VAE, tokenizer (and the teacher transformer)
-    teacher: DiffusersUNetPredictor           # over PixArtDenoiser(teacher transformer), frozen
-    generator: ConditionalTeacherInitGenerator
-    fake_net: nn.Module                       # PixArtDenoiser(copy of the transformer), trained
+    teacher: DiffusersUNetPredictor           # over the teacher transformer (eps channels), frozen
+    generator: TeacherInitGenerator
+    fake_net: nn.Module                       # a copy of the transformer, trained
     fake: DiffusersUNetPredictor
     process: Process                          # the teacher's forward process
     t_sampler: Callable                       # both phases (SIM B.3)
@@ -141,11 +141,12 @@ def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Part
     tcfg = pipe.transformer.config
     size = tcfg.sample_size if isinstance(tcfg.sample_size, int) else tcfg.sample_size[0]
     latent_shape = (tcfg.in_channels, size, size)
-    teacher_net = PixArtDenoiser(pipe.transformer)
-    teacher = DiffusersUNetPredictor(teacher_net, process, pipe.scheduler.config.get("prediction_type", "epsilon"))
-    generator = ConditionalTeacherInitGenerator(teacher, sigma_star=cfg.sigma_star, event_shape=latent_shape)
+    teacher_net = pipe.transformer
+    teacher = DiffusersUNetPredictor(teacher_net, process, pipe.scheduler.config.get("prediction_type", "epsilon"),
+                                     learned_variance=True)
+    generator = TeacherInitGenerator(teacher, sigma_star=cfg.sigma_star, event_shape=latent_shape)
     fake_net = copy.deepcopy(teacher_net).requires_grad_(True).train()
-    fake = predictor_view(teacher, fake_net)
+    fake = teacher.with_net(fake_net)
     for frozen in (teacher_net, pipe.text_encoder, pipe.vae):
         frozen.requires_grad_(False).eval().to(device)
         if dtype != torch.float32:
@@ -246,7 +247,6 @@ def run(cfg: PixArtConfig, accelerator) -> dict:
 
     out = common.run_distillation(accelerator, cfg, generator=gen, fake_net=parts.fake_net, fake=parts.fake,
                                   fake_loss=fake_loss, gen_loss=gen_loss, images=images,
-                                  config_of=lambda net: net.transformer, strip_prefix="transformer.",
                                   meta={"method": "sim", "process": repr(parts.process)}, desc="sim-pixart")
     return {**out, "parts": parts, "config": cfg}
 

@@ -219,7 +219,7 @@ def diff_instruct_star_loss(x0: Tensor, reference, fake, t, *, reward=None, alph
                             alpha_cfg: float = 0.0, cfg: str = "in", distance="pseudo_huber", c: float | None = None,
                             cond=None, uncond=None, reward_cond=None, eps: Tensor | None = None,
                             generator: torch.Generator | None = None, weight=None, return_parts: bool = False,
-                            **distance_params):
+                            space: str = "score", **distance_params):
     """Diff-Instruct* generator loss (DI* Eq. 3.4 / Alg. 1 Eq. 3.5, Thm 3.1-3.2): score-divergence online PPO.
 
     ``L = -alpha_rew E r(x0, c) + E w(t) (-d'(y_t))^T (s_psi(x_t|c) - grad log p_t(x_t|x0))`` with
@@ -231,12 +231,13 @@ def diff_instruct_star_loss(x0: Tensor, reference, fake, t, *, reward=None, alph
 
     ``distance``: a ``divergences`` name or ``ScoreDistance`` (pseudo-Huber by default, DI* Eq. 3.8; ``c``
     defaults to ``0.00054 sqrt(D)``), ``**distance_params`` its ``alpha``/``beta``/``delta``. Other
-    arguments as in :func:`diff_instruct_pp_loss`.
+    arguments as in :func:`diff_instruct_pp_loss`. ``space``: the divergence in score space (``"score"``, DI*
+    Eq. 3.4, the default) or denoiser space (``"x0"``, SIM Alg. 2 / Eq. B.13), as in ``sim_generator_loss``.
     """
     x0, eps, alpha_rew, alpha_cfg = _prepare(x0, reference, fake, t, eps, generator, cfg, alpha_rew, alpha_cfg, cond)
     teacher = GuidedPredictor(reference, alpha_cfg, uncond=uncond) if (cfg == "in" and alpha_cfg != 0) else reference
     parts = {"divergence": sim_generator_loss(x0, teacher, fake, t, eps=eps, distance=distance, c=c, weight=weight,
-                                              cond=cond, **distance_params)}
+                                              cond=cond, space=space, **distance_params)}
     if cfg == "out" and alpha_cfg != 0:
         parts["cfg"] = alpha_cfg * cfg_implicit_reward_loss(x0, reference, t, cond=cond, uncond=uncond, eps=eps,
                                                             weight=weight)
