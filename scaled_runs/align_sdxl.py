@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 
 from scaled_runs import common  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
+from scaled_runs.memory import checkpoint_frozen, checkpointed  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
 from dstar_edu.generators import TeacherInitGenerator  # noqa: E402
@@ -94,6 +95,9 @@ class SDXLConfig(common.BaseConfig):
             raise ValueError("alpha_rew != 0 needs --reward_model DIR (a local CLIPModel, e.g. PickScore_v1)")
 
 
+CONFIG = SDXLConfig
+
+
 # ---- building the parts -----------------------------------------------------------------------------------------
 def build_tiny_pipeline(workdir, seed: int = 0):
     """A random tiny ``StableDiffusionXLPipeline`` (UNet 16x16x4 latents with text_time embeddings, two CLIP text
@@ -128,13 +132,16 @@ def build_tiny_pipeline(workdir, seed: int = 0):
     return pipe, reward
 
 
-def load_parts(cfg: SDXLConfig):
-    """``(pipeline, reward or None, generator UNet or None)`` in fp32 on the CPU, offline."""
+def load_parts(cfg: SDXLConfig, text_encoders: bool = True):
+    """``(pipeline, reward or None, generator UNet or None)`` in fp32 on the CPU, offline. ``text_encoders=False``:
+    without the two CLIP text encoders (the run reads precomputed embeddings)."""
     if cfg.tiny:
         pipe, reward = build_tiny_pipeline(cfg.output_dir, cfg.seed)
+        if not text_encoders:
+            pipe.text_encoder = pipe.text_encoder_2 = None
     else:
         from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-        kw = {}
+        kw = {} if text_encoders else {"text_encoder": None, "text_encoder_2": None}
         if cfg.vae:
             kw["vae"] = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)
         pipe = StableDiffusionXLPipeline.from_pretrained(cfg.pretrained, local_files_only=True, **kw)
@@ -144,7 +151,7 @@ def load_parts(cfg: SDXLConfig):
             model = CLIPModel.from_pretrained(cfg.reward_model, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(cfg.reward_tokenizer or cfg.reward_model, local_files_only=True)
             reward = CLIPReward(model, tok)          # checks len(tok) > 2 (broken offline tokenizers)
-    for t in (pipe.tokenizer, pipe.tokenizer_2):
+    for t in ((pipe.tokenizer, pipe.tokenizer_2) if text_encoders else ()):
         if len(t) <= 2:
             raise ValueError(f"a tokenizer of {cfg.pretrained!r} has {len(t)} tokens: it is broken (offline load "
                              "of an uncached hub id); save the pipeline with its tokenizers first")
@@ -186,10 +193,22 @@ class Parts:
     prompts: list
     latent_shape: tuple
     pixels: int
+    store: Any = None                         # PromptStore of precomputed CLIP embeddings (no text encoders)
+
+
+def text_parts(cfg: SDXLConfig):
+    """The pipeline (with its text encoders) and the prompts: what ``encode_prompts`` needs."""
+    from types import SimpleNamespace
+    pipe, _, _ = load_parts(cfg)
+    return SimpleNamespace(pipe=pipe, prompts=common.read_prompts(cfg.prompts, cfg.tiny), store=None)
 
 
 def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
-    pipe, pixel_reward, gen_unet = load_parts(cfg)
+    store = None
+    if cfg.prompt_embeddings:
+        from scaled_runs.encode_prompts import PromptStore
+        store = PromptStore(cfg.prompt_embeddings, "align_sdxl", cfg)
+    pipe, pixel_reward, gen_unet = load_parts(cfg, text_encoders=store is None)
     process = process_from_scheduler(pipe.scheduler)
     ucfg = pipe.unet.config
     size = ucfg.sample_size if isinstance(ucfg.sample_size, int) else ucfg.sample_size[0]
@@ -206,29 +225,47 @@ def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
     fake_net = copy.deepcopy(pipe.unet).requires_grad_(True).train()
     fake = reference.with_net(fake_net)
     frozen = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae] + ([pixel_reward] if pixel_reward else [])
-    for m in frozen:
+    if cfg.checkpoint_frozen:       # reference blocks and VAE decoder blocks are recomputed in the backward
+        checkpoint_frozen(pipe.unet, pipe.vae)
+    for m in (m for m in frozen if m is not None):
         m.requires_grad_(False).eval().to(device)
         if dtype != torch.float32:
             m.to(dtype=dtype)
     generator.to(device)
     fake_net.to(device)
     lo, hi = common.sigma_range(process, cfg.sigma_min)
+    if pixel_reward is not None and cfg.checkpoint_frozen:
+        pixel_reward = checkpointed(pixel_reward)
     reward = DecodedReward(pipe.vae, pixel_reward) if pixel_reward is not None else None
+    prompts = store.prompts if store is not None else common.read_prompts(cfg.prompts, cfg.tiny)
     return Parts(pipe, reference, generator, fake_net, fake, reward, process,
                  p_edm(process, cfg.P_mean, cfg.P_std, sigma_min=lo, sigma_max=hi),
-                 common.read_prompts(cfg.prompts, cfg.tiny), latent_shape, size * pipe.vae_scale_factor)
+                 prompts, latent_shape, size * pipe.vae_scale_factor, store)
 
 
-def encode(parts: Parts, prompts: list[str], device) -> tuple[dict, dict]:
-    """``(cond, uncond)`` UNet keyword dicts: both CLIP encoders through ``StableDiffusionXLPipeline.encode_prompt``
-    (uncond = SDXL's zeroed empty prompt) and the size / crop ``time_ids`` ``(H, W, 0, 0, H, W)``."""
+def text_embeddings(parts, cfg, prompts: list[str], device, guided: bool = True):
+    """``({"prompt_embeds", "pooled_prompt_embeds"}, same for SDXL's zeroed empty prompt)``: both CLIP encoders
+    through ``StableDiffusionXLPipeline.encode_prompt``, or rows of the precomputed store (bit-identical)."""
+    if getattr(parts, "store", None) is not None:
+        return parts.store.embeddings(prompts, device), parts.store.uncond(len(prompts), device)
     with torch.no_grad():
         pe, ne, pooled, npooled = parts.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=True)
+    return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
+            {"prompt_embeds": ne, "pooled_prompt_embeds": npooled})
+
+
+def encode(parts: Parts, prompts: list[str], device) -> tuple[dict, dict]:
+    """``(cond, uncond)`` UNet keyword dicts (uncond = SDXL's zeroed empty prompt) with the size / crop
+    ``time_ids`` ``(H, W, 0, 0, H, W)``."""
+    raw, raw_u = text_embeddings(parts, None, prompts, device)
+    pe = raw["prompt_embeds"]
     H = parts.pixels
     time_ids = torch.tensor([[H, H, 0, 0, H, H]], dtype=pe.dtype, device=device).repeat(len(prompts), 1)
-    cond = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-    uncond = {"encoder_hidden_states": ne, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": time_ids}}
+    cond = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": raw["pooled_prompt_embeds"],
+                                                              "time_ids": time_ids}}
+    uncond = {"encoder_hidden_states": raw_u["prompt_embeds"],
+              "added_cond_kwargs": {"text_embeds": raw_u["pooled_prompt_embeds"], "time_ids": time_ids}}
     return cond, uncond
 
 
@@ -281,7 +318,8 @@ def run(cfg: SDXLConfig, accelerator) -> dict:
             loss, terms = diff_instruct_star_loss(
                 x0, parts.reference, fake_eval, b["t"], reward=parts.reward, alpha_rew=cfg.alpha_rew,
                 alpha_cfg=cfg.alpha_cfg, cfg=cfg.cfg_mode, distance="pseudo_huber", c=cfg.huber_c or None,
-                cond=b["cond"], uncond=b["uncond"], reward_cond=b["prompts"], eps=b["eps"], return_parts=True)
+                cond=b["cond"], uncond=b["uncond"], reward_cond=b["prompts"], eps=b["eps"], return_parts=True,
+                batched_cfg=cfg.batch_cfg)
         if cfg.alpha_rew and parts.reward is not None:
             terms["reward_mean"] = -terms["reward"] / cfg.alpha_rew     # E r(x0, c) itself, for monitoring
         return loss, terms

@@ -78,6 +78,7 @@ class BaseConfig:
     use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit Adam (needs a CUDA GPU and `pip install bitsandbytes`)")
     gradient_as_bucket_view: bool = opt(True, "DDP gradients are views into the all-reduce buckets (saves one copy "
                                               "of the gradients)")
+    batch_cfg: bool = opt(True, "guided teachers evaluate cond and uncond in one doubled batch (one pass, not two)")
     prompt_embeddings: str = opt("", "folder of safetensors shards written by scaled_runs/encode_prompts.py "
                                      "(the text encoders are then not loaded)")
 

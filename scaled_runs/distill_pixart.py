@@ -36,6 +36,7 @@ if __package__ in (None, ""):
 
 from scaled_runs import common  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
+from scaled_runs.memory import checkpoint_frozen  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
 from dstar_edu.generators import TeacherInitGenerator  # noqa: E402
@@ -80,6 +81,9 @@ class PixArtConfig(common.BaseConfig):
             raise ValueError("pretrained='' : pass --pretrained DIR (a local PixArtAlphaPipeline folder) or --tiny")
 
 
+CONFIG = PixArtConfig
+
+
 # ---- building the parts -----------------------------------------------------------------------------------------
 TINY_WORDS = ("a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "car", "house", "painting", "sky")
 
@@ -109,17 +113,27 @@ def build_tiny_pipeline(seed: int = 0):
                                scheduler=DDPMScheduler())   # PixArt's linear 1e-4..0.02 schedule
 
 
-def load_pipeline(cfg: PixArtConfig):
-    """The fp32 pipeline (tiny or from ``cfg.pretrained`` offline); its tokenizer is checked (> 2 tokens)."""
+def load_pipeline(cfg: PixArtConfig, text_encoder: bool = True):
+    """The fp32 pipeline (tiny or from ``cfg.pretrained`` offline); its tokenizer is checked (> 2 tokens).
+    ``text_encoder=False``: without T5 (the run reads precomputed embeddings)."""
     if cfg.tiny:
         pipe = build_tiny_pipeline(cfg.seed)
+        if not text_encoder:
+            pipe.text_encoder = None
     else:
         from diffusers import PixArtAlphaPipeline
-        pipe = PixArtAlphaPipeline.from_pretrained(cfg.pretrained, local_files_only=True)
-    if len(pipe.tokenizer) <= 2:
+        kw = {} if text_encoder else {"text_encoder": None}
+        pipe = PixArtAlphaPipeline.from_pretrained(cfg.pretrained, local_files_only=True, **kw)
+    if text_encoder and len(pipe.tokenizer) <= 2:
         raise ValueError(f"the tokenizer of {cfg.pretrained!r} has {len(pipe.tokenizer)} tokens: it is broken "
                          "(an offline load of an uncached hub id); save the pipeline with its tokenizer first")
     return pipe
+
+
+def text_parts(cfg: PixArtConfig):
+    """The pipeline (with T5) and the prompts: what ``encode_prompts`` needs."""
+    from types import SimpleNamespace
+    return SimpleNamespace(pipe=load_pipeline(cfg), prompts=common.read_prompts(cfg.prompts, cfg.tiny), store=None)
 
 
 @dataclass
@@ -133,10 +147,15 @@ class Parts:
     t_sampler: Callable                       # both phases (SIM B.3)
     prompts: list
     latent_shape: tuple
+    store: Any = None                         # PromptStore of precomputed T5 embeddings (then no T5 is loaded)
 
 
 def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
-    pipe = load_pipeline(cfg)
+    store = None
+    if cfg.prompt_embeddings:
+        from scaled_runs.encode_prompts import PromptStore
+        store = PromptStore(cfg.prompt_embeddings, "distill_pixart", cfg)
+    pipe = load_pipeline(cfg, text_encoder=store is None)
     process = process_from_scheduler(pipe.scheduler)
     tcfg = pipe.transformer.config
     size = tcfg.sample_size if isinstance(tcfg.sample_size, int) else tcfg.sample_size[0]
@@ -147,7 +166,11 @@ def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Part
     generator = TeacherInitGenerator(teacher, sigma_star=cfg.sigma_star, event_shape=latent_shape)
     fake_net = copy.deepcopy(teacher_net).requires_grad_(True).train()
     fake = teacher.with_net(fake_net)
+    if cfg.checkpoint_frozen:
+        checkpoint_frozen(teacher_net)        # its blocks are recomputed in the generator's backward
     for frozen in (teacher_net, pipe.text_encoder, pipe.vae):
+        if frozen is None:
+            continue
         frozen.requires_grad_(False).eval().to(device)
         if dtype != torch.float32:
             frozen.to(dtype=dtype)
@@ -155,18 +178,30 @@ def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Part
     fake_net.to(device)
     lo, hi = common.sigma_range(process, cfg.sigma_min)
     t_sampler = p_edm(process, cfg.P_mean, cfg.P_std, sigma_min=lo, sigma_max=hi)
-    return Parts(pipe, teacher, generator, fake_net, fake, process, t_sampler,
-                 common.read_prompts(cfg.prompts, cfg.tiny), latent_shape)
+    prompts = store.prompts if store is not None else common.read_prompts(cfg.prompts, cfg.tiny)
+    return Parts(pipe, teacher, generator, fake_net, fake, process, t_sampler, prompts, latent_shape, store)
 
 
-def encode(parts: Parts, cfg: PixArtConfig, prompts: list[str], device) -> tuple[dict, dict | None]:
-    """``(cond, uncond)`` network keyword dicts for ``prompts`` (T5 through ``PixArtAlphaPipeline.encode_prompt``);
-    ``uncond`` (the negative prompt) only when the teacher is guided."""
-    guided = cfg.cfg_scale > 0
+def text_embeddings(parts, cfg: PixArtConfig, prompts: list[str], device, guided: bool | None = None):
+    """``({"prompt_embeds", "prompt_attention_mask"}, same for the negative prompt or None)``: T5 through
+    ``PixArtAlphaPipeline.encode_prompt``, or rows of the precomputed store (bit-identical)."""
+    guided = cfg.cfg_scale > 0 if guided is None else guided
+    if getattr(parts, "store", None) is not None:
+        cond = parts.store.embeddings(prompts, device)
+        return cond, (parts.store.uncond(len(prompts), device) if guided else None)
     with torch.no_grad():
         pe, pm, ne, nm = parts.pipe.encode_prompt(prompts, do_classifier_free_guidance=guided,
                                                   negative_prompt=cfg.negative_prompt, device=device,
                                                   clean_caption=False, max_sequence_length=cfg.max_sequence_length)
+    cond = {"prompt_embeds": pe, "prompt_attention_mask": pm}
+    return cond, ({"prompt_embeds": ne, "prompt_attention_mask": nm} if guided else None)
+
+
+def encode(parts: Parts, cfg: PixArtConfig, prompts: list[str], device) -> tuple[dict, dict | None]:
+    """``(cond, uncond)`` network keyword dicts for ``prompts``; ``uncond`` (the negative prompt) only when the
+    teacher is guided."""
+    raw, raw_u = text_embeddings(parts, cfg, prompts, device)
+    pe = raw["prompt_embeds"]
     added = None
     tr = parts.pipe.transformer
     if getattr(tr, "use_additional_conditions", False):   # the 1024px model conditions on size and aspect ratio
@@ -174,9 +209,12 @@ def encode(parts: Parts, cfg: PixArtConfig, prompts: list[str], device) -> tuple
         B = len(prompts)
         added = {"resolution": torch.tensor([[h, w]], dtype=pe.dtype, device=device).repeat(B, 1),
                  "aspect_ratio": torch.tensor([[h / w]], dtype=pe.dtype, device=device).repeat(B, 1)}
-    cond = {"encoder_hidden_states": pe, "encoder_attention_mask": pm, "added_cond_kwargs": added}
-    uncond = ({"encoder_hidden_states": ne, "encoder_attention_mask": nm, "added_cond_kwargs": added}
-              if guided else None)
+    cond = {"encoder_hidden_states": pe, "encoder_attention_mask": raw["prompt_attention_mask"],
+            "added_cond_kwargs": added}
+    uncond = None
+    if raw_u is not None:
+        uncond = {"encoder_hidden_states": raw_u["prompt_embeds"],
+                  "encoder_attention_mask": raw_u["prompt_attention_mask"], "added_cond_kwargs": added}
     return cond, uncond
 
 
@@ -192,7 +230,8 @@ def draw_batch(parts: Parts, cfg: PixArtConfig, n: int, cpu_rng, dev_rng, device
 
 def reference(parts: Parts, cfg: PixArtConfig, uncond):
     """The teacher the generator is matched to: plain, or CFG-guided (``GuidedPredictor``) when cfg_scale > 0."""
-    return parts.teacher if cfg.cfg_scale == 0 else GuidedPredictor(parts.teacher, cfg.cfg_scale, uncond=uncond)
+    return parts.teacher if cfg.cfg_scale == 0 else GuidedPredictor(parts.teacher, cfg.cfg_scale, uncond=uncond,
+                                                                           batched=cfg.batch_cfg)
 
 
 def decode(parts: Parts, latents: torch.Tensor) -> torch.Tensor:

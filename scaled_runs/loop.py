@@ -265,6 +265,16 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
     diffusers ConfigMixin saved next to a network's weights.
     Returns ``{"records", "checkpoint", "generator", "ema", "fake_net", "optimizers"}``.
     """
+    from scaled_runs.config import weight_dtype
+    from scaled_runs.memory import add_lora, make_optimizer
+    if cfg.lora_rank:     # frozen base in the weight dtype, fp32 adapters (in place: `fake` keeps its network)
+        wdt = weight_dtype(cfg)
+        generator.denoiser.unet = add_lora(generator.denoiser.unet.to(wdt), cfg.lora_rank, cfg.lora_scale_alpha())
+        add_lora(fake_net.to(wdt), cfg.lora_rank, cfg.lora_scale_alpha())
+        for m in (generator, fake_net):
+            for n, p in m.named_parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
     ckpt, start_step = None, 0
     if cfg.resume:
         ckpt = load_checkpoint(find_checkpoint(cfg.resume, cfg.output_dir))
@@ -291,8 +301,8 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
                 target.enable_gradient_checkpointing()
 
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    opt_gen = torch.optim.Adam(generator.parameters(), lr=cfg.lr_gen, betas=betas)
-    opt_fake = torch.optim.Adam(fake_net.parameters(), lr=cfg.lr_fake, betas=betas)
+    opt_gen = make_optimizer(generator.parameters(), cfg.lr_gen, betas, cfg.use_8bit_adam, accelerator.device)
+    opt_fake = make_optimizer(fake_net.parameters(), cfg.lr_fake, betas, cfg.use_8bit_adam, accelerator.device)
     gen_net, fake_p, opt_gen, opt_fake = accelerator.prepare(generator.denoiser.unet, fake_net, opt_gen, opt_fake)
     generator.denoiser.unet = gen_net            # the generator trains through the (DDP-)prepared network
     if ckpt is not None and ckpt["optimizers"] is not None:
