@@ -105,8 +105,9 @@ def alternate(steps, fake_update: Callable[[int, int], dict], generator_update: 
             for k, v in fake_update(step, r).items():
                 rec[k] = rec.get(k, 0.0) + v / fake_steps
         rec.update(generator_update(step))
+        stop = after_step is not None and after_step(step, rec)     # may add entries (timings) to the record
         records.append({"step": step, **rec})
-        if after_step is not None and after_step(step, rec):
+        if stop:
             break
     return records
 
@@ -209,13 +210,13 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
         def loss_fn():
             x0 = generator_model.sample(batch_size, generator)
             t = torch.as_tensor(t_sampler_gen(batch_size, generator))
-            with frozen(fake):
-                return generator_loss_fn(x0, teacher, fake, t.to(device=x0.device), generator=generator,
-                                         cond=cond_for(batch_size)), {}
+            return generator_loss_fn(x0, teacher, fake, t.to(device=x0.device), generator=generator,
+                                     cond=cond_for(batch_size)), {}
         fake.eval()
-        try:
-            value, norm, _ = guarded_update(loss_fn, opt_gen, gen_params, step=step, phase="generator",
-                                            grad_clip=grad_clip, zero_grad_first=True)
+        try:   # frozen through forward and backward (a checkpointed fake recomputes with the same flags)
+            with frozen(fake):
+                value, norm, _ = guarded_update(loss_fn, opt_gen, gen_params, step=step, phase="generator",
+                                                grad_clip=grad_clip, zero_grad_first=True)
         finally:
             fake.train()
         return {"gen_loss": value, "gen_grad_norm": norm}

@@ -99,16 +99,19 @@ CONFIG = SDXLConfig
 
 
 # ---- building the parts -----------------------------------------------------------------------------------------
-def build_tiny_pipeline(workdir, seed: int = 0):
+def build_tiny_pipeline(workdir, seed: int = 0, full: bool = False, device="cpu"):
     """A random tiny ``StableDiffusionXLPipeline`` (UNet 16x16x4 latents with text_time embeddings, two CLIP text
     encoders of width 32, VAE 32px) and a tiny ``CLIPReward``, offline and seeded. The byte-level tokenizer
-    (written to ``workdir``) is the reward's and both text encoders'."""
+    (written to ``workdir``) is the reward's and both text encoders'. ``full``: UNet, VAE, both text encoders and
+    a CLIP-H reward at SDXL / PickScore's published sizes (``configs/arch``), built on ``device``."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     reward = tiny_clip_reward(Path(workdir) / "tiny_tokenizer", seed=seed)
     tok = reward.tokenizer
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=tok.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if full:
+        return _full_random_pipeline(tok, reward, seed, device)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -132,11 +135,38 @@ def build_tiny_pipeline(workdir, seed: int = 0):
     return pipe, reward
 
 
-def load_parts(cfg: SDXLConfig, text_encoders: bool = True):
+def _full_random_pipeline(tok, tiny_reward, seed: int, device):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from scaled_runs.plan import _arch
+    te = _arch("sdxl_text_encoders")
+    rc = _arch("pickscore_clip_h")
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            te1 = CLIPTextModel(CLIPTextConfig(**te["text_encoder"], **ids))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te["text_encoder_2"], **ids))
+            unet = UNet2DConditionModel(**_arch("sdxl_unet"))
+            vae = AutoencoderKL(**_arch("sdxl_vae"))
+            clip = CLIPModel(CLIPConfig(text_config={**rc["text_config"], **ids}, vision_config=rc["vision_config"],
+                                        projection_dim=rc["projection_dim"]))
+    finally:
+        torch.random.set_rng_state(state)
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   timestep_spacing="trailing")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    return pipe, CLIPReward(clip, tok)
+
+
+def load_parts(cfg: SDXLConfig, text_encoders: bool = True, device="cpu"):
     """``(pipeline, reward or None, generator UNet or None)`` in fp32 on the CPU, offline. ``text_encoders=False``:
     without the two CLIP text encoders (the run reads precomputed embeddings)."""
     if cfg.tiny:
-        pipe, reward = build_tiny_pipeline(cfg.output_dir, cfg.seed)
+        pipe, reward = build_tiny_pipeline(cfg.output_dir, cfg.seed, cfg.full_random, device)
         if not text_encoders:
             pipe.text_encoder = pipe.text_encoder_2 = None
     else:
@@ -208,7 +238,7 @@ def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
     if cfg.prompt_embeddings:
         from scaled_runs.encode_prompts import PromptStore
         store = PromptStore(cfg.prompt_embeddings, "align_sdxl", cfg)
-    pipe, pixel_reward, gen_unet = load_parts(cfg, text_encoders=store is None)
+    pipe, pixel_reward, gen_unet = load_parts(cfg, text_encoders=store is None, device=device)
     process = process_from_scheduler(pipe.scheduler)
     ucfg = pipe.unet.config
     size = ucfg.sample_size if isinstance(ucfg.sample_size, int) else ucfg.sample_size[0]

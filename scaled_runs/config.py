@@ -54,11 +54,13 @@ class BaseConfig:
     ema_halflife_kimg: float = opt(500.0, "EMA half-life in thousands of generated images (0 = no EMA)")
     ema_decay: float = opt(0.0, "fixed EMA decay per generator step; > 0 overrides ema_halflife_kimg")
     log_every: int = opt(10, "progress-bar refresh period (metrics.jsonl gets every step)")
-    checkpoint_every: int = opt(1000, "steps between checkpoints (and one after the last step)")
+    checkpoint_every: int = opt(1000, "steps between checkpoints (and one after the last step; 0 = none at all)")
     sample_every: int = opt(1000, "steps between PNG sample grids (0 = only after the last step)")
     n_samples: int = opt(16, "images per sample grid")
     resume: str = opt("", "checkpoint folder to resume from, or 'latest' (in output_dir)")
     tiny: bool = opt(False, "build tiny randomly initialised parts offline instead of loading pretrained ones")
+    full_random: bool = opt(False, "with --tiny: the networks at their published full size (configs/arch/*.json), "
+                                   "randomly initialised on the run's device (GPU smoke runs; nothing downloaded)")
     gradient_checkpointing: bool = opt(False, "activation checkpointing in the generator and fake networks")
     find_unused_parameters: bool = opt(False, "DDP find_unused_parameters (only if DDP complains)")
     num_threads: int = opt(0, "torch CPU threads (0 = leave torch's default)")
@@ -90,11 +92,11 @@ class BaseConfig:
         if self.mixed_precision == "fp16":
             raise ValueError("mixed_precision='fp16' is refused: fp16 overflows (NaN) in SDXL's VAE and in score "
                              "differences at small sigma; use 'bf16' (or 'no' for fp32)")
-        for name in ("steps", "batch_size", "grad_accum", "fake_steps", "log_every", "checkpoint_every", "n_samples"):
+        for name in ("steps", "batch_size", "grad_accum", "fake_steps", "log_every", "n_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
-        for name in ("sample_every", "num_threads"):
+        for name in ("sample_every", "num_threads", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")

@@ -84,6 +84,9 @@ class CifarConfig(common.BaseConfig):
             raise ValueError("teacher='' : pass --teacher DIR (a local diffusers folder) or --tiny")
 
 
+CONFIG = CifarConfig
+
+
 # ---- building the parts -----------------------------------------------------------------------------------------
 def load_teacher(cfg: CifarConfig) -> tuple[nn.Module, Any]:
     """The teacher ``UNet2DModel`` (fp32, CPU) and its scheduler (an instance, or a config dict with

@@ -88,14 +88,28 @@ CONFIG = PixArtConfig
 TINY_WORDS = ("a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "car", "house", "painting", "sky")
 
 
-def build_tiny_pipeline(seed: int = 0):
+def build_tiny_pipeline(seed: int = 0, full: bool = False, device="cpu"):
     """A random tiny ``PixArtAlphaPipeline`` (transformer 16x16x4 latents, 2 layers; T5 d_model 32; VAE 32px),
-    offline and seeded (the global RNG state is restored)."""
+    offline and seeded (the global RNG state is restored). ``full``: transformer, T5-XXL encoder and VAE at
+    PixArt-alpha-512's published sizes (``configs/arch``), built on ``device``, with the same tiny tokenizer."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
     vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in TINY_WORDS]
              + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581", -2.0)])
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=16)
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=120 if full else 16)
+    if full:
+        from scaled_runs.plan import _arch
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            with torch.device(device):
+                text_encoder = T5EncoderModel(T5Config(**_arch("t5_xxl_encoder"), pad_token_id=0, eos_token_id=1))
+                vae = AutoencoderKL(**_arch("sd_vae_512"))
+                transformer = PixArtTransformer2DModel(**_arch("pixart_512_transformer"))
+        finally:
+            torch.random.set_rng_state(state)
+        return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                   scheduler=DDPMScheduler())
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -113,11 +127,11 @@ def build_tiny_pipeline(seed: int = 0):
                                scheduler=DDPMScheduler())   # PixArt's linear 1e-4..0.02 schedule
 
 
-def load_pipeline(cfg: PixArtConfig, text_encoder: bool = True):
+def load_pipeline(cfg: PixArtConfig, text_encoder: bool = True, device="cpu"):
     """The fp32 pipeline (tiny or from ``cfg.pretrained`` offline); its tokenizer is checked (> 2 tokens).
     ``text_encoder=False``: without T5 (the run reads precomputed embeddings)."""
     if cfg.tiny:
-        pipe = build_tiny_pipeline(cfg.seed)
+        pipe = build_tiny_pipeline(cfg.seed, cfg.full_random, device)
         if not text_encoder:
             pipe.text_encoder = None
     else:
@@ -155,7 +169,7 @@ def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Part
     if cfg.prompt_embeddings:
         from scaled_runs.encode_prompts import PromptStore
         store = PromptStore(cfg.prompt_embeddings, "distill_pixart", cfg)
-    pipe = load_pipeline(cfg, text_encoder=store is None)
+    pipe = load_pipeline(cfg, text_encoder=store is None, device=device)
     process = process_from_scheduler(pipe.scheduler)
     tcfg = pipe.transformer.config
     size = tcfg.sample_size if isinstance(tcfg.sample_size, int) else tcfg.sample_size[0]

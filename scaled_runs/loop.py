@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dstar_edu.distillation import NonFiniteError, alternate, guarded_update  # noqa: E402
+from dstar_edu.objectives.distill import frozen  # noqa: E402
 from dstar_edu.training import EMA  # noqa: E402
 from scaled_runs.checkpoints import (Saved, check_resume_config, ema_decay_for, find_checkpoint,  # noqa: E402
                                      is_fsdp, load_checkpoint, load_rng_state, make_ema, save_checkpoint,
@@ -142,6 +143,8 @@ class Phase:
     model: nn.Module
     optimizer: Any
     loss_fn: Callable[[int, int], tuple[Tensor, dict]]
+    eval_modules: tuple = ()      # held in eval mode through forward *and* backward (checkpoint recomputation)
+    frozen_modules: tuple = ()    # parameters frozen through forward *and* backward (same reason)
 
 
 def _run_phase(accelerator, phase: Phase, step: int, first_micro: int, grad_clip: float) -> dict:
@@ -152,7 +155,7 @@ def _run_phase(accelerator, phase: Phase, step: int, first_micro: int, grad_clip
     bad_anywhere = any_rank(accelerator)
     values, extras, norm = [], {}, float("nan")
     for m in range(K):
-        with accelerator.accumulate(phase.model):
+        with accelerator.accumulate(phase.model), eval_mode(*phase.eval_modules), frozen(*phase.frozen_modules):
             def loss_fn(m=m):
                 with accelerator.autocast():
                     return phase.loss_fn(step, first_micro + m)
@@ -209,7 +212,7 @@ def train_alternating(accelerator, cfg: BaseConfig, *, fake: Phase, gen: Phase, 
         last = step == cfg.steps
         if sample_fn is not None and (last or (cfg.sample_every and step % cfg.sample_every == 0)):
             sample_fn(step)
-        if last or step % cfg.checkpoint_every == 0:
+        if cfg.checkpoint_every and (last or step % cfg.checkpoint_every == 0):
             save_fn(step, {k: v for k, v in rec.items() if k.endswith("_loss")})
         return False
 
@@ -259,6 +262,9 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
     (a ``DiffusersUNetPredictor`` over ``fake_net``).
 
     ``fake_loss(step, micro, fake_train)`` and ``gen_loss(step, micro, fake_eval)`` return ``(loss, {name: float})``;
+    the fake network is in eval mode and its parameters frozen during the whole generator phase (forward and
+    backward: a checkpointed block is recomputed in the backward and must see the mode and the
+    ``requires_grad`` flags of its forward, else torch's checkpoint refuses the different saved tensors);
     ``fake_train`` sees the fake network through its DDP wrapper (its own phase), ``fake_eval`` unwrapped (the
     generator loss, which freezes its parameters). ``images(model, n) -> (n, C, H, W)`` in ``[-1, 1]`` renders
     the sample grids (``model`` is the EMA generator if any, else the generator). ``config_of(net)`` is the
@@ -340,7 +346,8 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
     fake_net.train()
     records = train_alternating(
         accelerator, cfg, fake=Phase("fake", fake_p, opt_fake, lambda s, m: fake_loss(s, m, fake_train)),
-        gen=Phase("generator", gen_net, opt_gen, lambda s, m: gen_loss(s, m, fake_eval)), ema=ema,
+        gen=Phase("generator", gen_net, opt_gen, lambda s, m: gen_loss(s, m, fake_eval), (fake_eval.unet,),
+                  (fake_net,)), ema=ema,
         start_step=start_step, save_fn=save, sample_fn=sample if images is not None else None, desc=desc)
     return {"records": records, "checkpoint": last.get("checkpoint"), "generator": generator, "ema": ema,
             "fake_net": accelerator.unwrap_model(fake_p), "optimizers": {"generator": opt_gen, "fake": opt_fake}}

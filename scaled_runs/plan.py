@@ -155,7 +155,12 @@ def measure_pass(module: nn.Module, fn, *, checkpointed: bool = False, grad: boo
 
 
 # ---- networks from published architectures ------------------------------------------------------------------------
+ARCH_OVERRIDE: dict = {}     # name -> config dict replacing configs/arch/<name>.json (gpu_smoke --tiny)
+
+
 def _arch(name: str) -> dict:
+    if name in ARCH_OVERRIDE:
+        return {k: v for k, v in dict(ARCH_OVERRIDE[name]).items() if not k.startswith("_")}
     d = json.loads((ARCH / f"{name}.json").read_text())
     d.pop("_note", None)
     return d
@@ -163,7 +168,7 @@ def _arch(name: str) -> dict:
 
 def _local_or_arch(folder: str, sub: str, name: str) -> dict:
     """The ``config.json`` of ``folder/sub`` when it exists locally, else the shipped architecture ``name``."""
-    if folder:
+    if folder and name not in ARCH_OVERRIDE:
         p = Path(folder) / sub / "config.json"
         if p.is_file():
             return {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
@@ -314,13 +319,14 @@ def plan_sdxl(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
         plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4)
 
     B = cfg.batch_size
+    pooled_dim = ucfg["projection_class_embeddings_input_dim"] - 6 * ucfg["addition_time_embed_dim"]   # 1280
     px = cfg.resolution or ucfg["sample_size"] * 8
     side = px // 8
 
     def unet_call(net, batch, dt, grad_input=True):
         x = torch.empty(batch, ucfg["in_channels"], side, side, device="meta", dtype=dt, requires_grad=grad_input)
         cond = dict(encoder_hidden_states=torch.empty(batch, 77, ucfg["cross_attention_dim"], device="meta", dtype=dt),
-                    added_cond_kwargs={"text_embeds": torch.empty(batch, 1280, device="meta", dtype=dt),
+                    added_cond_kwargs={"text_embeds": torch.empty(batch, pooled_dim, device="meta", dtype=dt),
                                        "time_ids": torch.empty(batch, 6, device="meta", dtype=dt)})
         return lambda: net(x, timestep=torch.empty(batch, device="meta"), **cond)
 
