@@ -230,6 +230,8 @@ def text_parts(cfg: SDXLConfig):
     """The pipeline (with its text encoders) and the prompts: what ``encode_prompts`` needs."""
     from types import SimpleNamespace
     pipe, _, _ = load_parts(cfg)
+    for m in (pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False).eval()                  # as in a run
     return SimpleNamespace(pipe=pipe, prompts=common.read_prompts(cfg.prompts, cfg.tiny), store=None)
 
 

@@ -147,7 +147,9 @@ def load_pipeline(cfg: PixArtConfig, text_encoder: bool = True, device="cpu"):
 def text_parts(cfg: PixArtConfig):
     """The pipeline (with T5) and the prompts: what ``encode_prompts`` needs."""
     from types import SimpleNamespace
-    return SimpleNamespace(pipe=load_pipeline(cfg), prompts=common.read_prompts(cfg.prompts, cfg.tiny), store=None)
+    pipe = load_pipeline(cfg)
+    pipe.text_encoder.requires_grad_(False).eval()      # as in a run (T5 has dropout in train mode)
+    return SimpleNamespace(pipe=pipe, prompts=common.read_prompts(cfg.prompts, cfg.tiny), store=None)
 
 
 @dataclass
