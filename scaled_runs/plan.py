@@ -333,9 +333,7 @@ def plan_sdxl(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
     ck_train, ck_frozen = cfg.gradient_checkpointing, cfg.checkpoint_frozen
     a_fake, r_fake = measure_pass(fake, unet_call(fake, B, act_dt, False), checkpointed=ck_train)
     plan.phases["fake"] = {"activations": a_fake, "recompute": r_fake, "gradients": _grad_bytes(plan, cfg, n_train)}
-    acts, rec = 0, 0
-    a, r = measure_pass(gen, unet_call(gen, B, act_dt, False), checkpointed=ck_train)
-    acts, rec = acts + a, max(rec, r)
+    acts, rec = a_fake, r_fake          # the generator's pass: same network, settings and input as the fake's
     ref_batch = 2 * B if (cfg.cfg_mode == "in" and cfg.alpha_cfg) else B   # CFG: cond + uncond (batched)
     if cfg.cfg_mode == "out" and cfg.alpha_cfg:
         ref_batch = 2 * B                                                  # the implicit CFG reward's two passes
@@ -388,7 +386,7 @@ def plan_pixart(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
     ck_train, ck_frozen = cfg.gradient_checkpointing, cfg.checkpoint_frozen
     a, r = measure_pass(fake, call(fake, B, wdt, False), checkpointed=ck_train)
     plan.phases["fake"] = {"activations": a, "recompute": r, "gradients": _grad_bytes(plan, cfg, n_train)}
-    acts, rec = measure_pass(gen, call(gen, B, wdt, False), checkpointed=ck_train)
+    acts, rec = a, r                    # the generator's pass: same network, settings and input as the fake's
     a, r = measure_pass(teacher, call(teacher, 2 * B if cfg.cfg_scale > 0 else B, wdt), checkpointed=ck_frozen)
     acts, rec = acts + a, max(rec, r)
     a, r = measure_pass(fake, call(fake, B, wdt), checkpointed=ck_train)            # the fake's own flag
