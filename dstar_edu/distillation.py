@@ -195,7 +195,7 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
 
     def fake_update(step: int, _r: int = 0) -> dict:
         def loss_fn():
-            with torch.no_grad(), frozen(generator_model):
+            with torch.no_grad():      # no graph: nothing to freeze (no requires_grad toggling: FSDP-safe)
                 x0 = generator_model.sample(batch_size, generator)
             if fake_loss_fn is not None:
                 return fake_loss_fn(fake, x0.detach(), generator), {}

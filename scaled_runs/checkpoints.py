@@ -25,7 +25,7 @@ from scaled_runs.config import BaseConfig  # noqa: E402
 
 __all__ = ["WEIGHTS_NAME", "ema_decay_for", "make_ema", "is_fsdp", "Saved", "checkpoint_dir", "find_checkpoint",
            "save_checkpoint", "load_checkpoint", "rotate_checkpoints", "rng_state", "set_rng_state", "load_rng_state",
-           "check_resume_config"]
+           "check_resume_config", "save_sharded", "load_sharded"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # diffusers' file name: a checkpoint folder loads with from_pretrained
 
@@ -202,3 +202,33 @@ def load_rng_state(path, rank: int) -> dict | None:
     return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
 
 
+
+
+# ---- sharded (FSDP2) checkpoints -------------------------------------------------------------------------------------
+def save_sharded(path, models: dict, optimizers: dict | None = None) -> Path:
+    """Save FSDP2-sharded ``models`` (name -> module, e.g. generator, fake, generator_ema) and ``optimizers``
+    (name -> optimizer of the same-named model) with ``torch.distributed.checkpoint``: every rank writes its own
+    shard (``__<rank>_0.distcp``) and no full state is gathered anywhere. Call on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+    for k, o in (optimizers or {}).items():
+        state[f"optim.{k}"] = get_optimizer_state_dict(models[k], o)
+    dcp.save(state, checkpoint_id=str(path))
+    return Path(path)
+
+
+def load_sharded(path, models: dict, optimizers: dict | None = None) -> None:
+    """Load :func:`save_sharded`'s checkpoint into already sharded ``models`` / ``optimizers`` (each rank reads
+    the pieces of its own shard)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+    for k, o in (optimizers or {}).items():
+        state[f"optim.{k}"] = get_optimizer_state_dict(models[k], o)
+    dcp.load(state, checkpoint_id=str(path))
+    for k, m in models.items():
+        set_model_state_dict(m, state[f"model.{k}"])
+    for k, o in (optimizers or {}).items():
+        set_optimizer_state_dict(models[k], o, state[f"optim.{k}"])
