@@ -75,6 +75,8 @@ class SDXLConfig(common.BaseConfig):
     cfg_mode: str = opt("in", "DI*-In (CFG-enhanced reference) or DI*-Out (implicit CFG reward loss)", ("in", "out"))
     sigma_star: float = opt(2.5, "EDM noise level of the generator's fixed time")
     t_star: float = opt(0.0, "the generator's fixed DDPM time t* (1..T; 0: solve edm_sigma(t*) = sigma_star)")
+    input_std: float = opt(0.0, "std of the generator network's input noise (0: alpha(t*) sigma*, SIM's rule; "
+                                "1.0 for a DMD2-SDXL-1step init, which takes unit-variance noise at t* = 400)")
     P_mean: float = opt(-2.0, "ln sigma mean of both phases' times")
     P_std: float = opt(2.0, "ln sigma std of both phases' times")
     sigma_min: float = opt(0.0, "lowest noise level drawn (0: edm_sigma(1) of the schedule)")
@@ -85,7 +87,7 @@ class SDXLConfig(common.BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (self.sigma_star > 0 and self.P_std > 0 and self.huber_c >= 0 and self.t_star >= 0
+        if not (self.sigma_star > 0 and self.P_std > 0 and self.huber_c >= 0 and self.t_star >= 0 and self.input_std >= 0
                 and self.resolution >= 0 and self.alpha_cfg >= 0):
             raise ValueError("need sigma_star > 0, P_std > 0, huber_c >= 0, t_star >= 0, resolution >= 0, "
                              "alpha_cfg >= 0")
@@ -253,7 +255,7 @@ def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
     reference = DiffusersUNetPredictor(pipe.unet, process, prediction)
     init = reference if gen_unet is None else DiffusersUNetPredictor(gen_unet, process, prediction)
     generator = TeacherInitGenerator(init, cfg.t_star or None, sigma_star=cfg.sigma_star,
-                                                event_shape=latent_shape)
+                                     event_shape=latent_shape, input_std=cfg.input_std or None)
     fake_net = copy.deepcopy(pipe.unet).requires_grad_(True).train()
     fake = reference.with_net(fake_net)
     frozen = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae] + ([pixel_reward] if pixel_reward else [])

@@ -46,9 +46,19 @@ from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fake_sco
                                           p_sim, sid_generator_loss, sim_generator_loss)
 from dstar_edu.process import Process  # noqa: E402
 
-METHODS = ("sim", "sid", "di", "dmd")
-GEN_TIMES = ("default", "sim", "edm", "sid")
+# The method table: --method NAME -> its generator loss (cfg, x0, teacher, fake, t, eps) -> scalar and its default
+# generator time distribution. A new method is one row here (and, if it needs them, its settings in CifarConfig).
+GENERATOR_LOSSES = {
+    "sim": lambda cfg, x0, teacher, fake, t, eps: sim_generator_loss(
+        x0, teacher, fake, t, eps=eps, distance="pseudo_huber", c=cfg.huber_c or None, space=cfg.sim_space),
+    "sid": lambda cfg, x0, teacher, fake, t, eps: sid_generator_loss(x0, teacher, fake, t, eps=eps,
+                                                                      alpha=cfg.sid_alpha),
+    "di": lambda cfg, x0, teacher, fake, t, eps: diff_instruct_loss(x0, teacher, fake, t, eps=eps, space="x0"),
+    "dmd": lambda cfg, x0, teacher, fake, t, eps: dmd_loss(x0, teacher, fake, t, eps=eps),
+}
 DEFAULT_GEN_TIME = {"sim": "sim", "sid": "sid", "di": "edm", "dmd": "edm"}
+METHODS = tuple(GENERATOR_LOSSES)
+GEN_TIMES = ("default", "sim", "edm", "sid")
 
 
 @dataclass
@@ -157,15 +167,9 @@ def draw_batch(parts: Parts, n: int, cpu_rng: torch.Generator, dev_rng: torch.Ge
 
 
 def generator_loss(cfg: CifarConfig, x0, teacher, fake, t, eps):
-    """The method's generator loss from ``dstar_edu.objectives.distill`` with the seeds' settings."""
-    if cfg.method == "sim":
-        return sim_generator_loss(x0, teacher, fake, t, eps=eps, distance="pseudo_huber", c=cfg.huber_c or None,
-                                  space=cfg.sim_space)
-    if cfg.method == "sid":
-        return sid_generator_loss(x0, teacher, fake, t, eps=eps, alpha=cfg.sid_alpha)
-    if cfg.method == "di":
-        return diff_instruct_loss(x0, teacher, fake, t, eps=eps, space="x0")
-    return dmd_loss(x0, teacher, fake, t, eps=eps)
+    """The method's generator loss from ``dstar_edu.objectives.distill`` with the seeds' settings
+    (``GENERATOR_LOSSES[cfg.method]``)."""
+    return GENERATOR_LOSSES[cfg.method](cfg, x0, teacher, fake, t, eps)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
