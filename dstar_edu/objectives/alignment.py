@@ -241,8 +241,7 @@ def diff_instruct_pp_loss(x0: Tensor, reference, fake, t, *, reward=None, alpha_
         return_parts: also return a dict of the terms' values (``reward`` is ``-alpha_rew mean r``).
     """
     x0, eps, alpha_rew, alpha_cfg = _prepare(x0, reference, fake, t, eps, generator, cfg, alpha_rew, alpha_cfg, cond)
-    teacher = (GuidedPredictor(reference, alpha_cfg, uncond=uncond, batched=batched_cfg)
-               if (cfg == "in" and alpha_cfg != 0) else reference)
+    teacher = GuidedPredictor(reference, alpha_cfg, uncond=uncond) if (cfg == "in" and alpha_cfg != 0) else reference
     parts = {"kl": diff_instruct_loss(x0, teacher, fake, t, eps=eps, weight=weight, cond=cond)}
     if cfg == "out" and alpha_cfg != 0:
         parts["cfg"] = alpha_cfg * cfg_implicit_reward_loss(x0, reference, t, cond=cond, uncond=uncond, eps=eps,
