@@ -72,8 +72,8 @@ class MetricLogger:
     """Every step's values as one JSON line in ``output_dir/metrics.jsonl`` and a tqdm bar, on the main process."""
 
     def __init__(self, accelerator, output_dir, total: int, initial: int = 0, desc: str = "train",
-                 every: int = 10, progress: bool = True):
-        self.accelerator = accelerator
+                 every: int = 10, progress: bool = True, track: bool = False):
+        self.accelerator, self.track = accelerator, track
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / "metrics.jsonl"
         self.every = every
@@ -86,7 +86,7 @@ class MetricLogger:
     def log(self, step: int, values: dict) -> None:
         """Write rank 0's values to metrics.jsonl; the tracker (``log_with``) gets the means over processes.
         Called on every process (the mean is a collective)."""
-        if self.accelerator.trackers:
+        if self.track:                 # on every process (trackers exist on the main one only): a collective
             names = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
             vec = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=self.accelerator.device)
             if self.accelerator.num_processes > 1:
@@ -195,7 +195,7 @@ def train_alternating(accelerator, cfg: BaseConfig, *, fake: Phase, gen: Phase, 
     (each ``cfg.grad_accum`` micro-batches), then the EMA update, logging, samples and checkpoints.
     Returns the logged records."""
     logger = logger or MetricLogger(accelerator, cfg.output_dir, cfg.steps, start_step, desc, cfg.log_every,
-                                    cfg.progress)
+                                    cfg.progress, track=cfg.log_with != "none")
     K = accelerator.gradient_accumulation_steps
 
     clock = {"t": time.perf_counter()}

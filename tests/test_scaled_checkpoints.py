@@ -110,3 +110,23 @@ def test_gpu_smoke_tiny_end_to_end(tmp_path):
         assert r["all_finite"] and r["peak_gib_bf16"] > 0 and r["step_seconds_bf16"] > 0, name
         assert r["step1_relative_difference"]["fake_loss"] <= 2 ** -8, name
     assert "| align_sdxl |" in (out / "report.md").read_text()
+
+
+def test_two_process_ddp_with_tracker_and_rotation(tmp_path):
+    """torchrun with 2 CPU processes (gloo DDP; `accelerate launch --cpu --num_processes 2` would start one):
+    the tracker's cross-rank mean is a collective on every rank (it hung when only the main process, which holds
+    the tracker, entered it); each rank writes its own RNG file; rotation keeps the newest checkpoint."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29547", str(ROOT / "scaled_runs" / "distill_cifar.py"), "--tiny", "--cpu", "--steps", "2",
+                           "--batch_size", "2", "--grad_accum", "2", "--output_dir", str(out), "--no-progress",
+                           "--log_with", "tensorboard", "--checkpoints_total_limit", "1", "--checkpoint_every", "1",
+                           "--sample_every", "0", "--n_samples", "1"],
+                          capture_output=True, text=True, timeout=600,
+                          env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                               "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    names = sorted(p.name for p in (out / "checkpoints" / "step_0000002").iterdir())
+    assert {"rng_state_0.pt", "rng_state_1.pt", "optimizers.pt", "state.json"} <= set(names)
+    assert [r["step"] for r in common.read_metrics(out)] == [1, 2] and list(out.rglob("events.out.tfevents.*"))
