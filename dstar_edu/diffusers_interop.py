@@ -110,15 +110,25 @@ class DiffusersUNetPredictor(Predictor):
             the predictor returns ``x0 = c_skip x + c_out F``.
         sigma_data, edm_prediction_type: EDM constants (diffusers' EDMEulerScheduler config).
 
+        learned_variance: the network predicts ``2C`` channels (the prediction and a learned variance, e.g.
+            PixArt-alpha, DiT, IF); only the first ``C`` are used (SIM App. B.3). Without it a ``2C`` output
+            is refused.
+
+    The network is called ``net(sample, timestep=..., **cond)``: the timestep by keyword (a transformer's
+    second positional argument is ``encoder_hidden_states``) and always in float32 (float64 for a float64
+    network), never in the network's dtype: a bf16 teacher would otherwise see DDPM step 399 as 400 and 998
+    as 1000 (bf16 keeps 8 significant bits). DDPM steps are integers < 2^24, exact in float32; diffusers
+    computes the sinusoidal embedding in float32 and casts it to the sample dtype itself.
+
     ``cond`` is passed through: a dict is used as keyword arguments (e.g. ``encoder_hidden_states``,
     ``added_cond_kwargs``); a tensor becomes ``encoder_hidden_states`` for networks with a
-    ``cross_attention_dim`` and ``class_labels`` otherwise. The input is cast to the network's dtype
+    ``cross_attention_dim`` and ``class_labels`` otherwise. The sample is cast to the network's dtype
     and the output back to the input's dtype.
     """
 
     def __init__(self, unet: nn.Module, process: Process, prediction: str = "epsilon", *,
                  timestep_fn: Callable[[Tensor], Tensor] | None = None, preconditioning: str | None = None,
-                 sigma_data: float = 0.5, edm_prediction_type: str = "epsilon"):
+                 sigma_data: float = 0.5, edm_prediction_type: str = "epsilon", learned_variance: bool = False):
         if preconditioning not in (None, "edm"):
             raise ValueError(f"preconditioning={preconditioning!r} is unknown; allowed: None, 'edm'")
         if preconditioning == "edm" and not isinstance(process, VE):
@@ -128,8 +138,20 @@ class DiffusersUNetPredictor(Predictor):
         self.timestep_fn = timestep_fn or default_timestep_fn(process)
         self.preconditioning = preconditioning
         self.sigma_data, self.edm_prediction_type = float(sigma_data), edm_prediction_type
+        if not isinstance(learned_variance, bool):
+            raise ValueError(f"learned_variance={learned_variance!r} must be True or False")
+        self.learned_variance = learned_variance
         if preconditioning == "edm":
             edm_preconditioning(torch.ones(()), sigma_data, edm_prediction_type)   # validates the type
+
+    def with_net(self, net: nn.Module) -> "DiffusersUNetPredictor":
+        """The same predictor (process, prediction, time map, preconditioning, channels) over ``net``: e.g. the
+        DDP/FSDP-wrapped module of the same weights, for a phase that must run through the wrapper while
+        another phase evaluates the unwrapped module."""
+        return DiffusersUNetPredictor(net, self.process, self.prediction, timestep_fn=self.timestep_fn,
+                                      preconditioning=self.preconditioning, sigma_data=self.sigma_data,
+                                      edm_prediction_type=self.edm_prediction_type,
+                                      learned_variance=self.learned_variance)
 
     def _net_dtype(self, x: Tensor) -> torch.dtype:
         p = next(self.unet.parameters(), None)
@@ -159,11 +181,16 @@ class DiffusersUNetPredictor(Predictor):
             x_in, timestep = x_t * c_in, c_noise
         else:
             timestep = self.timestep_fn(t_b)
-        out = self.unet(x_in.to(dtype), timestep.to(dtype), **self._cond_kwargs(cond))
+        t_dtype = torch.float64 if dtype == torch.float64 else torch.float32      # never the network's bf16
+        out = self.unet(x_in.to(dtype), timestep=timestep.to(t_dtype), **self._cond_kwargs(cond))
         out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
         out = out.to(x_t.dtype)
+        if self.learned_variance and x_t.ndim >= 2 and out.ndim == x_t.ndim and out.shape[1] == 2 * x_t.shape[1]:
+            out = out[:, : x_t.shape[1]]
         if out.shape != x_t.shape:
-            raise ValueError(f"the network returned shape {tuple(out.shape)} for input shape {tuple(x_t.shape)}")
+            hint = (" (a 2C-channel output: pass learned_variance=True to keep the first C channels)"
+                    if out.ndim == x_t.ndim and x_t.ndim >= 2 and out.shape[1] == 2 * x_t.shape[1] else "")
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input shape {tuple(x_t.shape)}{hint}")
         return c_skip * x_t + c_out * out if self.preconditioning == "edm" else out
 
 

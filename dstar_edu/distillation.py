@@ -6,8 +6,10 @@ update with ``generator_loss_fn`` (SIM, SiD, DI, VSD, DMD, FGM, ... from ``objec
 Adam with the seeds' betas ``(0, 0.999)`` by default (SIM Table 5, Diff-Instruct). Which method runs is
 decided only by ``generator_loss_fn``; this loop is the same for a 2D MLP and a diffusers UNet.
 
-Stops with ``FloatingPointError`` naming the step and the phase when a loss or a gradient norm is NaN/inf,
-before the optimiser touches the weights.
+Stops with ``failures.TrainingFailure`` (a ``FloatingPointError``) naming the step, the phase and the loss
+when a loss or a gradient norm is NaN/inf, before the optimiser touches the weights, and with
+``failures.Diverged`` when the divergence detector sees the fake-score loss or the generator's gradient norm
+explode; ``err.history`` holds the curves up to the failure.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .training import EMA
 
 Tensor = torch.Tensor
 
-__all__ = ["distill"]
+__all__ = ["distill", "alternate", "guarded_update", "NonFiniteError"]
 
 
 def _positive_int(name: str, v, allow_zero: bool = False) -> int:
@@ -40,68 +42,77 @@ def _positive(name: str, v) -> float:
     return float(v)
 
 
-def _step(opt: torch.optim.Optimizer, params: list, loss: Tensor, step: int, phase: str,
-          grad_clip: float | None, watch=None) -> tuple[float, float]:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"the {phase} loss must be a scalar tensor, got "
-                         f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else ' ' + str(tuple(loss.shape))}")
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise TrainingFailure(f"{phase} loss is {value} at step {step}: distillation stopped before the update "
-                              "(lower the learning rate, check the time range and the networks)", step=step,
-                              phase=phase)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf))
-    if not math.isfinite(norm):
-        raise TrainingFailure(f"{phase} gradient norm is {norm} at step {step} (loss {value:.4g}): distillation "
-                              "stopped before the update", step=step, phase=phase)
-    if watch is not None:                      # divergence detector: fake loss / generator gradient norm
-        watch(step, phase, value, norm)
-    opt.step()
-    return value, norm
+class NonFiniteError(TrainingFailure):
+    """A loss or a gradient norm is NaN/inf: the update stopped before the optimiser step."""
 
 
-def _guarded(fake_update, generator_loss_fn, fake_loss_fn, divergence):
-    """Wrap the two phases so any failure names the step, the phase and the loss (``failures``)."""
-    gen_name = loss_name(generator_loss_fn)
-    fake_name = loss_name(fake_loss_fn) if fake_loss_fn is not None else "fake_score_loss"
-    names = {"fake-score": fake_name, "generator": gen_name}
-    count = {"gen": 0}
-    detectors = {"fake-score": make_detector(divergence, "loss"), "generator": make_detector(divergence,
-                                                                                           "gradient norm")}
+def guarded_update(loss_fn: Callable[[], tuple[Tensor, dict]], optimizer, params: list, *, step: int, phase: str,
+                   grad_clip: float | None = None, update: bool = True, zero_grad_first: bool = False,
+                   backward: Callable | None = None, clip_grad_norm: Callable | None = None,
+                   bad_anywhere: Callable[[bool], bool] | None = None) -> tuple[float, float, dict]:
+    """One NaN-guarded (micro-)update, the only one in the package: ``loss, extra = loss_fn()``, backward,
+    and when ``update``: the gradient norm (clipped to ``grad_clip``), the optimiser step and ``zero_grad``.
 
-    def relabel(err, step, phase):
-        if isinstance(err, TrainingFailure):
-            err.loss = err.loss or names[phase]
-            if names[phase] not in str(err):
-                err.args = (f"{err.args[0]} [loss {names[phase]}]",)
-            return err
-        return TrainingFailure(f"distillation step {step}, phase {phase!r} (loss {names[phase]}): {err}",
-                               step=step, phase=phase, loss=names[phase])
+    A non-finite loss (or the library's own ``FloatingPointError`` from inside ``loss_fn``) or gradient norm
+    raises :class:`NonFiniteError` naming ``phase`` and ``step`` *before* the optimiser touches the weights.
+    The hooks make it the distributed step too: ``backward(loss)`` (``accelerator.backward``),
+    ``clip_grad_norm(params, max_norm)``, ``bad_anywhere(bad) -> bool`` (an all-reduced flag, so every rank
+    raises together). Returns ``(loss value, gradient norm or nan, extra)``.
+    """
+    bad_anywhere = bad_anywhere or (lambda bad: bad)
+    loss, extra, cause = None, {}, None
+    try:
+        loss, extra = loss_fn()
+    except FloatingPointError as e:          # the library's losses raise on NaN/inf: add the step and the phase
+        cause = e
+    if loss is not None and (not isinstance(loss, Tensor) or loss.numel() != 1):
+        raise ValueError(f"the {phase} loss must be a scalar tensor, got {type(loss).__name__}"
+                         f"{'' if not isinstance(loss, Tensor) else ' ' + str(tuple(loss.shape))}")
+    value = float(loss.detach().float()) if loss is not None else float("nan")
+    _check(bad_anywhere, value, f"{phase} loss", step, cause, phase=phase)
+    if zero_grad_first:
+        optimizer.zero_grad(set_to_none=True)
+    (backward or Tensor.backward)(loss)
+    norm = float("nan")
+    if update:
+        max_norm = grad_clip if grad_clip else math.inf
+        norm = float((clip_grad_norm or torch.nn.utils.clip_grad_norm_)(params, max_norm))
+        _check(bad_anywhere, norm, f"{phase} gradient norm", step, None, f" (loss {value:.4g})", phase=phase)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return value, norm, extra
 
-    def fake(step):
-        try:
-            return fake_update(step)
-        except FloatingPointError as err:
-            raise relabel(err, step, "fake-score") from (None if isinstance(err, TrainingFailure) else err)
 
-    def gen_loss(*args, **kwargs):
-        step = count["gen"]
-        count["gen"] += 1
-        try:
-            return generator_loss_fn(*args, **kwargs)
-        except FloatingPointError as err:
-            raise relabel(err, step, "generator") from (None if isinstance(err, TrainingFailure) else err)
+def _check(bad_anywhere, value: float, what: str, step: int, cause, detail: str = "", phase=None) -> None:
+    bad = not math.isfinite(value)
+    if bad_anywhere(bad):
+        where = f"{value}" if bad else "finite here, not finite on another process"
+        because = f" ({cause})" if cause is not None else ""
+        raise NonFiniteError(f"{what} is {where} at step {step}{detail}{because}: stopped before the optimiser step "
+                             "(lower the learning rate, check the time range, bf16 vs fp16, the networks' outputs)",
+                             step=step, phase=phase) from cause
 
-    def watch(step, phase, value, norm):
-        det = detectors[phase]
-        if det is not None:
-            try:
-                det.observe(step, value if phase == "fake-score" else norm, phase)
-            except Diverged as err:
-                raise relabel(err, step, phase)
-    return fake, gen_loss, watch
+
+def alternate(steps, fake_update: Callable[[int, int], dict], generator_update: Callable[[int], dict], *,
+              fake_steps: int = 1, after_step: Callable[[int, dict], bool | None] | None = None) -> list[dict]:
+    """The alternating loop of score distillation (SIM Alg. 1, Diff-Instruct Alg. 1, DI* Alg. 1), written once:
+    for each ``step`` of ``steps`` (an iterable of step numbers), ``fake_steps`` online-score updates
+    ``fake_update(step, r)`` then one ``generator_update(step)``; each returns ``{name: float}``. The fake
+    values are averaged over the ``fake_steps`` updates. ``after_step(step, record)`` (EMA, logging,
+    checkpoints, callbacks) returns True to stop. Returns the records ``{"step": step, **values}``.
+    """
+    records = []
+    for step in steps:
+        rec: dict = {}
+        for r in range(fake_steps):
+            for k, v in fake_update(step, r).items():
+                rec[k] = rec.get(k, 0.0) + v / fake_steps
+        rec.update(generator_update(step))
+        stop = after_step is not None and after_step(step, rec)     # may add entries (timings) to the record
+        records.append({"step": step, **rec})
+        if stop:
+            break
+    return records
 
 
 def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callable, *, steps: int, fake_steps: int = 1,
@@ -190,55 +201,92 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
     def cond_for(n):
         return None if cond_sampler is None else cond_sampler(n, generator)
 
-    def fake_update(step: int) -> float:
-        with torch.no_grad(), frozen(generator_model):
-            x0 = generator_model.sample(batch_size, generator)
-        if fake_loss_fn is not None:
-            loss = fake_loss_fn(fake, x0.detach(), generator)
-        else:
-            loss = fake_score_loss(fake, x0, generator=generator, t_sampler=t_sampler_fake, target=fake_target,
-                                   weighting=fake_weighting, cond=cond_for(batch_size))
-        return _step(opt_fake, fake_params, loss, step, "fake-score", grad_clip, watch)[0]
+    names = {"fake-score": loss_name(fake_loss_fn) if fake_loss_fn is not None else "fake_score_loss",
+             "generator": loss_name(generator_loss_fn)}
+    detectors = {"fake-score": make_detector(divergence, "loss"),
+                 "generator": make_detector(divergence, "gradient norm")}
 
-    fake_update, generator_loss_fn, watch = _guarded(fake_update, generator_loss_fn, fake_loss_fn, divergence)
+    def named(err: FloatingPointError, step: int, phase: str) -> TrainingFailure:
+        """The failure with the step, the phase and the loss's name (``failures``)."""
+        if isinstance(err, TrainingFailure):
+            err.step = err.step if err.step is not None else step
+            err.phase, err.loss = err.phase or phase, err.loss or names[phase]
+            if not str(err).startswith("distillation step"):
+                err.args = (f"distillation step {err.step}, phase {err.phase!r} (loss {err.loss}): {err.args[0]}",)
+            return err
+        return TrainingFailure(f"distillation step {step}, phase {phase!r} (loss {names[phase]}): {err}",
+                               step=step, phase=phase, loss=names[phase])
+
+    def watched(step: int, phase: str, value: float) -> None:
+        if detectors[phase] is not None:
+            detectors[phase].observe(step, value, phase)
+
+    def fake_update(step: int, _r: int = 0) -> dict:
+        def loss_fn():
+            with torch.no_grad():      # no graph: nothing to freeze (no requires_grad toggling: FSDP-safe)
+                x0 = generator_model.sample(batch_size, generator)
+            if fake_loss_fn is not None:
+                return fake_loss_fn(fake, x0.detach(), generator), {}
+            return fake_score_loss(fake, x0, generator=generator, t_sampler=t_sampler_fake, target=fake_target,
+                                   weighting=fake_weighting, cond=cond_for(batch_size)), {}
+        try:
+            value = guarded_update(loss_fn, opt_fake, fake_params, step=step, phase="fake-score",
+                                   grad_clip=grad_clip, zero_grad_first=True)[0]
+            watched(step, "fake-score", value)
+        except FloatingPointError as err:
+            raise named(err, step, "fake-score") from (None if isinstance(err, TrainingFailure) else err)
+        hist["fake_loss"].append(value)
+        return {"fake_loss": value}
+
+    def generator_update(step: int) -> dict:
+        def loss_fn():
+            x0 = generator_model.sample(batch_size, generator)
+            t = torch.as_tensor(t_sampler_gen(batch_size, generator))
+            return generator_loss_fn(x0, teacher, fake, t.to(device=x0.device), generator=generator,
+                                     cond=cond_for(batch_size)), {}
+        fake.eval()
+        try:   # frozen through forward and backward (a checkpointed fake recomputes with the same flags)
+            with frozen(fake):
+                value, norm, _ = guarded_update(loss_fn, opt_gen, gen_params, step=step, phase="generator",
+                                                grad_clip=grad_clip, zero_grad_first=True)
+            watched(step, "generator", norm)
+        except FloatingPointError as err:
+            raise named(err, step, "generator") from (None if isinstance(err, TrainingFailure) else err)
+        finally:
+            fake.train()
+        return {"gen_loss": value, "gen_grad_norm": norm}
+
     hist = {"gen_loss": [], "fake_loss": [], "gen_grad_norm": [], "metrics": [], "seconds": 0.0, "ema": ema}
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="distill", leave=False)
-    spent, t_start = 0.0, time.perf_counter()
+    clock = {"spent": 0.0, "start": time.perf_counter()}
+
+    def after_step(step: int, rec: dict) -> bool:
+        if ema is not None:
+            ema.update()
+        hist["gen_loss"].append(rec["gen_loss"])
+        hist["gen_grad_norm"].append(rec["gen_grad_norm"])
+        if bar is not None:
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(gen=f"{rec['gen_loss']:.3g}", fake=f"{hist['fake_loss'][-1]:.3g}")
+        if callback is not None and ((step + 1) % callback_every == 0 or step == steps - 1):
+            clock["spent"] += time.perf_counter() - clock["start"]
+            out = callback(step + 1, generator_model)
+            clock["start"] = time.perf_counter()
+            if out is not None:
+                m = {"step": step + 1, "seconds": clock["spent"], **out}
+                hist["metrics"].append(m)
+                return bool(m.get("stop"))
+        return False
+
     try:
         fake.train()
         for _ in range(fake_warmup):
-            hist["fake_loss"].append(fake_update(-1))
-        for step in range(steps):
-            for _ in range(fake_steps):
-                hist["fake_loss"].append(fake_update(step))
-            fake.eval()
-            x0 = generator_model.sample(batch_size, generator)
-            t = torch.as_tensor(t_sampler_gen(batch_size, generator))
-            with frozen(fake):
-                loss = generator_loss_fn(x0, teacher, fake, t.to(device=x0.device), generator=generator,
-                                         cond=cond_for(batch_size))
-            value, norm = _step(opt_gen, gen_params, loss, step, "generator", grad_clip, watch)
-            fake.train()
-            if ema is not None:
-                ema.update()
-            hist["gen_loss"].append(value)
-            hist["gen_grad_norm"].append(norm)
-            if bar is not None:
-                bar.update(1)
-                if step % 25 == 0:
-                    bar.set_postfix(gen=f"{value:.3g}", fake=f"{hist['fake_loss'][-1]:.3g}")
-            if callback is not None and ((step + 1) % callback_every == 0 or step == steps - 1):
-                spent += time.perf_counter() - t_start
-                out = callback(step + 1, generator_model)
-                t_start = time.perf_counter()
-                if out is not None:
-                    rec = {"step": step + 1, "seconds": spent, **out}
-                    hist["metrics"].append(rec)
-                    if rec.get("stop"):
-                        break
+            fake_update(-1)
+        alternate(range(steps), fake_update, generator_update, fake_steps=fake_steps, after_step=after_step)
     except TrainingFailure as err:
         err.history = hist
         raise
@@ -246,5 +294,6 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
         if bar is not None:
             bar.close()
         fake.eval()
+    spent, t_start = clock["spent"], clock["start"]
     hist["seconds"] = spent + (time.perf_counter() - t_start)
     return hist

@@ -150,10 +150,16 @@ class TeacherInitGenerator(Generator):
         sigma_star: EDM noise level used when ``t_star`` is None.
         event_shape: the sample shape; inferred from ``predictor.dim`` (MLP), ``predictor.event_shape`` or a
             wrapped diffusers network's config (``in_channels``, ``sample_size``).
+        input_std: standard deviation of the network's input noise, independent of ``t*`` (default
+            ``alpha(t*) sigma*``, SIM's choice above). DMD2's one-step SDXL feeds unit-variance noise at
+            diffusers step 399 (``input_std=1``), where SIM's rule would give ``sqrt(1 - alpha_bar) = 0.758``.
+
+    ``forward(z, cond=None)`` hands ``cond`` (e.g. a text embedding dict) to the copied denoiser: the
+    text-to-image one-step model ``g_theta(z, c)`` (DI* Alg. 1).
     """
 
     def __init__(self, predictor: Predictor, t_star: float | None = None, *, sigma_star: float = 2.5,
-                 event_shape: Sequence[int] | int | None = None):
+                 event_shape: Sequence[int] | int | None = None, input_std: float | None = None):
         super().__init__()
         if not isinstance(predictor, Predictor):
             raise ValueError(f"predictor must be a dstar_edu Predictor, got {type(predictor).__name__}")
@@ -173,6 +179,13 @@ class TeacherInitGenerator(Generator):
             raise ValueError(f"t_star={t:g} gives EDM noise level {sig:g}; it must be positive and finite")
         self.t_star, self.sigma_star = t, sig
         self.alpha_star = float(process.alpha(t))
+        if input_std is None:
+            self.input_gain = self.alpha_star                      # alpha(t*) z: x_t* of Eq. B.4
+        else:
+            if isinstance(input_std, bool) or not isinstance(input_std, (int, float)) or not (
+                    input_std > 0 and math.isfinite(input_std)):
+                raise ValueError(f"input_std={input_std!r} must be a positive finite standard deviation or None")
+            self.input_gain = float(input_std) / sig              # (input_std / sigma*) z ~ N(0, input_std^2)
         if event_shape is None:
             if hasattr(predictor, "dim") and isinstance(predictor.dim, int):
                 event_shape = (predictor.dim,)
@@ -194,10 +207,16 @@ class TeacherInitGenerator(Generator):
         """``z ~ N(0, sigma*^2 I)`` (SIM Eq. B.4)."""
         return self.sigma_star * super().noise(n, generator)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, cond=None) -> Tensor:
         z = self._check_z(z)
         t = torch.full((z.shape[0],), self.t_star, dtype=z.dtype, device=z.device)
-        return self.denoiser.predict("x0", self.alpha_star * z, t)
+        return self.denoiser.predict("x0", self.input_gain * z, t, cond)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, return_noise: bool = False, cond=None):
+        """``n`` one-step samples ``g_theta(z, cond)`` (``cond`` for conditional denoisers)."""
+        z = self.noise(n, generator)
+        x0 = self(z, cond)
+        return (x0, z) if return_noise else x0
 
 
 # ---- exact generators -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Reference diffusion: SDXL (``UNet2DConditionModel`` with ``text_time`` additional embeddings, two CLIP text
 encoders, VAE) from a local ``StableDiffusionXLPipeline`` folder (``--pretrained``, ``local_files_only=True``).
-One-step model ``g_theta(z, c)``: the SDXL UNet at a fixed time (``adapters.ConditionalTeacherInitGenerator``,
+One-step model ``g_theta(z, c)``: the SDXL UNet at a fixed time (``generators.TeacherInitGenerator`` with a condition,
 sigma* = 2.5 by default, or ``--t_star``), initialised from the reference or from ``--generator_init`` (DI*
 starts from DMD2-SDXL-1step, which takes unit-variance noise at diffusers timestep 399; ours feeds ``alpha* z``,
 ``z ~ N(0, sigma*^2 I)``, of variance ``1 - alpha_bar(t*)`` = 0.57 at ``t* = 400``: a DMD2 init starts from a
@@ -40,10 +40,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import ConditionalTeacherInitGenerator, predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
+from scaled_runs.memory import checkpoint_frozen, checkpointed  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
+from dstar_edu.generators import TeacherInitGenerator  # noqa: E402
 from dstar_edu.objectives.alignment import diff_instruct_star_loss  # noqa: E402
 from dstar_edu.objectives.distill import fake_score_loss, p_edm  # noqa: E402
 from dstar_edu.process import Process  # noqa: E402
@@ -74,6 +75,8 @@ class SDXLConfig(common.BaseConfig):
     cfg_mode: str = opt("in", "DI*-In (CFG-enhanced reference) or DI*-Out (implicit CFG reward loss)", ("in", "out"))
     sigma_star: float = opt(2.5, "EDM noise level of the generator's fixed time")
     t_star: float = opt(0.0, "the generator's fixed DDPM time t* (1..T; 0: solve edm_sigma(t*) = sigma_star)")
+    input_std: float = opt(0.0, "std of the generator network's input noise (0: alpha(t*) sigma*, SIM's rule; "
+                                "1.0 for a DMD2-SDXL-1step init, which takes unit-variance noise at t* = 400)")
     P_mean: float = opt(-2.0, "ln sigma mean of both phases' times")
     P_std: float = opt(2.0, "ln sigma std of both phases' times")
     sigma_min: float = opt(0.0, "lowest noise level drawn (0: edm_sigma(1) of the schedule)")
@@ -84,7 +87,7 @@ class SDXLConfig(common.BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (self.sigma_star > 0 and self.P_std > 0 and self.huber_c >= 0 and self.t_star >= 0
+        if not (self.sigma_star > 0 and self.P_std > 0 and self.huber_c >= 0 and self.t_star >= 0 and self.input_std >= 0
                 and self.resolution >= 0 and self.alpha_cfg >= 0):
             raise ValueError("need sigma_star > 0, P_std > 0, huber_c >= 0, t_star >= 0, resolution >= 0, "
                              "alpha_cfg >= 0")
@@ -94,17 +97,23 @@ class SDXLConfig(common.BaseConfig):
             raise ValueError("alpha_rew != 0 needs --reward_model DIR (a local CLIPModel, e.g. PickScore_v1)")
 
 
+CONFIG = SDXLConfig
+
+
 # ---- building the parts -----------------------------------------------------------------------------------------
-def build_tiny_pipeline(workdir, seed: int = 0):
+def build_tiny_pipeline(workdir, seed: int = 0, full: bool = False, device="cpu"):
     """A random tiny ``StableDiffusionXLPipeline`` (UNet 16x16x4 latents with text_time embeddings, two CLIP text
     encoders of width 32, VAE 32px) and a tiny ``CLIPReward``, offline and seeded. The byte-level tokenizer
-    (written to ``workdir``) is the reward's and both text encoders'."""
+    (written to ``workdir``) is the reward's and both text encoders'. ``full``: UNet, VAE, both text encoders and
+    a CLIP-H reward at SDXL / PickScore's published sizes (``configs/arch``), built on ``device``."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     reward = tiny_clip_reward(Path(workdir) / "tiny_tokenizer", seed=seed)
     tok = reward.tokenizer
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=tok.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if full:
+        return _full_random_pipeline(tok, reward, seed, device)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -128,13 +137,43 @@ def build_tiny_pipeline(workdir, seed: int = 0):
     return pipe, reward
 
 
-def load_parts(cfg: SDXLConfig):
-    """``(pipeline, reward or None, generator UNet or None)`` in fp32 on the CPU, offline."""
+def _full_random_pipeline(tok, tiny_reward, seed: int, device):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from scaled_runs.plan import _arch
+    te = _arch("sdxl_text_encoders")
+    rc = _arch("pickscore_clip_h")
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            te1 = CLIPTextModel(CLIPTextConfig(**te["text_encoder"], **ids))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te["text_encoder_2"], **ids))
+            unet = UNet2DConditionModel(**_arch("sdxl_unet"))
+            vae = AutoencoderKL(**_arch("sdxl_vae"))
+            clip = CLIPModel(CLIPConfig(text_config={**rc["text_config"], **ids}, vision_config=rc["vision_config"],
+                                        projection_dim=rc["projection_dim"]))
+    finally:
+        torch.random.set_rng_state(state)
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   timestep_spacing="trailing")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    return pipe, CLIPReward(clip, tok)
+
+
+def load_parts(cfg: SDXLConfig, text_encoders: bool = True, device="cpu"):
+    """``(pipeline, reward or None, generator UNet or None)`` in fp32 on the CPU, offline. ``text_encoders=False``:
+    without the two CLIP text encoders (the run reads precomputed embeddings)."""
     if cfg.tiny:
-        pipe, reward = build_tiny_pipeline(cfg.output_dir, cfg.seed)
+        pipe, reward = build_tiny_pipeline(cfg.output_dir, cfg.seed, cfg.full_random, device)
+        if not text_encoders:
+            pipe.text_encoder = pipe.text_encoder_2 = None
     else:
         from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-        kw = {}
+        kw = {} if text_encoders else {"text_encoder": None, "text_encoder_2": None}
         if cfg.vae:
             kw["vae"] = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)
         pipe = StableDiffusionXLPipeline.from_pretrained(cfg.pretrained, local_files_only=True, **kw)
@@ -144,7 +183,7 @@ def load_parts(cfg: SDXLConfig):
             model = CLIPModel.from_pretrained(cfg.reward_model, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(cfg.reward_tokenizer or cfg.reward_model, local_files_only=True)
             reward = CLIPReward(model, tok)          # checks len(tok) > 2 (broken offline tokenizers)
-    for t in (pipe.tokenizer, pipe.tokenizer_2):
+    for t in ((pipe.tokenizer, pipe.tokenizer_2) if text_encoders else ()):
         if len(t) <= 2:
             raise ValueError(f"a tokenizer of {cfg.pretrained!r} has {len(t)} tokens: it is broken (offline load "
                              "of an uncached hub id); save the pipeline with its tokenizers first")
@@ -177,7 +216,7 @@ class DecodedReward(nn.Module):
 class Parts:
     pipe: Any
     reference: DiffusersUNetPredictor         # frozen SDXL UNet
-    generator: ConditionalTeacherInitGenerator
+    generator: TeacherInitGenerator
     fake_net: nn.Module
     fake: DiffusersUNetPredictor
     reward: DecodedReward | None
@@ -186,10 +225,24 @@ class Parts:
     prompts: list
     latent_shape: tuple
     pixels: int
+    store: Any = None                         # PromptStore of precomputed CLIP embeddings (no text encoders)
+
+
+def text_parts(cfg: SDXLConfig):
+    """The pipeline (with its text encoders) and the prompts: what ``encode_prompts`` needs."""
+    from types import SimpleNamespace
+    pipe, _, _ = load_parts(cfg)
+    for m in (pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False).eval()                  # as in a run
+    return SimpleNamespace(pipe=pipe, prompts=common.read_prompts(cfg.prompts, cfg.tiny), store=None)
 
 
 def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
-    pipe, pixel_reward, gen_unet = load_parts(cfg)
+    store = None
+    if cfg.prompt_embeddings:
+        from scaled_runs.encode_prompts import PromptStore
+        store = PromptStore(cfg.prompt_embeddings, "align_sdxl", cfg)
+    pipe, pixel_reward, gen_unet = load_parts(cfg, text_encoders=store is None, device=device)
     process = process_from_scheduler(pipe.scheduler)
     ucfg = pipe.unet.config
     size = ucfg.sample_size if isinstance(ucfg.sample_size, int) else ucfg.sample_size[0]
@@ -201,34 +254,52 @@ def build(cfg: SDXLConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     reference = DiffusersUNetPredictor(pipe.unet, process, prediction)
     init = reference if gen_unet is None else DiffusersUNetPredictor(gen_unet, process, prediction)
-    generator = ConditionalTeacherInitGenerator(init, cfg.t_star or None, sigma_star=cfg.sigma_star,
-                                                event_shape=latent_shape)
+    generator = TeacherInitGenerator(init, cfg.t_star or None, sigma_star=cfg.sigma_star,
+                                     event_shape=latent_shape, input_std=cfg.input_std or None)
     fake_net = copy.deepcopy(pipe.unet).requires_grad_(True).train()
-    fake = predictor_view(reference, fake_net)
+    fake = reference.with_net(fake_net)
     frozen = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae] + ([pixel_reward] if pixel_reward else [])
-    for m in frozen:
+    if cfg.checkpoint_frozen:       # reference blocks and VAE decoder blocks are recomputed in the backward
+        checkpoint_frozen(pipe.unet, pipe.vae)
+    for m in (m for m in frozen if m is not None):
         m.requires_grad_(False).eval().to(device)
         if dtype != torch.float32:
             m.to(dtype=dtype)
     generator.to(device)
     fake_net.to(device)
     lo, hi = common.sigma_range(process, cfg.sigma_min)
+    if pixel_reward is not None and cfg.checkpoint_frozen:
+        pixel_reward = checkpointed(pixel_reward)
     reward = DecodedReward(pipe.vae, pixel_reward) if pixel_reward is not None else None
+    prompts = store.prompts if store is not None else common.read_prompts(cfg.prompts, cfg.tiny)
     return Parts(pipe, reference, generator, fake_net, fake, reward, process,
                  p_edm(process, cfg.P_mean, cfg.P_std, sigma_min=lo, sigma_max=hi),
-                 common.read_prompts(cfg.prompts, cfg.tiny), latent_shape, size * pipe.vae_scale_factor)
+                 prompts, latent_shape, size * pipe.vae_scale_factor, store)
 
 
-def encode(parts: Parts, prompts: list[str], device) -> tuple[dict, dict]:
-    """``(cond, uncond)`` UNet keyword dicts: both CLIP encoders through ``StableDiffusionXLPipeline.encode_prompt``
-    (uncond = SDXL's zeroed empty prompt) and the size / crop ``time_ids`` ``(H, W, 0, 0, H, W)``."""
+def text_embeddings(parts, cfg, prompts: list[str], device, guided: bool = True):
+    """``({"prompt_embeds", "pooled_prompt_embeds"}, same for SDXL's zeroed empty prompt)``: both CLIP encoders
+    through ``StableDiffusionXLPipeline.encode_prompt``, or rows of the precomputed store (bit-identical)."""
+    if getattr(parts, "store", None) is not None:
+        return parts.store.embeddings(prompts, device), parts.store.uncond(len(prompts), device)
     with torch.no_grad():
         pe, ne, pooled, npooled = parts.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=True)
+    return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
+            {"prompt_embeds": ne, "pooled_prompt_embeds": npooled})
+
+
+def encode(parts: Parts, prompts: list[str], device) -> tuple[dict, dict]:
+    """``(cond, uncond)`` UNet keyword dicts (uncond = SDXL's zeroed empty prompt) with the size / crop
+    ``time_ids`` ``(H, W, 0, 0, H, W)``."""
+    raw, raw_u = text_embeddings(parts, None, prompts, device)
+    pe = raw["prompt_embeds"]
     H = parts.pixels
     time_ids = torch.tensor([[H, H, 0, 0, H, H]], dtype=pe.dtype, device=device).repeat(len(prompts), 1)
-    cond = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-    uncond = {"encoder_hidden_states": ne, "added_cond_kwargs": {"text_embeds": npooled, "time_ids": time_ids}}
+    cond = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": raw["pooled_prompt_embeds"],
+                                                              "time_ids": time_ids}}
+    uncond = {"encoder_hidden_states": raw_u["prompt_embeds"],
+              "added_cond_kwargs": {"text_embeds": raw_u["pooled_prompt_embeds"], "time_ids": time_ids}}
     return cond, uncond
 
 
@@ -281,7 +352,8 @@ def run(cfg: SDXLConfig, accelerator) -> dict:
             loss, terms = diff_instruct_star_loss(
                 x0, parts.reference, fake_eval, b["t"], reward=parts.reward, alpha_rew=cfg.alpha_rew,
                 alpha_cfg=cfg.alpha_cfg, cfg=cfg.cfg_mode, distance="pseudo_huber", c=cfg.huber_c or None,
-                cond=b["cond"], uncond=b["uncond"], reward_cond=b["prompts"], eps=b["eps"], return_parts=True)
+                cond=b["cond"], uncond=b["uncond"], reward_cond=b["prompts"], eps=b["eps"], return_parts=True,
+                batched_cfg=cfg.batch_cfg)
         if cfg.alpha_rew and parts.reward is not None:
             terms["reward_mean"] = -terms["reward"] / cfg.alpha_rew     # E r(x0, c) itself, for monitoring
         return loss, terms

@@ -48,19 +48,30 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
+from scaled_runs.loop import any_rank  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler, tiny_unet  # noqa: E402
+from dstar_edu.distillation import guarded_update  # noqa: E402
 from dstar_edu.generators import TeacherInitGenerator  # noqa: E402
 from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fake_score_loss, p_edm, p_sid,  # noqa: E402
                                           p_sim, sid_generator_loss, sim_generator_loss)
 from dstar_edu.process import Process  # noqa: E402
 
-METHODS = ("sim", "sid", "di", "dmd", "pd", "cd", "ect")
-TRAJECTORY_METHODS = ("pd", "cd", "ect")
-GEN_TIMES = ("default", "sim", "edm", "sid")
+TRAJECTORY_METHODS = ("pd", "cd", "ect")   # run_trajectory: losses of dstar_edu.objectives.trajectory
+# The method table: --method NAME -> its generator loss (cfg, x0, teacher, fake, t, eps) -> scalar and its default
+# generator time distribution. A new method is one row here (and, if it needs them, its settings in CifarConfig).
+GENERATOR_LOSSES = {
+    "sim": lambda cfg, x0, teacher, fake, t, eps: sim_generator_loss(
+        x0, teacher, fake, t, eps=eps, distance="pseudo_huber", c=cfg.huber_c or None, space=cfg.sim_space),
+    "sid": lambda cfg, x0, teacher, fake, t, eps: sid_generator_loss(x0, teacher, fake, t, eps=eps,
+                                                                      alpha=cfg.sid_alpha),
+    "di": lambda cfg, x0, teacher, fake, t, eps: diff_instruct_loss(x0, teacher, fake, t, eps=eps, space="x0"),
+    "dmd": lambda cfg, x0, teacher, fake, t, eps: dmd_loss(x0, teacher, fake, t, eps=eps),
+}
 DEFAULT_GEN_TIME = {"sim": "sim", "sid": "sid", "di": "edm", "dmd": "edm"}
+METHODS = tuple(GENERATOR_LOSSES) + TRAJECTORY_METHODS
+GEN_TIMES = ("default", "sim", "edm", "sid")
 
 
 @dataclass
@@ -103,6 +114,9 @@ class CifarConfig(common.BaseConfig):
             raise ValueError(f"method={self.method!r} trains on images: pass --data FILE.npz (or --tiny)")
         if min(self.student_steps, self.cd_grid - 1, self.cd_m, self.ect_d) < 1:
             raise ValueError("need student_steps >= 1, cd_grid >= 2, cd_m >= 1, ect_d >= 1")
+
+
+CONFIG = CifarConfig
 
 
 # ---- building the parts -----------------------------------------------------------------------------------------
@@ -152,7 +166,7 @@ def build(cfg: CifarConfig, device, dtype: torch.dtype = torch.float32) -> Parts
     teacher = teacher_predictor(unet, scheduler, process)
     generator = TeacherInitGenerator(teacher, sigma_star=cfg.sigma_star)   # deep-copies the fp32 teacher
     fake_net = copy.deepcopy(unet).requires_grad_(True).train()
-    fake = predictor_view(teacher, fake_net)
+    fake = teacher.with_net(fake_net)
     unet.requires_grad_(False).eval().to(device)
     if dtype != torch.float32:
         unet.to(dtype=dtype)        # frozen teacher in bf16 under bf16 mixed precision
@@ -175,15 +189,9 @@ def draw_batch(parts: Parts, n: int, cpu_rng: torch.Generator, dev_rng: torch.Ge
 
 
 def generator_loss(cfg: CifarConfig, x0, teacher, fake, t, eps):
-    """The method's generator loss from ``dstar_edu.objectives.distill`` with the seeds' settings."""
-    if cfg.method == "sim":
-        return sim_generator_loss(x0, teacher, fake, t, eps=eps, distance="pseudo_huber", c=cfg.huber_c or None,
-                                  space=cfg.sim_space)
-    if cfg.method == "sid":
-        return sid_generator_loss(x0, teacher, fake, t, eps=eps, alpha=cfg.sid_alpha)
-    if cfg.method == "di":
-        return diff_instruct_loss(x0, teacher, fake, t, eps=eps, space="x0")
-    return dmd_loss(x0, teacher, fake, t, eps=eps)
+    """The method's generator loss from ``dstar_edu.objectives.distill`` with the seeds' settings
+    (``GENERATOR_LOSSES[cfg.method]``)."""
+    return GENERATOR_LOSSES[cfg.method](cfg, x0, teacher, fake, t, eps)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -292,7 +300,7 @@ def run_trajectory(cfg: CifarConfig, accelerator) -> dict:
     unet.requires_grad_(False).eval().to(device)
     optimizer = torch.optim.Adam(student_net.parameters(), lr=cfg.lr_gen, betas=(cfg.adam_beta1, cfg.adam_beta2))
     student_net, optimizer = accelerator.prepare(student_net, optimizer)
-    student = predictor_view(teacher, student_net)
+    student = teacher.with_net(student_net)
     images = training_images(cfg)
     logger = common.MetricLogger(accelerator, cfg.output_dir, cfg.steps, desc=cfg.method, every=cfg.log_every,
                                  progress=cfg.progress)
@@ -300,12 +308,13 @@ def run_trajectory(cfg: CifarConfig, accelerator) -> dict:
     for step in range(cfg.steps):
         cpu_rng, _ = common.step_generators(cfg.seed, step, "student", 0, accelerator.process_index, device)
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=cpu_rng)
-        loss = trajectory_loss(cfg, student, teacher, process, images[idx].to(device), cpu_rng, step)
-        common.guard_finite(accelerator, loss.detach(), step=step, what=f"{cfg.method} loss")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        rec = {"loss": float(loss.detach())}
+        x0 = images[idx].to(device)
+        value, _, _ = guarded_update(   # the package's one NaN-guarded update, stopping every rank together
+            lambda: (trajectory_loss(cfg, student, teacher, process, x0, cpu_rng, step), {}), optimizer,
+            list(student_net.parameters()), step=step, phase=f"{cfg.method} student", zero_grad_first=True,
+            backward=accelerator.backward, clip_grad_norm=accelerator.clip_grad_norm_,
+            bad_anywhere=any_rank(accelerator))
+        rec = {"loss": value}
         records.append({"step": step, **rec})
         logger.log(step, rec)
     logger.close()

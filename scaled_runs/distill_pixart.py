@@ -3,10 +3,10 @@
 Teacher: a ``PixArtTransformer2DModel`` with its T5 text encoder, VAE and noise schedule, from a local
 ``PixArtAlphaPipeline`` folder (``--pretrained``, ``local_files_only=True``); prompts from a text file (one per
 line; SIM used SAM-LLaVA-Caption10M). The transformer predicts eps and a learned variance; only the eps
-channels are used (``adapters.PixArtDenoiser``), so ``d(x; t) = x - t F`` in EDM units (Eq. B.14).
+channels are used (``DiffusersUNetPredictor(learned_variance=True)``), so ``d(x; t) = x - t F`` in EDM units (Eq. B.14).
 
 * generator ``g_theta(z, c) = d_theta(z, t*; c)`` with sigma(t*) = 2.5, ``z ~ N(0, 2.5^2 I)`` in latent space
-  (Eq. B.15): a copy of the teacher (``adapters.ConditionalTeacherInitGenerator``); fake score also a copy;
+  (Eq. B.15): a copy of the teacher (``generators.TeacherInitGenerator`` with the prompt as condition); fake score also a copy;
 * generator loss: ``sim_generator_loss`` (pseudo-Huber, denoiser space = Alg. 2 / Eq. B.13), weight 1;
   online score: ``fake_score_loss`` (x0 target, weight 1);
 * both phases draw ln sigma ~ N(-2, 2^2), truncated to the schedule's [edm_sigma(1), edm_sigma(T)] =
@@ -35,10 +35,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaled_runs import common  # noqa: E402
-from scaled_runs.adapters import ConditionalTeacherInitGenerator, PixArtDenoiser, predictor_view  # noqa: E402
 from scaled_runs.common import opt  # noqa: E402
+from scaled_runs.memory import checkpoint_frozen  # noqa: E402
 
 from dstar_edu.diffusers_interop import DiffusersUNetPredictor, process_from_scheduler  # noqa: E402
+from dstar_edu.generators import TeacherInitGenerator  # noqa: E402
 from dstar_edu.objectives.alignment import GuidedPredictor  # noqa: E402
 from dstar_edu.objectives.distill import fake_score_loss, p_edm, sim_generator_loss  # noqa: E402
 from dstar_edu.process import Process  # noqa: E402
@@ -80,18 +81,35 @@ class PixArtConfig(common.BaseConfig):
             raise ValueError("pretrained='' : pass --pretrained DIR (a local PixArtAlphaPipeline folder) or --tiny")
 
 
+CONFIG = PixArtConfig
+
+
 # ---- building the parts -----------------------------------------------------------------------------------------
 TINY_WORDS = ("a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "car", "house", "painting", "sky")
 
 
-def build_tiny_pipeline(seed: int = 0):
+def build_tiny_pipeline(seed: int = 0, full: bool = False, device="cpu"):
     """A random tiny ``PixArtAlphaPipeline`` (transformer 16x16x4 latents, 2 layers; T5 d_model 32; VAE 32px),
-    offline and seeded (the global RNG state is restored)."""
+    offline and seeded (the global RNG state is restored). ``full``: transformer, T5-XXL encoder and VAE at
+    PixArt-alpha-512's published sizes (``configs/arch``), built on ``device``, with the same tiny tokenizer."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
     vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in TINY_WORDS]
              + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581", -2.0)])
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=16)
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=120 if full else 16)
+    if full:
+        from scaled_runs.plan import _arch
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            with torch.device(device):
+                text_encoder = T5EncoderModel(T5Config(**_arch("t5_xxl_encoder"), pad_token_id=0, eos_token_id=1))
+                vae = AutoencoderKL(**_arch("sd_vae_512"))
+                transformer = PixArtTransformer2DModel(**_arch("pixart_512_transformer"))
+        finally:
+            torch.random.set_rng_state(state)
+        return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                   scheduler=DDPMScheduler())
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -109,44 +127,66 @@ def build_tiny_pipeline(seed: int = 0):
                                scheduler=DDPMScheduler())   # PixArt's linear 1e-4..0.02 schedule
 
 
-def load_pipeline(cfg: PixArtConfig):
-    """The fp32 pipeline (tiny or from ``cfg.pretrained`` offline); its tokenizer is checked (> 2 tokens)."""
+def load_pipeline(cfg: PixArtConfig, text_encoder: bool = True, device="cpu"):
+    """The fp32 pipeline (tiny or from ``cfg.pretrained`` offline); its tokenizer is checked (> 2 tokens).
+    ``text_encoder=False``: without T5 (the run reads precomputed embeddings)."""
     if cfg.tiny:
-        pipe = build_tiny_pipeline(cfg.seed)
+        pipe = build_tiny_pipeline(cfg.seed, cfg.full_random, device)
+        if not text_encoder:
+            pipe.text_encoder = None
     else:
         from diffusers import PixArtAlphaPipeline
-        pipe = PixArtAlphaPipeline.from_pretrained(cfg.pretrained, local_files_only=True)
-    if len(pipe.tokenizer) <= 2:
+        kw = {} if text_encoder else {"text_encoder": None}
+        pipe = PixArtAlphaPipeline.from_pretrained(cfg.pretrained, local_files_only=True, **kw)
+    if text_encoder and len(pipe.tokenizer) <= 2:
         raise ValueError(f"the tokenizer of {cfg.pretrained!r} has {len(pipe.tokenizer)} tokens: it is broken "
                          "(an offline load of an uncached hub id); save the pipeline with its tokenizer first")
     return pipe
 
 
+def text_parts(cfg: PixArtConfig):
+    """The pipeline (with T5) and the prompts: what ``encode_prompts`` needs."""
+    from types import SimpleNamespace
+    pipe = load_pipeline(cfg)
+    pipe.text_encoder.requires_grad_(False).eval()      # as in a run (T5 has dropout in train mode)
+    return SimpleNamespace(pipe=pipe, prompts=common.read_prompts(cfg.prompts, cfg.tiny), store=None)
+
+
 @dataclass
 class Parts:
     pipe: Any                                 # frozen text encoder, VAE, tokenizer (and the teacher transformer)
-    teacher: DiffusersUNetPredictor           # over PixArtDenoiser(teacher transformer), frozen
-    generator: ConditionalTeacherInitGenerator
-    fake_net: nn.Module                       # PixArtDenoiser(copy of the transformer), trained
+    teacher: DiffusersUNetPredictor           # over the teacher transformer (eps channels), frozen
+    generator: TeacherInitGenerator
+    fake_net: nn.Module                       # a copy of the transformer, trained
     fake: DiffusersUNetPredictor
     process: Process                          # the teacher's forward process
     t_sampler: Callable                       # both phases (SIM B.3)
     prompts: list
     latent_shape: tuple
+    store: Any = None                         # PromptStore of precomputed T5 embeddings (then no T5 is loaded)
 
 
 def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Parts:
-    pipe = load_pipeline(cfg)
+    store = None
+    if cfg.prompt_embeddings:
+        from scaled_runs.encode_prompts import PromptStore
+        store = PromptStore(cfg.prompt_embeddings, "distill_pixart", cfg)
+    pipe = load_pipeline(cfg, text_encoder=store is None, device=device)
     process = process_from_scheduler(pipe.scheduler)
     tcfg = pipe.transformer.config
     size = tcfg.sample_size if isinstance(tcfg.sample_size, int) else tcfg.sample_size[0]
     latent_shape = (tcfg.in_channels, size, size)
-    teacher_net = PixArtDenoiser(pipe.transformer)
-    teacher = DiffusersUNetPredictor(teacher_net, process, pipe.scheduler.config.get("prediction_type", "epsilon"))
-    generator = ConditionalTeacherInitGenerator(teacher, sigma_star=cfg.sigma_star, event_shape=latent_shape)
+    teacher_net = pipe.transformer
+    teacher = DiffusersUNetPredictor(teacher_net, process, pipe.scheduler.config.get("prediction_type", "epsilon"),
+                                     learned_variance=True)
+    generator = TeacherInitGenerator(teacher, sigma_star=cfg.sigma_star, event_shape=latent_shape)
     fake_net = copy.deepcopy(teacher_net).requires_grad_(True).train()
-    fake = predictor_view(teacher, fake_net)
+    fake = teacher.with_net(fake_net)
+    if cfg.checkpoint_frozen:
+        checkpoint_frozen(teacher_net)        # its blocks are recomputed in the generator's backward
     for frozen in (teacher_net, pipe.text_encoder, pipe.vae):
+        if frozen is None:
+            continue
         frozen.requires_grad_(False).eval().to(device)
         if dtype != torch.float32:
             frozen.to(dtype=dtype)
@@ -154,18 +194,30 @@ def build(cfg: PixArtConfig, device, dtype: torch.dtype = torch.float32) -> Part
     fake_net.to(device)
     lo, hi = common.sigma_range(process, cfg.sigma_min)
     t_sampler = p_edm(process, cfg.P_mean, cfg.P_std, sigma_min=lo, sigma_max=hi)
-    return Parts(pipe, teacher, generator, fake_net, fake, process, t_sampler,
-                 common.read_prompts(cfg.prompts, cfg.tiny), latent_shape)
+    prompts = store.prompts if store is not None else common.read_prompts(cfg.prompts, cfg.tiny)
+    return Parts(pipe, teacher, generator, fake_net, fake, process, t_sampler, prompts, latent_shape, store)
 
 
-def encode(parts: Parts, cfg: PixArtConfig, prompts: list[str], device) -> tuple[dict, dict | None]:
-    """``(cond, uncond)`` network keyword dicts for ``prompts`` (T5 through ``PixArtAlphaPipeline.encode_prompt``);
-    ``uncond`` (the negative prompt) only when the teacher is guided."""
-    guided = cfg.cfg_scale > 0
+def text_embeddings(parts, cfg: PixArtConfig, prompts: list[str], device, guided: bool | None = None):
+    """``({"prompt_embeds", "prompt_attention_mask"}, same for the negative prompt or None)``: T5 through
+    ``PixArtAlphaPipeline.encode_prompt``, or rows of the precomputed store (bit-identical)."""
+    guided = cfg.cfg_scale > 0 if guided is None else guided
+    if getattr(parts, "store", None) is not None:
+        cond = parts.store.embeddings(prompts, device)
+        return cond, (parts.store.uncond(len(prompts), device) if guided else None)
     with torch.no_grad():
         pe, pm, ne, nm = parts.pipe.encode_prompt(prompts, do_classifier_free_guidance=guided,
                                                   negative_prompt=cfg.negative_prompt, device=device,
                                                   clean_caption=False, max_sequence_length=cfg.max_sequence_length)
+    cond = {"prompt_embeds": pe, "prompt_attention_mask": pm}
+    return cond, ({"prompt_embeds": ne, "prompt_attention_mask": nm} if guided else None)
+
+
+def encode(parts: Parts, cfg: PixArtConfig, prompts: list[str], device) -> tuple[dict, dict | None]:
+    """``(cond, uncond)`` network keyword dicts for ``prompts``; ``uncond`` (the negative prompt) only when the
+    teacher is guided."""
+    raw, raw_u = text_embeddings(parts, cfg, prompts, device)
+    pe = raw["prompt_embeds"]
     added = None
     tr = parts.pipe.transformer
     if getattr(tr, "use_additional_conditions", False):   # the 1024px model conditions on size and aspect ratio
@@ -173,9 +225,12 @@ def encode(parts: Parts, cfg: PixArtConfig, prompts: list[str], device) -> tuple
         B = len(prompts)
         added = {"resolution": torch.tensor([[h, w]], dtype=pe.dtype, device=device).repeat(B, 1),
                  "aspect_ratio": torch.tensor([[h / w]], dtype=pe.dtype, device=device).repeat(B, 1)}
-    cond = {"encoder_hidden_states": pe, "encoder_attention_mask": pm, "added_cond_kwargs": added}
-    uncond = ({"encoder_hidden_states": ne, "encoder_attention_mask": nm, "added_cond_kwargs": added}
-              if guided else None)
+    cond = {"encoder_hidden_states": pe, "encoder_attention_mask": raw["prompt_attention_mask"],
+            "added_cond_kwargs": added}
+    uncond = None
+    if raw_u is not None:
+        uncond = {"encoder_hidden_states": raw_u["prompt_embeds"],
+                  "encoder_attention_mask": raw_u["prompt_attention_mask"], "added_cond_kwargs": added}
     return cond, uncond
 
 
@@ -191,7 +246,8 @@ def draw_batch(parts: Parts, cfg: PixArtConfig, n: int, cpu_rng, dev_rng, device
 
 def reference(parts: Parts, cfg: PixArtConfig, uncond):
     """The teacher the generator is matched to: plain, or CFG-guided (``GuidedPredictor``) when cfg_scale > 0."""
-    return parts.teacher if cfg.cfg_scale == 0 else GuidedPredictor(parts.teacher, cfg.cfg_scale, uncond=uncond)
+    return parts.teacher if cfg.cfg_scale == 0 else GuidedPredictor(parts.teacher, cfg.cfg_scale, uncond=uncond,
+                                                                           batched=cfg.batch_cfg)
 
 
 def decode(parts: Parts, latents: torch.Tensor) -> torch.Tensor:
@@ -246,7 +302,6 @@ def run(cfg: PixArtConfig, accelerator) -> dict:
 
     out = common.run_distillation(accelerator, cfg, generator=gen, fake_net=parts.fake_net, fake=parts.fake,
                                   fake_loss=fake_loss, gen_loss=gen_loss, images=images,
-                                  config_of=lambda net: net.transformer, strip_prefix="transformer.",
                                   meta={"method": "sim", "process": repr(parts.process)}, desc="sim-pixart")
     return {**out, "parts": parts, "config": cfg}
 

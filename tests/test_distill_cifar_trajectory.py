@@ -21,7 +21,7 @@ pytest.importorskip("accelerate", reason="scaled_runs needs accelerate")
 from safetensors.torch import load_file  # noqa: E402
 
 from scaled_runs import common, distill_cifar  # noqa: E402
-from scaled_runs.adapters import predictor_view  # noqa: E402
+
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +55,7 @@ def test_trajectory_methods_run_and_log_the_library_loss(method, tmp_path):
         net = copy.deepcopy(unet)
         if state is not None:
             net.load_state_dict(state)
-        student = predictor_view(teacher, net)
+        student = teacher.with_net(net)
         cpu, _ = common.step_generators(cfg.seed, step, "student", 0, 0, "cpu")
         idx = torch.randint(0, images.shape[0], (2,), generator=cpu)
         loss = distill_cifar.trajectory_loss(cfg, student, teacher, process, images[idx], cpu, step).detach()

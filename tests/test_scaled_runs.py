@@ -297,11 +297,11 @@ def test_pixart_sim_tiny_run(tmp_path):
             "--checkpoint_every", "1", "--sample_every", "2", "--n_samples", "2", "--cfg_scale", "1.5", "--seed", "1",
             "--output_dir", str(out), "--no-progress"]
     res = distill_pixart.main(argv)
-    gen_tr = res["generator"].denoiser.unet.transformer
+    gen_tr = res["generator"].denoiser.unet
     assert_same_state(weights(out, 2, "generator"), gen_tr.state_dict())
     loaded = PixArtTransformer2DModel.from_pretrained(ckpt(out, 2) / "generator", local_files_only=True)
     assert_same_state(loaded.state_dict(), gen_tr.state_dict())
-    teacher = res["parts"].teacher.unet.transformer.state_dict()
+    teacher = res["parts"].teacher.unet.state_dict()
     g1 = weights(out, 1, "generator")
     assert max(float((g1[k] - teacher[k]).abs().max()) for k in g1) > 1e-7
     assert (out / "samples" / "step_0000002.png").is_file()
@@ -309,8 +309,8 @@ def test_pixart_sim_tiny_run(tmp_path):
     cfg = common.parse_config(distill_pixart.PixArtConfig, argv)
     parts = distill_pixart.build(cfg, "cpu")
     assert parts.generator.t_star == 441.0                       # sigma* = 2.5 on PixArt's linear schedule
-    parts.generator.denoiser.unet.transformer.load_state_dict(weights(out, 1, "generator"))
-    parts.fake_net.transformer.load_state_dict(weights(out, 2, "fake"))
+    parts.generator.denoiser.unet.load_state_dict(weights(out, 1, "generator"))
+    parts.fake_net.load_state_dict(weights(out, 2, "fake"))
     cpu, dev = common.step_generators(1, 2, "generator", 0, 0, "cpu")
     b = distill_pixart.draw_batch(parts, cfg, 2, cpu, dev, "cpu")
     x0 = parts.generator(b["z"], b["cond"])

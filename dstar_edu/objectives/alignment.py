@@ -63,6 +63,25 @@ def _process(pred, role: str) -> Process:
     return process
 
 
+def _cat_conds(cond, uncond, n: int):
+    """``cond`` and ``uncond`` stacked along the batch (tensors with ``n`` rows or one row broadcast; dicts key
+    by key; equal non-tensors pass through)."""
+    if isinstance(cond, dict):
+        if not isinstance(uncond, dict) or set(cond) != set(uncond):
+            raise ValueError(f"batched guidance needs cond and uncond dicts with the same keys, got "
+                             f"{sorted(cond) if isinstance(cond, dict) else cond!r} and "
+                             f"{sorted(uncond) if isinstance(uncond, dict) else uncond!r}")
+        return {k: _cat_conds(cond[k], uncond[k], n) for k in cond}
+    if isinstance(cond, Tensor) and isinstance(uncond, Tensor):
+        c = cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+        u = uncond.expand(n, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
+        return torch.cat([c, u])
+    if cond is None and uncond is None:
+        return None
+    raise ValueError(f"batched guidance cannot stack cond {type(cond).__name__} with uncond "
+                     f"{type(uncond).__name__}; use batched=False")
+
+
 class GuidedPredictor(Predictor):
     """Classifier-free guided predictor ``out(x_t, t, c) + scale (out(x_t, t, c) - out_neg(x_t, t, uncond))``.
 
@@ -75,9 +94,14 @@ class GuidedPredictor(Predictor):
     ``cond=None`` at call time is rejected: guidance needs a condition. ``uncond`` is what the base model
     takes as "no condition" (``None`` for ``MLPPredictor``'s null label and for exact mixtures; the
     empty-prompt embedding for a text-conditional UNet).
+
+    ``batched=True`` evaluates ``cond`` and ``uncond`` in one call of the base predictor on the doubled batch
+    (tensors concatenated along dim 0, dicts key by key; ``None`` entries must match): one network pass
+    instead of two, as diffusers' pipelines do. Needs ``negative=None`` and conditions of equal structure.
     """
 
-    def __init__(self, predictor: Predictor, scale: float, *, uncond=None, negative: Predictor | None = None):
+    def __init__(self, predictor: Predictor, scale: float, *, uncond=None, negative: Predictor | None = None,
+                 batched: bool = False):
         process = _process(predictor, "predictor")
         super().__init__(process, predictor.prediction)
         if negative is not None:
@@ -89,10 +113,22 @@ class GuidedPredictor(Predictor):
         self.negative = negative
         self.scale = _scale(scale, "scale")
         self.uncond = uncond
+        if not isinstance(batched, bool):
+            raise ValueError(f"batched={batched!r} must be True or False")
+        if batched and negative is not None:
+            raise ValueError("batched=True needs negative=None (one network evaluates both conditions)")
+        self.batched = batched
 
     def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
         if cond is None:
             raise ValueError("GuidedPredictor needs cond (the condition to guide towards); got cond=None")
+        if self.batched and self.scale != 0:
+            n = x_t.shape[0]
+            t2 = torch.as_tensor(t)
+            t2 = torch.cat([t2, t2]) if t2.ndim == 1 else t2
+            both = self.base(torch.cat([x_t, x_t]), t2, _cat_conds(cond, self.uncond, n))
+            out_c, out_u = both[:n], both[n:]
+            return out_c + self.scale * (out_c - out_u)
         out_c = self.base(x_t, t, cond)
         if self.scale == 0:
             return out_c
@@ -219,7 +255,7 @@ def diff_instruct_star_loss(x0: Tensor, reference, fake, t, *, reward=None, alph
                             alpha_cfg: float = 0.0, cfg: str = "in", distance="pseudo_huber", c: float | None = None,
                             cond=None, uncond=None, reward_cond=None, eps: Tensor | None = None,
                             generator: torch.Generator | None = None, weight=None, return_parts: bool = False,
-                            **distance_params):
+                            space: str = "score", batched_cfg: bool = False, **distance_params):
     """Diff-Instruct* generator loss (DI* Eq. 3.4 / Alg. 1 Eq. 3.5, Thm 3.1-3.2): score-divergence online PPO.
 
     ``L = -alpha_rew E r(x0, c) + E w(t) (-d'(y_t))^T (s_psi(x_t|c) - grad log p_t(x_t|x0))`` with
@@ -231,12 +267,15 @@ def diff_instruct_star_loss(x0: Tensor, reference, fake, t, *, reward=None, alph
 
     ``distance``: a ``divergences`` name or ``ScoreDistance`` (pseudo-Huber by default, DI* Eq. 3.8; ``c``
     defaults to ``0.00054 sqrt(D)``), ``**distance_params`` its ``alpha``/``beta``/``delta``. Other
-    arguments as in :func:`diff_instruct_pp_loss`.
+    arguments as in :func:`diff_instruct_pp_loss`. ``space``: the divergence in score space (``"score"``, DI*
+    Eq. 3.4, the default) or denoiser space (``"x0"``, SIM Alg. 2 / Eq. B.13), as in ``sim_generator_loss``.
+    ``batched_cfg``: DI*-In's cond and uncond reference passes in one batch (``GuidedPredictor(batched=True)``).
     """
     x0, eps, alpha_rew, alpha_cfg = _prepare(x0, reference, fake, t, eps, generator, cfg, alpha_rew, alpha_cfg, cond)
-    teacher = GuidedPredictor(reference, alpha_cfg, uncond=uncond) if (cfg == "in" and alpha_cfg != 0) else reference
+    teacher = (GuidedPredictor(reference, alpha_cfg, uncond=uncond, batched=batched_cfg)
+               if (cfg == "in" and alpha_cfg != 0) else reference)
     parts = {"divergence": sim_generator_loss(x0, teacher, fake, t, eps=eps, distance=distance, c=c, weight=weight,
-                                              cond=cond, **distance_params)}
+                                              cond=cond, space=space, **distance_params)}
     if cfg == "out" and alpha_cfg != 0:
         parts["cfg"] = alpha_cfg * cfg_implicit_reward_loss(x0, reference, t, cond=cond, uncond=uncond, eps=eps,
                                                             weight=weight)
