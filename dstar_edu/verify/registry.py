@@ -221,15 +221,20 @@ def run_checks(pattern: str | None = None, progress: bool = False, seed: int = 0
 
     ``seed`` re-draws every random input (0 = the registered numbers; see the module docstring).
     """
+    return _run_selected(pattern, progress, seed, "verify", run_check)
+
+
+def _run_selected(pattern, progress: bool, seed: int, desc: str, run) -> list[dict]:
+    """``run(check)`` for each selected check under ``seed``; ``NoCheckMatches`` when none is selected."""
     seed = _validate_seed(seed)
     checks = select(pattern)
     if not checks:
         raise NoCheckMatches(f"no check id contains pattern={pattern!r}; 'dstar-edu list' shows the ids")
     if progress:
         from tqdm.auto import tqdm
-        checks = tqdm(checks, desc="verify", unit="check", leave=False)
+        checks = tqdm(checks, desc=desc, unit="check", leave=False)
     with seeded(seed):
-        results = [run_check(c) for c in checks]
+        results = [run(c) for c in checks]
     if seed:
         for r in results:
             r["seed"] = seed
@@ -320,17 +325,8 @@ def run_power_checks(pattern: str | None = None, progress: bool = False, seed: i
 
     Raises ``NoCheckMatches`` when no id contains ``pattern``; ``seed`` as for ``run_checks``.
     """
-    seed = _validate_seed(seed)
-    checks = select(pattern)
-    if not checks:
-        raise NoCheckMatches(f"no check id contains pattern={pattern!r}; 'dstar-edu list' shows the ids")
-    if progress:
-        from tqdm.auto import tqdm
-        checks = tqdm(checks, desc="verify --power", unit="check", leave=False)
-    out = []
-    with seeded(seed):
-        for c in checks:
-            r = run_check(c)
-            r["power"] = run_power(c, r)
-            out.append(r)
-    return out
+    def run(c: Check) -> dict:
+        r = run_check(c)
+        r["power"] = run_power(c, r)
+        return r
+    return _run_selected(pattern, progress, seed, "verify --power", run)
