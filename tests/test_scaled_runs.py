@@ -331,7 +331,8 @@ def _sdxl_recompute(out, argv, step, gen_state, fake_state, alpha_rew, alpha_cfg
     x0 = parts.generator(b["z"], b["cond"])
     return diff_instruct_star_loss(x0, parts.reference, parts.fake, b["t"], reward=parts.reward, alpha_rew=alpha_rew,
                                    alpha_cfg=alpha_cfg, cfg=mode, distance="pseudo_huber", cond=b["cond"],
-                                   uncond=b["uncond"], reward_cond=b["prompts"], eps=b["eps"], return_parts=True)
+                                   uncond=b["uncond"], reward_cond=b["prompts"], eps=b["eps"], return_parts=True,
+                                   batched_cfg=cfg.batch_cfg)   # the run's own evaluation order (batched CFG)
 
 
 def test_sdxl_distar_in_tiny_run(tmp_path):
