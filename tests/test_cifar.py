@@ -175,7 +175,7 @@ def test_load_packaged_sample():
 
 
 def test_nothing_reads_outside_the_repository():
-    """The package and the tests never name the ../shared folder of the developers' machines."""
+    """The package and the tests never name the developers' sibling data folder: a user's clone has nothing beside it."""
     root = Path(__file__).resolve().parents[1]
     for folder in ("dstar_edu", "toy_data", "tests", "scaled_runs", "bench", "notebooks"):
         for f in (root / folder).rglob("*"):
