@@ -14,7 +14,7 @@ import torch
 
 from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM, VE, VP, RectifiedFlow, TrigFlow
-from dstar_edu.verify.checks.basics import exact_data
+from dstar_edu.verify.checks.process import exact_data
 from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, identity, monte_carlo, mutate, register
 
 F64 = torch.float64

@@ -21,7 +21,7 @@ from dstar_edu.process import DDPM, VE, VP, Process
 from dstar_edu.samplers.common import karras_sigmas, subsequence
 from dstar_edu.samplers.diffusion import (ddim_sigma, ddim_step, ddpm_step, dpm_solver, logsnr_grid, pf_ode_step,
                                           reverse_sde, pf_ode, smld, ddim)
-from dstar_edu.verify.checks.basics import exact_data as _basics_exact_data
+from dstar_edu.verify.checks.process import exact_data as _basics_exact_data
 from dstar_edu.verify.registry import DIMS, CheckResult, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64

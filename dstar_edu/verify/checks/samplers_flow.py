@@ -34,7 +34,7 @@ from dstar_edu.predictors import FunctionPredictor, Predictor
 from dstar_edu.process import DDPM, VE, Process, RectifiedFlow, TrigFlow
 from dstar_edu.samplers import consistency as cs
 from dstar_edu.samplers import flow as fl
-from dstar_edu.verify.checks.basics import exact_data
+from dstar_edu.verify.checks.process import exact_data
 from dstar_edu.verify.rates import order_check
 from dstar_edu.verify.registry import DIMS, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
 

@@ -792,7 +792,7 @@ def refl_gradient(dim):
 def refl_x0_hat(dim):
     """The exact eps of the data's diffused law (exact_data) at DDPM times: printed and corrected x_theta against
     the exact posterior mean E[x0 | x_t] (Gaussian conditioning)."""
-    from dstar_edu.verify.checks.basics import exact_data, noisy_batch
+    from dstar_edu.verify.checks.process import exact_data, noisy_batch
     p = DDPM(1000)
     dist, what = exact_data(dim, p)
     _, _, x_t, t = noisy_batch(dist, p, [3, 40, 250, 600, 990], seed=55)

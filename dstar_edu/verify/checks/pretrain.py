@@ -107,7 +107,7 @@ def esm_ism(dim):
 
 
 def _exact_data(dim: int, process):
-    from dstar_edu.verify.checks.basics import exact_data
+    from dstar_edu.verify.checks.process import exact_data
     return exact_data(dim, process)
 
 
