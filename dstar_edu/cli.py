@@ -6,6 +6,9 @@
   dstar-edu verify --json out.json also write the results as JSON
   dstar-edu verify --power         also run each check's counterfactual and report its margin
   dstar-edu list [-k SUBSTRING]    check ids, titles and seed sources
+  dstar-edu list --covers "Eq. 14" the library functions that checks citing Eq. 14 exercise, and those checks
+  dstar-edu list --function dstar_edu.samplers.diffusion.ddim
+                                   the checks that exercise a library function (a unique name suffix will do)
   dstar-edu errata                 the errata list (Markdown), generated from the registry
 """
 from __future__ import annotations
@@ -35,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
                             description="List check ids, titles and seed sources (reads a static index: fast).")
     p_list.add_argument("-k", dest="pattern", default=None, metavar="SUBSTRING",
                         help="only checks whose id contains SUBSTRING")
+    p_list.add_argument("--covers", dest="citation", default=None, metavar="CITATION",
+                        help='a seed citation, e.g. "Eq. 14" or "SIM Thm 3.1": the library functions exercised by the '
+                             "checks that cite it (in their source or title), each with those checks")
+    p_list.add_argument("--function", dest="function", default=None, metavar="NAME",
+                        help="a library function's dotted name, e.g. dstar_edu.samplers.diffusion.ddim (or a unique "
+                             "suffix such as diffusion.ddim): the checks that exercise it")
     sub.add_parser("errata", help="print the errata list (Markdown) generated from the registry",
                    description="Print the errata list (Markdown) generated from the registry.")
     return parser
@@ -61,15 +70,7 @@ def _run(args, parser) -> int:
         parser.print_help()
         return 0
     if args.command == "list":
-        from .verify.index import read_index
-        entries = [e for e in read_index() if args.pattern is None or args.pattern in e["id"]]
-        if not entries:
-            print(f"no check id contains {args.pattern!r}", file=sys.stderr)
-            return 2
-        width = max(len(e["id"]) for e in entries)
-        for e in entries:
-            print(f"{e['id']:{width}}  {e['title']}  [{e['source']}]")
-        return 0
+        return _list(args)
     if args.command == "errata":
         from .verify import errata_markdown
         print(errata_markdown())
@@ -92,6 +93,38 @@ def _run(args, parser) -> int:
         print(f"no check id contains {args.pattern!r}; see 'dstar-edu list'", file=sys.stderr)
         return 2
     return (run_and_report_power if args.power else run_and_report)(results, json_file)
+
+
+def _list(args) -> int:
+    """``dstar-edu list``: the static index, optionally by citation (--covers) or by library function (--function)."""
+    from .verify.index import read_index
+    from .verify.lookup import NoMatch, by_citation, by_function
+    entries = [e for e in read_index() if args.pattern is None or args.pattern in e["id"]]
+    if not entries:
+        print(f"no check id contains {args.pattern!r}", file=sys.stderr)
+        return 2
+    try:
+        if args.citation is not None:
+            groups = by_citation(entries, args.citation)
+        elif args.function is not None:
+            groups = by_function(entries, args.function)
+        else:
+            groups = {None: entries}
+    except NoMatch as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.citation is not None:
+        n_checks = len({e["id"] for es in groups.values() for e in es})
+        print(f"{args.citation!r} is cited by {n_checks} checks; they exercise {len(groups)} library functions:")
+    width = max(len(e["id"]) for es in groups.values() for e in es)
+    for name, es in groups.items():
+        indent = ""
+        if name is not None and (args.citation is not None or len(groups) > 1):
+            print(name)
+            indent = "  "
+        for e in es:
+            print(f"{indent}{e['id']:{width}}  {e['title']}  [{e['source']}]")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""A static index of the registered checks (id, title, seed source) so ``dstar-edu list`` needs no torch.
+"""A static index of the registered checks (id, title, seed source, covered functions) so ``dstar-edu list``
+needs no torch.
 
 Importing the check modules imports torch (about 2-3 s); listing ids should take a fraction of a second.
 The index is a JSON file generated from the live registry and tracked in git; ``tests/test_verify_cli.py``
@@ -18,8 +19,8 @@ __all__ = ["INDEX_PATH", "build_index", "read_index", "write_index"]
 def build_index() -> list[dict]:
     """The index entries of the live registry (imports every check module)."""
     from .registry import select
-    return [{"id": c.id, "title": c.title, "source": c.source, "dim": c.dim, "erratum": bool(c.printed)}
-            for c in select()]
+    return [{"id": c.id, "title": c.title, "source": c.source, "dim": c.dim, "erratum": bool(c.printed),
+             "covers": list(c.covers)} for c in select()]
 
 
 def read_index() -> list[dict]:

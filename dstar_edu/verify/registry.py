@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 __all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_carlo", "erratum",
-           "run_check", "run_checks", "select", "DIMS", "check_generator", "check_seed", "run_seed", "seeded",
+           "run_check", "run_checks", "select", "base_of", "DIMS", "check_generator", "check_seed", "run_seed", "seeded",
            "NoCheckMatches", "mutate", "mutating", "run_power", "run_power_checks", "POWER_IDENTITY",
            "POWER_SIGMAS", "POWER_ORDER"]
 
@@ -73,6 +73,7 @@ class Check:
     printed: str = ""              # erratum checks: the formula as printed in the seed
     corrected: str = ""            # ... and the formula that holds instead
     tags: tuple = ()
+    covers: tuple = ()             # dotted names of the library functions the check exercises (verify/covers.py)
 
 
 REGISTRY: dict[str, Check] = {}
@@ -99,16 +100,31 @@ def check_generator(base_seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(check_seed(base_seed))
 
 
-def register(base_id: str, title: str, source: str, dims=(None,), printed: str = "", corrected: str = ""):
-    """Decorator: register ``fn(dim)`` once per entry of ``dims`` (ids ``base_id.2d``, ``base_id.3072d``)."""
+def register(base_id: str, title: str, source: str, dims=(None,), printed: str = "", corrected: str = "",
+             covers=None):
+    """Decorator: register ``fn(dim)`` once per entry of ``dims`` (ids ``base_id.2d``, ``base_id.3072d``).
+
+    ``covers``: the dotted names of the library functions the check exercises; by default its entry in the
+    table ``dstar_edu.verify.covers.COVERS`` (keyed by ``base_id``).
+    """
+    if covers is None:
+        from .covers import COVERS
+        covers = COVERS.get(base_id, ())
+    covers = (covers,) if isinstance(covers, str) else tuple(covers)
+
     def deco(fn):
         for d in dims:
             cid = base_id if d is None else f"{base_id}.{d}d"
             if cid in REGISTRY:
                 raise ValueError(f"check id {cid!r} is registered twice")
-            REGISTRY[cid] = Check(cid, title, source, fn, d, printed, corrected)
+            REGISTRY[cid] = Check(cid, title, source, fn, d, printed, corrected, covers=covers)
         return fn
     return deco
+
+
+def base_of(check: Check) -> str:
+    """The id a check was registered under, without its ``.2d`` / ``.3072d`` suffix."""
+    return check.id.rsplit(".", 1)[0] if check.dim is not None else check.id
 
 
 def _summary(x) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from dstar_edu.conversions import from_x0_eps
 from dstar_edu.generators import AffineGaussianGenerator, DiracGenerator, MixtureGenerator
 from dstar_edu.objectives.distill import (diff_instruct_loss, dmd_loss, fgm_generator_loss, sds_loss,
                                           sid_generator_loss, sim_generator_loss, vsd_loss)
@@ -839,7 +840,9 @@ def fgm_conditional_field(dim):
         return (1 - tt) * x0 + tt * x1
     fd = (path(t + h) - path(t - h)) / (2 * h)
     x_t = path(t)
-    return erratum(identity((x0 - x_t) / (1 - t), fd, rtol=1e-8), identity((x_t - x0) / t, fd, rtol=1e-8))
+    # the corrected side is the library's velocity of the rectified-flow process (x_t = (1-t) x0 + t eps, eps = x1)
+    field = from_x0_eps("velocity", x0, x1, x_t, t.reshape(-1), RectifiedFlow())
+    return erratum(identity((x0 - x_t) / (1 - t), fd, rtol=1e-8), identity(field, fd, rtol=1e-8))
 
 
 # ---- Table 4 / App. A.3 errata ----------------------------------------------------------------------------------------
@@ -924,7 +927,7 @@ def alpha_power_text(dim):
     yy = y.clone().requires_grad_(True)
     (g_printed,) = torch.autograd.grad((alpha * yy.pow(alpha - 1)).sum(), yy)
     yy = y.clone().requires_grad_(True)
-    (g_corr,) = torch.autograd.grad(yy.pow(alpha).sum(), yy)
+    (g_corr,) = torch.autograd.grad(get_distance("alpha_power", alpha=alpha).value(yy).sum(), yy)   # the library's d
     return erratum(identity(g_printed, table_grad, rtol=1e-12), identity(g_corr, table_grad, rtol=1e-12))
 
 
