@@ -8,7 +8,8 @@ from dstar_edu.conversions import cm_c_skip_c_out, convert
 from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM, VE, RectifiedFlow, TrigFlow
 from dstar_edu.samplers import consistency as cs
-from dstar_edu.verify.checks.samplers_flow import ExactGaussian, law_step
+from dstar_edu.verify.fixtures import ExactGaussian
+from dstar_edu.verify.measure import law_step
 from toy_data.mixtures import GaussianMixture
 
 F64 = torch.float64

@@ -8,7 +8,8 @@ from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM, VE, VP, RectifiedFlow, TrigFlow
 from dstar_edu.samplers import consistency as cs
 from dstar_edu.samplers import flow as fl
-from dstar_edu.verify.checks.samplers_flow import ExactGaussian, law_step
+from dstar_edu.verify.fixtures import ExactGaussian
+from dstar_edu.verify.measure import law_step
 from toy_data.mixtures import EmpiricalDistribution
 
 F64 = torch.float64

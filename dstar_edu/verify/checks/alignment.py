@@ -18,12 +18,12 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 
 from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM
-from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
+from dstar_edu.verify.measure import gauss_hermite_grid, gaussian_kl_full, trapezoid_rule_2d
+from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -41,26 +41,11 @@ def _one_thread(fn):
     return wrapped
 
 
-def _gen(seed: int) -> torch.Generator:
-    return check_generator(seed)
+_gen = check_generator                 # every random draw of a check (see registry.py on seeds)
 
 
 def _flat_grads(grads) -> Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
-
-
-def _hermite(n: int) -> tuple[Tensor, Tensor]:
-    """Gauss-Hermite nodes and weights for N(0, 1): exact for polynomials of degree <= 2n - 1."""
-    x, w = np.polynomial.hermite_e.hermegauss(n)
-    return torch.tensor(x, dtype=F64), torch.tensor(w / math.sqrt(2 * math.pi), dtype=F64)
-
-
-def _grid(n: int, d: int) -> tuple[Tensor, Tensor]:
-    """Tensor-product Gauss-Hermite rule for N(0, I_d): nodes (n^d, d), weights (n^d,)."""
-    x, w = _hermite(n)
-    nodes = torch.cartesian_prod(*([x] * d)).reshape(-1, d)
-    weights = torch.cartesian_prod(*([w] * d)).reshape(-1, d).prod(1)
-    return nodes, weights
 
 
 # ---- small linear-Gaussian sampler chains (DDPO, DRaFT) ---------------------------------------------------
@@ -275,13 +260,6 @@ def drwr_weight():
 
 
 # ---- KL-regularised optimum and DPO (Wang talk) ------------------------------------------------------------
-def _gauss_kl(m1, S1, m2, S2):
-    D = m1.numel()
-    S2i = torch.linalg.inv(S2)
-    dm = m2 - m1
-    return 0.5 * (torch.trace(S2i @ S1) + dm @ S2i @ dm - D + torch.logdet(S2) - torch.logdet(S1))
-
-
 @register("align.kl_optimum", "The KL-regularised optimum is pi* = pi_ref exp(r / beta) / Z (Gibbs variational identity)",
           "Wang talk (DPO: max E[r] - beta KL, pi*)")
 @_one_thread
@@ -320,8 +298,8 @@ def kl_optimum():
         L = torch.randn(2, 2, generator=g, dtype=F64)
         C = L @ L.T + 0.2 * torch.eye(2, dtype=F64)
         Er = b @ m - 0.5 * (m @ A @ m + torch.trace(A @ C))
-        lhs.append(Er - beta * _gauss_kl(m, C, mu, S))
-        rhs.append(beta * logZ_g - beta * _gauss_kl(m, C, m_star, S_star))
+        lhs.append(Er - beta * gaussian_kl_full(m, C, mu, S))
+        rhs.append(beta * logZ_g - beta * gaussian_kl_full(m, C, m_star, S_star))
     return identity(torch.stack(lhs), torch.stack(rhs), rtol=1e-12, atol=1e-13)
 
 
@@ -471,10 +449,10 @@ def dipp_thm31():
     I2 = torch.eye(2, dtype=F64)
     for t, w in zip(times, wts):
         a, s = p.alpha(t), p.sigma(t)
-        obj = obj + w * _gauss_kl(a * mu, a * a * C + s * s * I2, a * mu_q, a * a * S_q + s * s * I2)
+        obj = obj + w * gaussian_kl_full(a * mu, a * a * C + s * s * I2, a * mu_q, a * a * S_q + s * s * I2)
     exact = _flat_grads(torch.autograd.grad(obj, params))
     # library loss on the quadrature nodes
-    nodes, nw = _grid(3, 4)
+    nodes, nw = gauss_hermite_grid(3, 4)
     z, eps = nodes[:, :2], nodes[:, 2:]
     n = len(nw)
     Z = torch.cat([z] * len(times))
@@ -557,18 +535,6 @@ def distar_in_reference():
 
 
 # ---- DI* Thm 3.1 --------------------------------------------------------------------------------------------
-def _trapezoid_rule(h: float, half_width: float = 8.0) -> tuple[Tensor, Tensor]:
-    """Uniform tensor grid of spacing h on [-half_width, half_width]^2 with weights phi(u) h^2 (N(0, I_2)).
-
-    For integrands analytic in a strip around the real axis the trapezoid rule converges like
-    exp(-2 pi d / h) (d: the strip's half-width); the Gaussian factor makes the truncation error
-    below phi(8) ~ 1e-14."""
-    x = torch.arange(-half_width, half_width + h / 2, h, dtype=F64)
-    u = torch.cartesian_prod(x, x)
-    w = torch.exp(-0.5 * (u * u).sum(1)) / (2 * math.pi) * h * h
-    return u, w
-
-
 def _score_div_reference(gen, p, reference, times, wts, rule, distance, c, cond):
     """theta-gradient of sum_t w_t E_{x ~ p_sg[theta],t} d(s_theta,t(x) - s_ref,t(x)) by quadrature in x-space.
 
@@ -611,10 +577,10 @@ def distar_thm31_exact():
     reward, alpha_rew = QuadraticReward([1.0, 0.5], scale=0.8), 0.7
     times, wts = [100.0, 400.0, 800.0], [0.5, 1.0, 2.0]
     params = list(gen.parameters())
-    exact = _score_div_reference(gen, p, ref, times, wts, _grid(3, 2), "l2", None, None)
+    exact = _score_div_reference(gen, p, ref, times, wts, gauss_hermite_grid(3, 2), "l2", None, None)
     r_obj = alpha_rew * (((gen.mu - reward.center) ** 2).sum() + torch.trace(gen.covariance())) / (2 * reward.scale ** 2)
     exact = exact + _flat_grads(torch.autograd.grad(r_obj, params))
-    nodes, nw = _grid(3, 4)
+    nodes, nw = gauss_hermite_grid(3, 4)
     n = len(nw)
     Z, E = torch.cat([nodes[:, :2]] * 3), torch.cat([nodes[:, 2:]] * 3)
     T = torch.cat([torch.full((n,), t, dtype=F64) for t in times])
@@ -647,8 +613,8 @@ def distar_thm31_mc():
     alpha_cfg, c = 1.5, 0.5
     times, wts = [150.0, 450.0], [1.0, 0.5]
     guided = GuidedPredictor(mix, alpha_cfg)
-    exact = _score_div_reference(gen, p, guided, times, wts, _trapezoid_rule(0.1), "pseudo_huber", c, 1)
-    coarse = _score_div_reference(gen, p, guided, times, wts, _trapezoid_rule(0.14), "pseudo_huber", c, 1)
+    exact = _score_div_reference(gen, p, guided, times, wts, trapezoid_rule_2d(0.1), "pseudo_huber", c, 1)
+    coarse = _score_div_reference(gen, p, guided, times, wts, trapezoid_rule_2d(0.14), "pseudo_huber", c, 1)
     params = list(gen.parameters())
     fake = gen.score_predictor(p, frozen=True)
     g = _gen(19)
@@ -792,7 +758,7 @@ def refl_gradient(dim):
 def refl_x0_hat(dim):
     """The exact eps of the data's diffused law (exact_data) at DDPM times: printed and corrected x_theta against
     the exact posterior mean E[x0 | x_t] (Gaussian conditioning)."""
-    from dstar_edu.verify.checks.process import exact_data, noisy_batch
+    from dstar_edu.verify.fixtures import exact_data, noisy_batch
     p = DDPM(1000)
     dist, what = exact_data(dim, p)
     _, _, x_t, t = noisy_batch(dist, p, [3, 40, 250, 600, 990], seed=55)

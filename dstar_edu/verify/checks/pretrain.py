@@ -21,24 +21,14 @@ from dstar_edu.objectives import (consistency_distillation_loss, consistency_tra
 from dstar_edu.predictors import FunctionPredictor, MLPPredictor
 from dstar_edu.process import DDPM, VE, VP, RectifiedFlow, TrigFlow
 from dstar_edu.training import cpu_threads
+from dstar_edu.verify.measure import sigma_points, fit_log_slope, richardson2
 from dstar_edu.verify.registry import DIMS, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
 
 
-def _gen(seed: int) -> torch.Generator:
-    return check_generator(seed)
-
-
-def sigma_points(mean: Tensor, cov: Tensor) -> Tensor:
-    """The ``2n`` points ``mean +- sqrt(n) L e_i`` (``cov = L L^T``): with equal weights ``1/(2n)`` they
-    reproduce all moments of ``N(mean, cov)`` up to degree 3 (odd ones by symmetry, second ones since
-    ``sum_i (sqrt(n) L e_i)(sqrt(n) L e_i)^T / n = L L^T``)."""
-    n = mean.numel()
-    L = torch.linalg.cholesky(cov)
-    offs = math.sqrt(n) * L.T                                  # rows: sqrt(n) L e_i
-    return torch.cat([mean + offs, mean - offs])
+_gen = check_generator                 # every random draw of a check (see registry.py on seeds)
 
 
 def _gaussian2d():
@@ -107,7 +97,7 @@ def esm_ism(dim):
 
 
 def _exact_data(dim: int, process):
-    from dstar_edu.verify.checks.process import exact_data
+    from dstar_edu.verify.fixtures import exact_data
     return exact_data(dim, process)
 
 
@@ -295,17 +285,6 @@ def _heun_step(teacher):
     return step
 
 
-def _fit_slope(dts, means, ses):
-    """Weighted least-squares slope of log|mean| on log dt (weights from the relative standard errors)."""
-    x = torch.log(torch.tensor(dts, dtype=F64))
-    y = torch.log(torch.tensor(means, dtype=F64).abs())
-    sy = torch.tensor(ses, dtype=F64) / torch.tensor(means, dtype=F64).abs()
-    w = 1 / sy ** 2
-    xm, ym = (w * x).sum() / w.sum(), (w * y).sum() / w.sum()
-    slope = (w * (x - xm) * (y - ym)).sum() / (w * (x - xm) ** 2).sum()
-    return float(slope), float(torch.sqrt(1 / (w * (x - xm) ** 2).sum()))
-
-
 @register("training.cd_ct_gap", "Theorem 2.2: L_CD - L_CT = o(dt) (exact teacher, fixed consistency model)",
           "handbook Thm 2.2 (Sec. 2.3.1), Eq. 20, 25", dims=(2,))
 def cd_ct_gap(dim):
@@ -349,7 +328,7 @@ def cd_ct_gap(dim):
         c1 = torch.stack([(4 * gaps[dt / 2] - gaps[dt]) / dt for dt in dts[:2]])
         means = [float(gaps[dt].mean()) for dt in dts]
         ses = [float(gaps[dt].std() / math.sqrt(n)) for dt in dts]
-        slope, slope_se = _fit_slope(dts, means, ses)
+        slope, slope_se = fit_log_slope(dts, means, ses)
         return monte_carlo(c1.mean(1), torch.zeros(2, dtype=F64), c1.std(1) / math.sqrt(n), n=n, data=what,
                            dt=dts, gap_mean=means, gap_stderr=ses, loglog_slope=slope, loglog_slope_stderr=slope_se,
                            L_CT=ct_means, per_path_first_order=[float(gaps[dt].std() / dt) for dt in dts])
@@ -500,13 +479,6 @@ def _trigflow_ct_grads():
         return dts, tuple(raw), g_jvp
 
 
-def _richardson2(gs):
-    """Two Richardson levels for a first-order sequence at halving steps: the last value and its a-posteriori error."""
-    R = [2 * gs[i + 1] - gs[i] for i in range(len(gs) - 1)]
-    R2 = [(4 * R[i + 1] - R[i]) / 3 for i in range(len(R) - 1)]
-    return R, R2, float((R2[-1] - R2[-2]).abs().max())
-
-
 @register("training.trigflow_ct_gradient",
           "Discrete CT gradient / (2 dt) converges to the continuous-time TrigFlow gradient",
           "handbook Sec. 2.5.1 (grad L_TF-CT), Eq. 25, 38", dims=(2,))
@@ -523,7 +495,7 @@ def trigflow_ct_gradient(dim):
     gs = [r / (mutate(2, 1) * dt) for r, dt in zip(raw, dts)]       # counterfactual: without the 2 of d = ||.||^2
     rel = [float((gd - g_jvp).norm() / g_jvp.norm()) for gd in gs]
     orders = [math.log2(rel[i] / rel[i + 1]) for i in range(len(rel) - 1)]
-    R, R2, tol_rich = _richardson2(gs)
+    R, R2, tol_rich = richardson2(gs)
     return identity(R2[-1], g_jvp, rtol=1e-9, atol=tol_rich, dt=dts, relative_error=rel, observed_order=orders,
                     richardson_relative_error=[float((r - g_jvp).norm() / g_jvp.norm()) for r in R],
                     factor="grad L_CT / (2 dt): the 2 comes from d = ||.||^2")
@@ -541,7 +513,7 @@ def ct_gradient_normalisation():
     discrete gradients against the jvp gradient fails (it extrapolates to 0), that of the gradients divided by
     2 dt passes; tolerance the a-posteriori Richardson error plus 1e-9 max|grad|."""
     dts, raw, g_jvp = _trigflow_ct_grads()
-    _, R2_raw, tol_raw = _richardson2(list(raw))
-    _, R2, tol = _richardson2([r / (2 * dt) for r, dt in zip(raw, dts)])
+    _, R2_raw, tol_raw = richardson2(list(raw))
+    _, R2, tol = richardson2([r / (2 * dt) for r, dt in zip(raw, dts)])
     return erratum(identity(R2_raw[-1], g_jvp, rtol=1e-9, atol=tol_raw), identity(R2[-1], g_jvp, rtol=1e-9, atol=tol),
                    data="seeded TrigFlow MLP, 128 samples of the scaled 8-Gaussians")

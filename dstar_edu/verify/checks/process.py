@@ -15,45 +15,14 @@ import torch
 
 from dstar_edu import conversions as cv
 from dstar_edu.process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow
-from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
+from dstar_edu.verify.fixtures import exact_data, noisy_batch, autograd_score
+from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
 
 
-def _gen(seed: int) -> torch.Generator:
-    return check_generator(seed)
-
-
-def exact_data(dim: int, process: Process):
-    """The exact data distribution for a check at ``dim`` (2 or 3072) and a label saying what it is."""
-    from toy_data.cifar import image_dataset_for_checks
-    from toy_data.mixtures import EmpiricalDistribution, GaussianMixture
-    if dim == 2:
-        means = torch.tensor([[-1.5, 0.5], [1.0, 1.0], [0.5, -1.5]], dtype=F64)
-        A = torch.tensor([[[0.30, 0.10], [0.10, 0.05]], [[0.05, -0.02], [0.0, 0.20]], [[0.2, 0.0], [0.1, 0.1]]],
-                         dtype=F64)
-        covs = A @ A.transpose(1, 2) + 0.01 * torch.eye(2, dtype=F64)
-        return GaussianMixture(means, covs, torch.tensor([0.5, 0.3, 0.2], dtype=F64), process=process), \
-            "3-component full-covariance 2D mixture"
-    if dim == 3072:
-        images, source = image_dataset_for_checks(32, generator=_gen(0), dtype=F64)
-        return EmpiricalDistribution(images, process=process), f"empirical distribution of 32 images ({source})"
-    raise ValueError(f"dim={dim} is not supported by the basics checks; allowed: {DIMS}")
-
-
-def noisy_batch(dist, process: Process, ts, seed: int):
-    """x0 ~ data, eps ~ N(0, I), x_t at the given times (one sample per time)."""
-    t = torch.as_tensor(ts, dtype=F64)
-    x0 = dist.sample(len(t), generator=_gen(seed))
-    x_t, eps = process.q_sample(x0, t, generator=_gen(seed + 1))
-    return x0, eps, x_t, t
-
-
-def autograd_score(dist, x_t, t):
-    x = x_t.detach().clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(dist.log_prob(x, t).sum(), x)
-    return g
+_gen = check_generator                 # every random draw of a check (see registry.py on seeds)
 
 
 DDPM_TIMES = [3, 40, 250, 600, 990]

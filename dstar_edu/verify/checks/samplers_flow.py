@@ -24,113 +24,28 @@ What holds, measured here (numbers in each check's details):
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from dstar_edu.conversions import from_x0_eps
-from dstar_edu.predictors import FunctionPredictor, Predictor
+from dstar_edu.predictors import FunctionPredictor
 from dstar_edu.process import DDPM, VE, Process, RectifiedFlow, TrigFlow
 from dstar_edu.samplers import consistency as cs
 from dstar_edu.samplers import flow as fl
-from dstar_edu.verify.checks.process import exact_data
 from dstar_edu.verify.rates import order_check
-from dstar_edu.verify.registry import DIMS, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
+from dstar_edu.verify.fixtures import ExactGaussian, exact_data, gaussian_data
+from dstar_edu.verify.measure import law_step, law_error
+from dstar_edu.verify.registry import DIMS, check_generator, erratum, identity, monte_carlo, mutate, register
 
 F64 = torch.float64
 Tensor = torch.Tensor
 EPS64 = torch.finfo(F64).eps
 
 
-def _gen(seed: int) -> torch.Generator:
-    return check_generator(seed)
+_gen = check_generator                 # every random draw of a check (see registry.py on seeds)
 
 
 # ---- exact Gaussian data and exact laws ------------------------------------------------------------------
-class ExactGaussian(Predictor):
-    """Closed-form denoiser of Gaussian data ``N(mean, diag(var))`` under any process (float64).
-
-    ``E[x0 | x_t] = mean + a var / (a^2 var + s^2) (x_t - a mean)`` and ``E[eps | x_t] = s / (a^2 var + s^2)
-    (x_t - a mean)``: both finite at ``sigma = 0``, so the velocity is defined at ``t = 0`` too. ``predict``
-    converts from this exact pair (no round trip through the declared prediction).
-    """
-
-    def __init__(self, mean: Tensor, var: Tensor, process: Process, prediction: str = "x0"):
-        super().__init__(process, prediction)
-        self.mean, self.var = mean.to(F64), var.to(F64)
-
-    def pair(self, x_t: Tensor, t) -> tuple[Tensor, Tensor]:
-        a, s = self.process.coefficients(t, x_t)
-        d = x_t - a * self.mean
-        c = a * a * self.var + s * s
-        return self.mean + a * self.var / c * d, s / c * d
-
-    def predict(self, target: str, x_t: Tensor, t, cond=None) -> Tensor:
-        x0, eps = self.pair(x_t, t)
-        if target == "x0":
-            return x0
-        if target == "eps":
-            return eps
-        if target == "instaflow_v":
-            return x0 - eps
-        return from_x0_eps(target, x0, eps, x_t, t, self.process)
-
-    def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
-        return self.predict(self.prediction, x_t, t)
-
-    def law(self, t) -> tuple[Tensor, Tensor]:
-        """The exact marginal ``N(a mean, a^2 var + s^2)`` at ``t`` (mean and variance shaped ``(1, *shape)``)."""
-        a, s = float(self.process.alpha(t)), float(self.process.sigma(t))
-        return (a * self.mean)[None], (a * a * self.var + s * s)[None]
-
-    def as_mixture(self):
-        from toy_data.mixtures import GaussianMixture
-        return GaussianMixture(self.mean[None], self.var[None], process=self.process)
-
-
-def _image_stats():
-    return _image_stats_for_seed(check_seed(0))
-
-
-@functools.lru_cache(maxsize=4)
-def _image_stats_for_seed(seed: int):
-    from toy_data.cifar import image_dataset_for_checks
-    images, source = image_dataset_for_checks(64, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return images.mean(0), images.var(0).clamp_min(1e-2), source
-
-
-def gaussian_data(dim: int, process: Process, prediction: str = "x0") -> tuple[ExactGaussian, str]:
-    """Gaussian data for law checks: 2D ``N((0.7, -0.4), diag(0.3, 1.6))``, or a 3x32x32 per-pixel Gaussian."""
-    if dim == 2:
-        mean, var = torch.tensor([0.7, -0.4], dtype=F64), torch.tensor([0.3, 1.6], dtype=F64)
-        return ExactGaussian(mean, var, process, prediction), "2D Gaussian N((0.7,-0.4), diag(0.3,1.6))"
-    if dim == 3072:
-        mean, var, source = _image_stats()
-        return (ExactGaussian(mean, var, process, prediction),
-                f"3x32x32 Gaussian with the per-pixel mean/variance (>= 0.01) of 64 images ({source})")
-    raise ValueError(f"dim={dim} is not supported; allowed: {DIMS}")
-
-
-def law_step(step, m: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact law after ``x' = step(x, z)`` for ``x ~ N(m, diag V)``, ``z ~ N(0, I)`` independent.
-
-    Valid when ``step`` is affine in ``x`` and ``z`` coordinate by coordinate (every sampler step with an
-    ``ExactGaussian`` or ``GaussianFlowMap`` model): three evaluations give the offset, the gain on ``x``
-    and the gain on ``z``.
-    """
-    zero, one = torch.zeros_like(m), torch.ones_like(m)
-    out = step(torch.cat([m, m + 1, m]), torch.cat([zero, zero, one]))
-    base = out[:1]
-    gain, noise_gain = out[1:2] - base, out[2:3] - base
-    return base, gain * gain * V + noise_gain * noise_gain
-
-
-def law_error(m: Tensor, V: Tensor, m_ref: Tensor, V_ref: Tensor) -> float:
-    """Largest standardised mean error ``|m - m_ref| / sqrt(V_ref)`` or relative variance error."""
-    return max(float(((m - m_ref).abs() / V_ref.sqrt()).max()), float((V / V_ref - 1).abs().max()))
-
-
 def _tweedie_budget(dist, x_t, t, alpha) -> float:
     """Float64 budget of the score route vs the posterior-mean route (see ``basics.tweedie``)."""
     return 8 * EPS64 * float(dist.log_prob(x_t, t).abs().max()) * float(x_t.abs().max()) / float(alpha.min())

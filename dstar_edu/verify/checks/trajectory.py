@@ -24,6 +24,7 @@ from dstar_edu.samplers.common import subsequence, uniform_grid
 from dstar_edu.samplers.consistency import GaussianFlowMap
 from dstar_edu.samplers.diffusion import ddim, ddim_step
 from dstar_edu.samplers.parallel import parareal, picard, sequential_solve
+from dstar_edu.verify.fixtures import cifar_images, eight_gaussians_or_images, gaussian_or_image_gaussian
 from dstar_edu.verify.registry import (DIMS, CheckResult, check_generator, check_seed, erratum, identity, monte_carlo,
                                        mutate, register)
 
@@ -31,48 +32,10 @@ F64 = torch.float64
 Tensor = torch.Tensor
 
 
-def _gen(seed: int) -> torch.Generator:
-    return check_generator(seed)
+_gen = check_generator                 # every random draw of a check (see registry.py on seeds)
 
 
 # ---- exact problems ---------------------------------------------------------------------------------------------
-def cifar_images(n: int = 32):
-    from toy_data.cifar import image_dataset_for_checks
-    return image_dataset_for_checks(n, generator=_gen(0), dtype=F64)
-
-
-def mixture(dim: int, process, labels: bool = False):
-    """(exact teacher, data label): the 8-Gaussian 2D mixture or the empirical set of 32 CIFAR images.
-    ``labels=True`` makes it class-conditional (2D: 4 classes of 2 modes; images: label = index mod 2)."""
-    from toy_data.mixtures import EmpiricalDistribution, GaussianMixture, eight_gaussians_mixture
-    if dim == 2:
-        base = eight_gaussians_mixture(process)
-        if labels:
-            return GaussianMixture(base.means, base.eigvals[:, 0], labels=torch.arange(8) // 2,
-                                   process=process), "8-Gaussian mixture, 4 classes of 2 modes"
-        return base, "8-Gaussian mixture"
-    if dim == 3072:
-        images, source = cifar_images()
-        lab = torch.arange(images.shape[0]) % 2 if labels else None
-        return EmpiricalDistribution(images, process=process, labels=lab), \
-            f"empirical distribution of 32 images ({source})" + (", labels = index mod 2" if labels else "")
-    raise ValueError(f"dim={dim} is not supported by the trajectory checks; allowed: {DIMS}")
-
-
-def gaussian(dim: int, process):
-    """(one-component Gaussian, label): full-covariance 2D Gaussian, or the diagonal Gaussian fitted to 32 CIFAR images
-    (per-pixel mean and variance + 1e-3): data whose PF-ODE flow map is closed form."""
-    from toy_data.mixtures import GaussianMixture
-    if dim == 2:
-        cov = torch.tensor([[0.30, 0.12], [0.12, 0.20]], dtype=F64)
-        return GaussianMixture(torch.tensor([[0.4, -0.3]], dtype=F64), cov[None], process=process), "2D Gaussian"
-    if dim == 3072:
-        images, source = cifar_images()
-        return (GaussianMixture(images.mean(0, keepdim=True), (images.var(0) + 1e-3)[None], process=process),
-                f"diagonal Gaussian fitted to 32 images ({source})")
-    raise ValueError(f"dim={dim} is not supported by the trajectory checks; allowed: {DIMS}")
-
-
 def _x0_predictor(fn, process) -> Predictor:
     return FunctionPredictor(lambda x, t, c: fn(x, t, c), process, "x0")
 
@@ -86,7 +49,7 @@ def pd_target_check(dim):
     implementation from the one the target uses) lands on the teacher's two-step result, for every student step i."""
     from dstar_edu.process import DDPM
     p = DDPM(1000)
-    teacher, what = mixture(dim, p)
+    teacher, what = eight_gaussians_or_images(dim, p)
     ts = subsequence(1000, 10, "trailing")                      # 1000, 900, ..., 100, 0: 10 teacher steps
     student_ts = halve_timesteps(ts)
     x0 = teacher.sample(8, generator=_gen(1))
@@ -128,7 +91,7 @@ def guided_pd_check(dim):
     (``eps(c) + w (eps(c) - eps(0))``, an independent implementation), w = 2.5, VP process."""
     from dstar_edu.objectives.alignment import GuidedPredictor
     p = VP()
-    teacher, what = mixture(dim, p, labels=True)
+    teacher, what = eight_gaussians_or_images(dim, p, labels=True)
     x = teacher.sample(8, generator=_gen(2), cond=torch.zeros(8, dtype=torch.long))
     z, _ = p.q_sample(x, 0.7, generator=_gen(3))
     cond = torch.tensor([0, 1] * 4)
@@ -145,7 +108,7 @@ def guided_pd_check(dim):
           "consistency function", "handbook Eq. 20-22, 46-47; Song et al. Thm 1", dims=DIMS)
 def cd_exact_zero(dim):
     p = VE(80.0)
-    g, what = gaussian(dim, p)
+    g, what = gaussian_or_image_gaussian(dim, p)
     f_star = GaussianFlowMap(g, p, t_end=0.002)
     grid = torch.tensor([0.002, 0.05, 0.2, 0.6, 1.5, 4.0], dtype=F64)
     x0 = g.sample(64, generator=_gen(4))
@@ -171,7 +134,7 @@ def cd_cfg_eq23(dim):
     from dstar_edu.conversions import x0_from_eps
     from dstar_edu.process import DDPM
     p = DDPM(1000)
-    teacher, what = mixture(dim, p, labels=True)
+    teacher, what = eight_gaussians_or_images(dim, p, labels=True)
     grid = torch.tensor([1.0, 150.0, 400.0, 700.0], dtype=F64)
     cond = torch.tensor([0, 1] * 4)
     x0 = teacher.sample(8, generator=_gen(6), cond=torch.zeros(8, dtype=torch.long))
@@ -322,7 +285,7 @@ def sct_variance(dim):
     more than 5 standard errors of the paired difference. ``max_z`` is the z-score of ``MSE_sct - MSE_ct`` (the claim
     reversed: < -5 here); the counterfactual (SCT's target at the wrong time t/2) must reverse it by >= 10 s.e."""
     p = VP()
-    data, what = mixture(dim, p)
+    data, what = eight_gaussians_or_images(dim, p)
     n = 2000 if dim == 2 else 300
     t = 0.5 if dim == 2 else 0.7     # 3072-d: at t = 0.5 the posterior is one-hot and both targets are exact
     x0 = data.sample(n, generator=_gen(11))
@@ -383,7 +346,7 @@ class PhasedFlowMap(Predictor):
           "Wang talk Algorithm 1 (Phased Consistency Distillation)", dims=DIMS)
 def pcd_phases(dim):
     p = VE(80.0)
-    g, what = gaussian(dim, p)
+    g, what = gaussian_or_image_gaussian(dim, p)
     f = PhasedFlowMap(g, p)
     grid = torch.tensor([0.002, 0.03, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0], dtype=F64)
     edges = phase_edges(grid, 4)
@@ -492,7 +455,7 @@ def velocity_mapped_weight(dim):
     angular ``v^y``, which differs from ours by a factor depending on t only: both are x0 regressions with a
     time-dependent weight."""
     p = VP()
-    data, what = mixture(dim, p)
+    data, what = eight_gaussians_or_images(dim, p)
     model = FunctionPredictor(lambda x, t, c: data.predict("eps", x, t) + 0.1 * torch.sin(x), p, "eps")
     x0 = data.sample(16, generator=_gen(24))
     eps = torch.randn(x0.shape, generator=_gen(25), dtype=F64)
@@ -588,7 +551,7 @@ def diffusion_npo_sign(dim):
 # ---- parallel sampling ----------------------------------------------------------------------------------------------
 def _parallel_problem(dim):
     p = VP()
-    data, what = mixture(dim, p)
+    data, what = eight_gaussians_or_images(dim, p)
     ts = uniform_grid(p, 16, t_end=1e-3)
     z = p.prior_sample((4 if dim == 3072 else 64, *data.event_shape), generator=_gen(31), dtype=F64)
     return p, data, what, ts, z
