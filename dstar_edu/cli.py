@@ -38,10 +38,11 @@ def _parser() -> argparse.ArgumentParser:
                             description="List check ids, titles and seed sources (reads a static index: fast).")
     p_list.add_argument("-k", dest="pattern", default=None, metavar="SUBSTRING",
                         help="only checks whose id contains SUBSTRING")
-    p_list.add_argument("--covers", dest="citation", default=None, metavar="CITATION",
+    by = p_list.add_mutually_exclusive_group()
+    by.add_argument("--covers", dest="citation", default=None, metavar="CITATION",
                         help='a seed citation, e.g. "Eq. 14" or "SIM Thm 3.1": the library functions exercised by the '
                              "checks that cite it (in their source or title), each with those checks")
-    p_list.add_argument("--function", dest="function", default=None, metavar="NAME",
+    by.add_argument("--function", dest="function", default=None, metavar="NAME",
                         help="a library function's dotted name, e.g. dstar_edu.samplers.diffusion.ddim (or a unique "
                              "suffix such as diffusion.ddim): the checks that exercise it")
     sub.add_parser("errata", help="print the errata list (Markdown) generated from the registry",
@@ -115,7 +116,8 @@ def _list(args) -> int:
         return 2
     if args.citation is not None:
         n_checks = len({e["id"] for es in groups.values() for e in es})
-        print(f"{args.citation!r} is cited by {n_checks} checks; they exercise {len(groups)} library functions:")
+        print(f"{args.citation!r} is cited by {n_checks} check{'s' * (n_checks != 1)}; they exercise {len(groups)} "
+              f"library function{'s' * (len(groups) != 1)}:")
     width = max(len(e["id"]) for es in groups.values() for e in es)
     for name, es in groups.items():
         indent = ""

@@ -5,9 +5,10 @@ answer from it, through the static index. How the lists were made: each check wa
 ``python -m dstar_edu.verify.tracing``, which names every ``dstar_edu`` function outside ``verify`` that the check
 calls directly; of those, kept are the functions implementing the tested statement, dropped are fixtures and
 plumbing (``q_sample`` drawing the inputs, ``Generator.noise``, exact teachers' ``predict``, metrics), unless the
-statement is about them. Checks whose formula is still written out in the check (the DDPM posterior and the
-algorithm boxes of the handbook) name the coefficient tables they read (``DDPM.alpha_bars``, ``DDPM.step_alpha``)
-until their corrected side calls the library's one posterior function. ``tests/test_verify_covers.py`` fails when
+statement is about them. An erratum check covers the library functions that compute its corrected side
+(``registry.Erratum``). Checks whose formula is still written out in the check (Eq. 8-13 in ``checks/process.py``,
+the Eq. 10 sub-sequence remark) name the coefficient tables they read (``DDPM.alpha_bars``, ``DDPM.step_alpha``)
+until they call the library's one DDPM posterior function. ``tests/test_verify_covers.py`` fails when
 a check covers nothing, names something that is not a ``dstar_edu`` callable, or (on a sample) does not call it.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ COVERS: dict[str, tuple[str, ...]] = {
     "basics.eq12_denominator": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
     "basics.eq13_coefficient": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
     "basics.conditional_score": ("dstar_edu.conversions.eps_from_x0", "dstar_edu.conversions.score_from_eps"),
-    "basics.eq15_marginal_score": ("dstar_edu.process.Process.q_sample", "dstar_edu.process.Process.coefficients"),
+    "basics.eq15_marginal_score": ("dstar_edu.conversions.convert",),
     "basics.triangular_diffusion": (
         "dstar_edu.conversions.from_x0_eps", "dstar_edu.conversions.to_x0_eps",
         "dstar_edu.conversions.cm_c_skip_c_out", "dstar_edu.conversions.eps_from_v",
@@ -83,15 +84,15 @@ COVERS: dict[str, tuple[str, ...]] = {
     ),
     "samplers.subsequence_eq10": ("dstar_edu.samplers.diffusion.ddim_step",),
     "samplers.subsequence_claim_value": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "samplers.alg1_x0_hat": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "samplers.alg1_mean": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "samplers.alg1_sigma": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "samplers.alg2_eps_coefficient": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "samplers.alg2_noise_scale": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "samplers.alg3_x0_hat": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "samplers.alg3_mean": ("dstar_edu.samplers.diffusion.ddim_sigma",),
+    "samplers.alg1_x0_hat": ("dstar_edu.conversions.x0_from_eps",),
+    "samplers.alg1_mean": ("dstar_edu.samplers.diffusion.ddpm_step",),
+    "samplers.alg1_sigma": ("dstar_edu.samplers.diffusion.ddim_sigma",),
+    "samplers.alg2_eps_coefficient": ("dstar_edu.samplers.diffusion.ddpm_step",),
+    "samplers.alg2_noise_scale": ("dstar_edu.samplers.diffusion.ddim_sigma",),
+    "samplers.alg3_x0_hat": ("dstar_edu.conversions.x0_from_eps",),
+    "samplers.alg3_mean": ("dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.samplers.diffusion.ddim_sigma"),
     "samplers.alg3_sigma": ("dstar_edu.samplers.diffusion.ddim_sigma",),
-    "samplers.ddpm_text_step_iii": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
+    "samplers.ddpm_text_step_iii": ("dstar_edu.samplers.diffusion.ddpm_step",),
     "samplers.eta0_remark": ("dstar_edu.samplers.diffusion.ddim_step",),
     "samplers.sde_ode_marginals_vp": (
         "dstar_edu.samplers.diffusion.pf_ode", "dstar_edu.samplers.diffusion.reverse_sde"

@@ -2,8 +2,9 @@
 
 Works on index entries (``dstar_edu.verify.index``): plain dicts, no torch.
 
-* ``by_citation(entries, "Eq. 14")``: the checks whose source or title cites Eq. 14 (also inside a range such
-  as "Eq. 8-11" for Eq. 9), grouped by the library functions they exercise: equation -> functions -> checks.
+* ``by_citation(entries, "Eq. 14")``: the checks whose source or title cites Eq. 14 (also inside a range or list
+  such as "Eq. 8-11" for Eq. 9, "Eq. 10, 14"; "handbook Eq. 14" only the handbook's), grouped by the library
+  functions they exercise: equation -> functions -> checks.
 * ``by_function(entries, "dstar_edu.samplers.diffusion.ddim")``: the checks that exercise that function (a
   unique suffix after a dot, e.g. ``diffusion.ddim``, names it too).
 
@@ -16,40 +17,58 @@ import re
 
 __all__ = ["NoMatch", "by_citation", "by_function", "cites", "citations"]
 
-#: a citation as the sources write it: a capitalised word, an optional dot, a number ("Eq. 14", "Thm 3.1", "Alg. 3")
-_CITATION = re.compile(r"[A-Z][\w*+]*\.? ?\d+(?:\.\d+)*(?:-\d+(?:\.\d+)*)?")
+#: the kinds of citation the sources use, and the number forms ("14", "3.1", "B.13", "2.6.1")
+_KINDS = {"eq": "Eq.", "eqs": "Eq.", "alg": "Alg.", "algorithm": "Alg.", "thm": "Thm", "theorem": "Thm",
+          "prop": "Prop.", "proposition": "Prop.", "sec": "Sec.", "section": "Sec.", "table": "Table", "fig": "Fig.",
+          "figure": "Fig.", "app": "App.", "lemma": "Lemma", "def": "Def.", "remark": "Remark"}
+_NUM = r"[A-Z]?\d+(?:\.\d+)*[a-z]?"
+_CITE = re.compile(r"\b(" + "|".join(sorted(_KINDS, key=len, reverse=True)) + r")\.?\s*(" + _NUM + r"(?:-" + _NUM
+                   + r")?(?:,\s*" + _NUM + r"(?:-" + _NUM + r")?)*)", re.IGNORECASE)
+_QUERY = re.compile(r"^(?P<paper>.*?)\s*\b(?P<kind>" + "|".join(_KINDS) + r")\.?\s*(?P<num>" + _NUM + r")$",
+                    re.IGNORECASE)
 
 
 class NoMatch(LookupError):
     """No check cites the citation / exercises the function asked for."""
 
 
-def _pattern(query: str) -> re.Pattern:
-    words = [re.escape(w) for w in query.split()]
-    # the citation must end where a number ends: "Eq. 1" is not "Eq. 14" and "Thm 3" is not "Thm 3.1"
-    return re.compile(r"(?<![\w.])" + r"\s*".join(words) + r"(?![\w]|\.\d)", re.IGNORECASE)
+def _items(numbers: str):
+    """``"8-11, 14"`` -> ``["8", "9", "10", "11", "14"]`` (ranges of whole numbers expanded)."""
+    for part in re.split(r",\s*", numbers):
+        a, _, b = part.partition("-")
+        if b and a.isdigit() and b.isdigit() and int(a) <= int(b):
+            yield from (str(n) for n in range(int(a), int(b) + 1))
+        else:
+            yield from (x for x in (a, b) if x)
 
 
-def _in_range(query: str, text: str) -> bool:
-    """``query = "Eq. 9"`` and ``text`` cites the range "Eq. 8-11"."""
-    m = re.fullmatch(r"(.*?)\s*(\d+)", query.strip())
-    if not m or not m.group(1):
-        return False
-    prefix, n = m.group(1), int(m.group(2))
-    pat = re.compile(r"(?<![\w.])" + r"\s*".join(re.escape(w) for w in prefix.split()) + r"\s*(\d+)-(\d+)(?![\w]|\.\d)",
-                     re.IGNORECASE)
-    return any(int(a) <= n <= int(b) for a, b in pat.findall(text))
+def _cited(text: str) -> set[tuple[str, str]]:
+    """``{(kind, number)}`` cited in ``text``: "handbook Eq. 10, 14, Alg. 1" -> Eq. 10, Eq. 14, Alg. 1."""
+    return {(_KINDS[m.group(1).lower()], n) for m in _CITE.finditer(text) for n in _items(m.group(2))}
+
+
+def _segments(entry: dict) -> list[str]:
+    """The check's source, one segment per cited document ("handbook Eq. 14; diffusers ..."); the title joins the
+    first segment (its citations are of the check's main document)."""
+    first, *rest = entry["source"].split(";")
+    return [f"{first} | {entry['title']}", *rest]
 
 
 def cites(entry: dict, query: str) -> bool:
-    """Whether the check's source or title cites ``query`` (case-insensitive, whole numbers, ranges included)."""
-    text = f"{entry['source']} | {entry['title']}"
-    return bool(_pattern(query).search(text)) or _in_range(query, text)
+    """Whether the check's source or title cites ``query``: "Eq. 14", "Thm 3.1", or with its document,
+    "handbook Eq. 14", "SIM Thm 3.1" (the document's name must be in the same ';'-separated part of the source).
+    Whole numbers only ("Eq. 1" is not "Eq. 14"); a range or list ("Eq. 8-11", "Eq. 10, 14") cites each member."""
+    m = _QUERY.match(query.strip())
+    if m is None:                                   # not "Kind number": a plain case-insensitive phrase
+        return any(query.strip().lower() in seg.lower() for seg in _segments(entry))
+    want = (_KINDS[m.group("kind").lower()], m.group("num"))
+    paper = m.group("paper").strip().lower()
+    return any(want in _cited(seg) and paper in seg.lower() for seg in _segments(entry))
 
 
 def citations(entries: list[dict]) -> list[str]:
-    """Every citation written in the checks' sources and titles (for suggestions)."""
-    return sorted({c for e in entries for c in _CITATION.findall(f"{e['source']} | {e['title']}")})
+    """Every citation written in the checks' sources and titles, as "Kind number" (for suggestions)."""
+    return sorted({f"{k} {n}" for e in entries for seg in _segments(e) for k, n in _cited(seg)})
 
 
 def _closest(query: str, names: list[str], n: int = 6) -> str:

@@ -41,7 +41,7 @@ import torch
 
 __all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_carlo", "erratum",
            "run_check", "run_checks", "select", "base_of", "DIMS", "check_generator", "check_seed", "run_seed", "seeded",
-           "NoCheckMatches", "mutate", "mutating", "run_power", "run_power_checks", "POWER_IDENTITY",
+           "NoCheckMatches", "Erratum", "register_errata", "mutate", "mutating", "run_power", "run_power_checks", "POWER_IDENTITY",
            "POWER_SIGMAS", "POWER_ORDER"]
 
 #: the two data dimensions every check that makes sense at both runs at: 2D points and 3x32x32 images
@@ -177,6 +177,50 @@ def erratum(printed: CheckResult, corrected: CheckResult, **details) -> CheckRes
                        {"printed_abs_err": printed.abs_err, "printed_passed": printed.passed,
                         "printed_margin": margin, "printed_margin_required": required,
                         "corrected_kind": corrected.kind, **corrected.details, **details})
+
+
+@dataclass(frozen=True)
+class Erratum:
+    """A seed formula that fails as printed, as data; ``register_errata`` turns it into a check.
+
+    The inputs are a list of rows (dicts of tensors, e.g. one per time step) and a data label. For each row,
+    ``reference(**row)`` is the quantity computed by an independent route, ``as_printed(**row)`` the seed's
+    formula as printed, and ``library(**row)`` the corrected value *computed by the library* (the corrected
+    formula is not re-typed in the check). The check passes when the printed side misses the reference and the
+    library side meets it (``identity`` within ``rtol``/``atol``). ``report(**row)``, when given, adds values
+    of other readings of the printed text to the details (``{name: tensor}``, reported as ``|err|``).
+    """
+    id: str
+    title: str
+    source: str
+    printed: str            # the formula as printed in the seed (the text of ERRATA.md)
+    corrected: str          # what holds instead (text)
+    inputs: Callable        # dim -> (rows, data label)
+    reference: Callable
+    as_printed: Callable
+    library: Callable
+    dims: tuple = DIMS
+    rtol: float = 1e-10
+    atol: float = 1e-12
+    report: Callable | None = None
+
+    def check(self, dim=None) -> CheckResult:
+        rows, data = self.inputs(dim)
+        ref, printed, corrected = (torch.stack([f(**r) for r in rows])
+                                   for f in (self.reference, self.as_printed, self.library))
+        extra = {}
+        if self.report is not None:
+            others = [self.report(**r) for r in rows]
+            extra = {f"{name}_abs_err": identity(torch.stack([o[name] for o in others]), ref, self.rtol, self.atol).abs_err
+                     for name in others[0]}
+        return erratum(identity(printed, ref, self.rtol, self.atol), identity(corrected, ref, self.rtol, self.atol),
+                       data=data, **extra)
+
+
+def register_errata(*errata: Erratum) -> None:
+    """Register each erratum record as a check (ids ``id.2d`` / ``id.3072d`` as for ``register``)."""
+    for e in errata:
+        register(e.id, e.title, e.source, dims=e.dims, printed=e.printed, corrected=e.corrected)(e.check)
 
 
 def run_check(check: Check) -> dict:

@@ -263,7 +263,7 @@ def eq15_marginal_score(dim):
     truth = autograd_score(dist, x_t, t)
     prior_mean = dist.mean().to(F64).expand_as(x_t)
     as_printed = -(x_t - a * prior_mean) / s ** 2
-    corrected = -(x_t - a * dist.posterior_mean(x_t, t)) / s ** 2
+    corrected = cv.convert(dist.posterior_mean(x_t, t), "x0", "score", x_t, t, p)   # the library's Eq. 7 / 18 route
     return erratum(identity(as_printed, truth, rtol=1e-10), identity(corrected, truth, rtol=1e-10), data=what)
 
 

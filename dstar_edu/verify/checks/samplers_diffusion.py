@@ -16,67 +16,26 @@ import math
 
 import torch
 
+from dstar_edu.conversions import x0_from_eps
 from dstar_edu.metrics import sliced_wasserstein
 from dstar_edu.process import DDPM, VE, VP, Process
 from dstar_edu.samplers.common import karras_sigmas, subsequence
 from dstar_edu.samplers.diffusion import (ddim_sigma, ddim_step, ddpm_step, dpm_solver, logsnr_grid, pf_ode_step,
                                           reverse_sde, pf_ode, smld, ddim)
-from dstar_edu.verify.checks.process import exact_data as _basics_exact_data
-from dstar_edu.verify.registry import DIMS, CheckResult, check_generator, check_seed, erratum, identity, monte_carlo, mutate, register
+
+from dstar_edu.verify.fixtures import exact_data_once, counterfactual_model, posterior_by_conditioning, exact_state
+from dstar_edu.verify.measure import local_order, local_order_result
+from dstar_edu.verify.registry import DIMS, Erratum, check_generator, erratum, identity, monte_carlo, mutate, register, register_errata
 
 F64 = torch.float64
 Tensor = torch.Tensor
 
 
-def _gen(seed: int) -> torch.Generator:
-    return check_generator(seed)
-
-
-_DATA: dict = {}
-
-
-def exact_data(dim: int, process: Process):
-    """``basics.exact_data`` (2D mixture / 32 CIFAR images), loaded once per dim and re-timed by ``process``."""
-    if dim not in _DATA:
-        _DATA[dim] = _basics_exact_data(dim, DDPM(1000))
-    dist, what = _DATA[dim]
-    return dist.with_process(process), what
-
-
-def counterfactual_model(dist, factor: float = 0.5):
-    """The exact model in a normal run; in a counterfactual run the same model with its noise prediction
-    scaled by ``factor`` (a missing factor in eps_hat, i.e. in the score), as an eps-predictor."""
-    from dstar_edu.predictors import FunctionPredictor
-    return mutate(dist, FunctionPredictor(lambda x, t, cond=None: factor * dist.predict("eps", x, t),
-                                          dist.process, "eps"))
+_gen = check_generator                 # every random draw of a check (see registry.py on seeds)
 
 
 def _col(v: Tensor, x: Tensor) -> Tensor:
     return torch.as_tensor(v, dtype=F64).reshape(-1, *[1] * (x.ndim - 1))
-
-
-def posterior_by_conditioning(ab_s, ab_t, x_t: Tensor, x0: Tensor):
-    """``q(x_s | x_t, x0)`` for s < t by conditioning the joint Gaussian of the forward process.
-
-    Given x0: ``x_s = sqrt(ab_s) x0 + sqrt(1-ab_s) e1`` and ``x_t = sqrt(ab_t/ab_s) x_s + sqrt(1-ab_t/ab_s) e2``,
-    so ``Cov(x_s, x_t) = sqrt(ab_t/ab_s)(1-ab_s)``, ``Var(x_t) = 1-ab_t`` and the regression gives
-    ``mean = sqrt(ab_s) x0 + Cov/Var (x_t - sqrt(ab_t) x0)``, ``var = (1-ab_s) - Cov^2/Var``.
-    (A different route from Eq. 8's product of Gaussians.)
-    """
-    cov = torch.sqrt(ab_t / ab_s) * (1 - ab_s)
-    mean = torch.sqrt(ab_s) * x0 + cov / (1 - ab_t) * (x_t - torch.sqrt(ab_t) * x0)
-    var = (1 - ab_s) - cov * cov / (1 - ab_t)
-    return mean, torch.clamp(var, min=0)
-
-
-def _exact_state(dim: int, process: Process, t, n: int, seed: int):
-    """Exact model, x_t ~ p_t (n samples at scalar t), its x0_hat and eps_hat (= -sigma score)."""
-    dist, what = exact_data(dim, process)
-    x0 = dist.sample(n, generator=_gen(seed))
-    tt = torch.as_tensor(t, dtype=F64)
-    x_t, _ = process.q_sample(x0, tt, generator=_gen(seed + 1))
-    a, s = process.coefficients(tt, x_t)
-    return dist, what, x_t, dist.posterior_mean(x_t, tt), -s * dist.score(x_t, tt)
 
 
 # ---- Eq. 14 vs Eq. 10: DDIM eta = 1 is the DDPM posterior step ------------------------------------------
@@ -88,7 +47,7 @@ def ddim_eta1_is_ddpm(dim):
     p = DDPM(1000)
     lhs, rhs = [], []
     for i, t in enumerate([2, 17, 150, 500, 999]):
-        dist, what, x_t, x0, _ = _exact_state(dim, p, float(t), 3, seed=100 + 10 * i)
+        dist, what, x_t, x0, _ = exact_state(dim, p, float(t), 3, seed=100 + 10 * i)
         z = torch.randn(x_t.shape, generator=_gen(200 + i), dtype=F64)
         mean, var = posterior_by_conditioning(p.alpha_bars[t - 1], p.alpha_bars[t], x_t, x0)
         ref = mean + var.sqrt() * z
@@ -100,44 +59,6 @@ def ddim_eta1_is_ddpm(dim):
 
 
 # ---- DDIM eta = 0 is a first-order PF-ODE step ----------------------------------------------------------
-def _rk4_flow(dist, process: Process, x: Tensor, t0: float, t1: float, n_sub: int = 8) -> Tensor:
-    """PF-ODE flow from t0 to t1 by classical RK4 on the exact drift ``alpha' E[x0|x] + sigma' E[eps|x]``."""
-    def v(y, t):
-        tt = torch.tensor(t, dtype=F64)
-        a, s = process.coefficients(tt, y)
-        x0 = dist.posterior_mean(y, tt)
-        return process.d_alpha(tt) * x0 + process.d_sigma(tt) * (y - a * x0) / s
-    h = (t1 - t0) / n_sub
-    t = t0
-    for _ in range(n_sub):
-        k1 = v(x, t)
-        k2 = v(x + 0.5 * h * k1, t + 0.5 * h)
-        k3 = v(x + 0.5 * h * k2, t + 0.5 * h)
-        k4 = v(x + h * k3, t + h)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        t = t + h
-    return x
-
-
-def _local_order(step, dist, process, x, t0, hs) -> dict:
-    """Local errors e(h) = rms_i |step(x_i, t0, t0 - h) - flow(x_i)| for the h in ``hs`` (each half the last),
-    observed orders p_k = log2(e_k / e_{k+1}) and the Richardson-extrapolated order 2 p_K - p_{K-1}."""
-    errs = []
-    for h in hs:
-        ref = _rk4_flow(dist, process, x, t0, t0 - h)
-        d = (step(x, t0, t0 - h) - ref).reshape(x.shape[0], -1)
-        errs.append(float(d.norm(dim=1).pow(2).mean().sqrt()))
-    p = [math.log2(errs[k] / errs[k + 1]) for k in range(len(errs) - 1)]
-    return {"h": list(hs), "local_err": errs, "orders": p, "order_extrapolated": 2 * p[-1] - p[-2],
-            "richardson_err": abs(p[-1] - p[-2])}
-
-
-def _order_result(info: dict, expected: float, **details) -> CheckResult:
-    """The extrapolated order equals ``expected`` within the size of the last Richardson correction."""
-    return identity(torch.tensor(info["order_extrapolated"]), torch.tensor(float(expected)), rtol=0.0,
-                    atol=info["richardson_err"], order=float(expected), **info, **details)
-
-
 ORDER_T = {2: 0.6, 3072: 0.9}   # VP times where the posterior is far from one-hot (else DDIM is exact)
 
 
@@ -150,10 +71,10 @@ def ddim_eta0_ode_order(dim):
     of the last correction (the O(h) term of the observed order)."""
     p = VP()
     t0 = ORDER_T[dim]
-    dist, what, x, _, _ = _exact_state(dim, p, t0, 8 if dim == 2 else 4, seed=300)
+    dist, what, x, _, _ = exact_state(dim, p, t0, 8 if dim == 2 else 4, seed=300)
     step = lambda y, a, b: ddim_step(counterfactual_model(dist), y, a, b, eta=0.0)  # noqa: E731
-    info = _local_order(step, dist, p, x, t0, [0.04, 0.02, 0.01])
-    return _order_result(info, 2.0, data=what, t=t0)
+    info = local_order(step, dist, p, x, t0, [0.04, 0.02, 0.01])
+    return local_order_result(info, 2.0, data=what, t=t0)
 
 
 # ---- DPM-Solver -------------------------------------------------------------------------------------------
@@ -164,7 +85,7 @@ def dpm_solver1_is_ddim(dim):
     ``alpha_t/alpha_s x - sigma_t (e^h - 1) eps_hat`` step after step equals Eq. 14 with sigma = 0."""
     p = DDPM(1000)
     ts = subsequence(1000, 10, "leading")
-    dist, what, x, _, _ = _exact_state(dim, p, float(ts[0]), 4, seed=400)
+    dist, what, x, _, _ = exact_state(dim, p, float(ts[0]), 4, seed=400)
     _, traj_d = dpm_solver(dist, ts, x, order=mutate(1, 2), return_trajectory=True)   # counterfactual: order 2
     _, traj_i = ddim(dist, ts, x, eta=0.0, return_trajectory=True)
     return identity(torch.stack(traj_d), torch.stack(traj_i), rtol=1e-10, data=what)
@@ -238,7 +159,7 @@ def subsequence_eq10(dim):
     p = DDPM(1000)
     lhs, rhs, perstep_rel = [], [], []
     for i, (tn, tp) in enumerate(SUBSEQ_PAIRS):
-        dist, what, x_t, x0, _ = _exact_state(dim, p, float(tn), 3, seed=600 + 10 * i)
+        dist, what, x_t, x0, _ = exact_state(dim, p, float(tn), 3, seed=600 + 10 * i)
         z = torch.randn(x_t.shape, generator=_gen(700 + i), dtype=F64)
         ab_t, ab_p = p.alpha_bars[tn], p.alpha_bars[tp]
         mean, var = posterior_by_conditioning(ab_p, ab_t, x_t, x0)
@@ -269,7 +190,7 @@ def subsequence_claim_value(dim):
     p = DDPM(1000)
     printed, corrected, literal = [], [], []
     for i, tn in enumerate([101, 501, 1000]):
-        _, what, x_t, x0, _ = _exact_state(dim, p, float(tn), 3, seed=800 + 10 * i)
+        _, what, x_t, x0, _ = exact_state(dim, p, float(tn), 3, seed=800 + 10 * i)
         a, ab_t = p.step_alpha(tn), p.alpha_bars[tn]
         literal.append(eq10_literal(x_t, x0, a, ab_t, p.alpha_bars[0]))
         printed.append((1 - a) * ab_t.sqrt() / (1 - ab_t) * x0)
@@ -288,68 +209,120 @@ def _alg_inputs(dim):
     p = DDPM(1000)
     rows = []
     for i, t in enumerate(ALG_TIMES):
-        dist, what, x_t, x0, eps = _exact_state(dim, p, float(t), 2, seed=900 + 10 * i)
-        rows.append(dict(t=t, x=x_t, x0=x0, eps=eps, a=p.step_alpha(t), ab=p.alpha_bars[t], abp=p.alpha_bars[t - 1],
-                         z=torch.randn(x_t.shape, generator=_gen(950 + i), dtype=F64)))
+        dist, what, x_t, x0, eps = exact_state(dim, p, float(t), 2, seed=900 + 10 * i)
+        rows.append(dict(model=dist, t=t, x=x_t, x0=x0, eps=eps, a=p.step_alpha(t), ab=p.alpha_bars[t],
+                         abp=p.alpha_bars[t - 1], z=torch.randn(x_t.shape, generator=_gen(950 + i), dtype=F64)))
     return rows, what
 
 
-def _stack(rows, fn):
-    return torch.stack([fn(**r) for r in rows])
+def _alg3_inputs(dim):
+    p = DDPM(1000)
+    rows = []
+    for i, (tn, tp) in enumerate([(1000, 900), (501, 1), (300, 100), (101, 1)]):
+        dist, what, x_t, x0, eps = exact_state(dim, p, float(tn), 2, seed=1000 + 10 * i)
+        rows.append(dict(model=dist, tn=tn, tp=tp, x=x_t, x0=x0, eps=eps, a_n=p.step_alpha(tn),
+                         a_prev=p.step_alpha(tp), ab=p.alpha_bars[tn], abp=p.alpha_bars[tp]))
+    return rows, what
 
 
-def _post(x, x0, ab, abp, **_):
-    return posterior_by_conditioning(abp, ab, x, x0)
+# the independent references (Gaussian conditioning of the forward process, not Eq. 8) and the library's corrected side
+def _post_mean(x, x0, ab, abp, **_):
+    return posterior_by_conditioning(abp, ab, x, x0)[0]
 
 
-@register("samplers.alg1_x0_hat", "Alg. 1 line 4: x0_hat needs alpha_bar_t (Eq. 7)", "handbook Alg. 1 (line 4)",
-          dims=DIMS,
-          printed="x0_hat <- x_t / sqrt(alpha_t) - sqrt(1 - alpha_t) / sqrt(alpha_t) eps_theta",
-          corrected="x0_hat <- x_t / sqrt(ab_t) - sqrt(1 - ab_t) / sqrt(ab_t) eps_theta (Eq. 7, as the line cites)")
-def alg1_x0_hat(dim):
-    """With the exact eps_hat = -sqrt(1-ab_t) score, the printed line vs E[x0 | x_t] by Gaussian conditioning."""
-    rows, what = _alg_inputs(dim)
-    ref = _stack(rows, lambda x0, **_: x0)
-    printed = _stack(rows, lambda x, eps, a, **_: x / a.sqrt() - (1 - a).sqrt() / a.sqrt() * eps)
-    corrected = _stack(rows, lambda x, eps, ab, **_: x / ab.sqrt() - (1 - ab).sqrt() / ab.sqrt() * eps)
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what)
+def _post_std(x, x0, ab, abp, **_):
+    return posterior_by_conditioning(abp, ab, x, x0)[1].sqrt()
 
 
-@register("samplers.alg1_mean", "Alg. 1 line 5: posterior-mean coefficients (Eq. 10)", "handbook Alg. 1 (line 5)",
-          dims=DIMS,
-          printed="mu <- (1-alpha_t) sqrt(alpha_t)/(1-alpha_t) x0_hat + sqrt(alpha_t)(1-ab_{t-1})/(1-alpha_t) x_t",
-          corrected="mu <- sqrt(ab_{t-1})(1-alpha_t)/(1-ab_t) x0_hat + sqrt(alpha_t)(1-ab_{t-1})/(1-ab_t) x_t (Eq. 10)")
-def alg1_mean(dim):
-    rows, what = _alg_inputs(dim)
-    ref = _stack(rows, lambda **r: _post(**r)[0])
-    printed = _stack(rows, lambda x, x0, a, abp, **_: (1 - a) * a.sqrt() / (1 - a) * x0
-                     + a.sqrt() * (1 - abp) / (1 - a) * x)
-    corrected = _stack(rows, lambda x, x0, a, ab, abp, **_: eq10_literal(x, x0, a, ab, abp))
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what)
+def _true_x0(x0, **_):
+    return x0
 
 
-@register("samplers.alg1_sigma", "Alg. 1 line 6: posterior standard deviation (Eq. 8)", "handbook Alg. 1 (line 6)",
-          dims=DIMS,
-          printed="sigma_t <- sqrt((1 - alpha_t) (1 - ab_{t-1}) / (1 - alpha_t))  (= sqrt(1 - ab_{t-1}))",
-          corrected="sigma_t <- sqrt((1 - alpha_t) (1 - ab_{t-1}) / (1 - ab_t)) (Eq. 8-9)")
-def alg1_sigma(dim):
-    rows, what = _alg_inputs(dim)
-    ref = torch.stack([_post(**r)[1].sqrt() for r in rows])
-    printed = torch.stack([torch.sqrt((1 - r["a"]) * (1 - r["abp"]) / (1 - r["a"])) for r in rows])
-    corrected = torch.stack([torch.sqrt((1 - r["a"]) * (1 - r["abp"]) / (1 - r["ab"])) for r in rows])
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what)
+def _x0_hat(x, eps, ab, **_):                       # library Eq. 7
+    return x0_from_eps(x, eps, ab.sqrt(), (1 - ab).sqrt())
 
 
-@register("samplers.alg2_eps_coefficient", "Alg. 2 line 4: the eps coefficient divides by sqrt(1 - ab_t) (Eq. 9)",
-          "handbook Alg. 2 (line 4)", dims=DIMS,
-          printed="x_{t-1} <- (x_t - (1-alpha_t)/sqrt(1-alpha_t) eps_theta)/sqrt(alpha_t) + ...",
-          corrected="x_{t-1} <- (x_t - (1-alpha_t)/sqrt(1-ab_t) eps_theta)/sqrt(alpha_t) + sigma_t z (Eq. 9, Ho et al. Alg. 2)")
-def alg2_eps_coefficient(dim):
-    rows, what = _alg_inputs(dim)
-    ref = _stack(rows, lambda **r: _post(**r)[0])
-    printed = _stack(rows, lambda x, eps, a, **_: (x - (1 - a) / (1 - a).sqrt() * eps) / a.sqrt())
-    corrected = _stack(rows, lambda x, eps, a, ab, **_: (x - (1 - a) / (1 - ab).sqrt() * eps) / a.sqrt())
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what)
+def _ddpm_mean(model, x, t, form="eq10", **_):      # library Alg. 1 / Alg. 2 step without its noise
+    return ddpm_step(model, x, t, form=form, noise=torch.zeros_like(x))
+
+
+def _ddpm_posterior_std(ab, abp, **_):               # library sigma_t(eta = 1) = the posterior std (Eq. 8)
+    return ddim_sigma(ab, abp, 1.0)
+
+
+def _eq10_sigma(a, ab, abp):
+    return torch.sqrt((1 - a) * (1 - abp) / (1 - ab))
+
+
+#: the algorithm boxes of the handbook as printed (Alg. 1-3 and the step (iii) of Sec. 2.2.3); each row of the
+#: inputs is an exact x_t with its exact x0_hat and eps_hat (eps_hat = -sqrt(1-ab_t) score)
+ALGORITHM_ERRATA = (
+    Erratum("samplers.alg1_x0_hat", "Alg. 1 line 4: x0_hat needs alpha_bar_t (Eq. 7)", "handbook Alg. 1 (line 4)",
+            printed="x0_hat <- x_t / sqrt(alpha_t) - sqrt(1 - alpha_t) / sqrt(alpha_t) eps_theta",
+            corrected="x0_hat <- x_t / sqrt(ab_t) - sqrt(1 - ab_t) / sqrt(ab_t) eps_theta (Eq. 7, as the line cites)",
+            inputs=_alg_inputs, reference=_true_x0, library=_x0_hat,
+            as_printed=lambda x, eps, a, **_: x / a.sqrt() - (1 - a).sqrt() / a.sqrt() * eps),
+    Erratum("samplers.alg1_mean", "Alg. 1 line 5: posterior-mean coefficients (Eq. 10)", "handbook Alg. 1 (line 5)",
+            printed="mu <- (1-alpha_t) sqrt(alpha_t)/(1-alpha_t) x0_hat + sqrt(alpha_t)(1-ab_{t-1})/(1-alpha_t) x_t",
+            corrected="mu <- sqrt(ab_{t-1})(1-alpha_t)/(1-ab_t) x0_hat + sqrt(alpha_t)(1-ab_{t-1})/(1-ab_t) x_t (Eq. 10)",
+            inputs=_alg_inputs, reference=_post_mean, library=_ddpm_mean,
+            as_printed=lambda x, x0, a, abp, **_: (1 - a) * a.sqrt() / (1 - a) * x0 + a.sqrt() * (1 - abp) / (1 - a) * x),
+    Erratum("samplers.alg1_sigma", "Alg. 1 line 6: posterior standard deviation (Eq. 8)", "handbook Alg. 1 (line 6)",
+            printed="sigma_t <- sqrt((1 - alpha_t) (1 - ab_{t-1}) / (1 - alpha_t))  (= sqrt(1 - ab_{t-1}))",
+            corrected="sigma_t <- sqrt((1 - alpha_t) (1 - ab_{t-1}) / (1 - ab_t)) (Eq. 8-9)",
+            inputs=_alg_inputs, reference=_post_std, library=_ddpm_posterior_std,
+            as_printed=lambda a, abp, **_: torch.sqrt((1 - a) * (1 - abp) / (1 - a))),
+    Erratum("samplers.alg2_eps_coefficient", "Alg. 2 line 4: the eps coefficient divides by sqrt(1 - ab_t) (Eq. 9)",
+            "handbook Alg. 2 (line 4)",
+            printed="x_{t-1} <- (x_t - (1-alpha_t)/sqrt(1-alpha_t) eps_theta)/sqrt(alpha_t) + ...",
+            corrected="x_{t-1} <- (x_t - (1-alpha_t)/sqrt(1-ab_t) eps_theta)/sqrt(alpha_t) + sigma_t z (Eq. 9, Ho et al. "
+                      "Alg. 2)",
+            inputs=_alg_inputs, reference=_post_mean, library=lambda **r: _ddpm_mean(**r, form="eq9"),
+            as_printed=lambda x, eps, a, **_: (x - (1 - a) / (1 - a).sqrt() * eps) / a.sqrt()),
+)
+ALGORITHM3_ERRATA = (
+    Erratum("samplers.alg3_x0_hat", "Alg. 3 line 4: x0_hat needs alpha_bar_{t_n} (Eq. 7)", "handbook Alg. 3 (line 4)",
+            printed="x0_hat <- x_{t_n}/sqrt(alpha_{t_n}) - sqrt(1-alpha_{t_n})/sqrt(alpha_{t_n}) eps_theta",
+            corrected="x0_hat <- x_{t_n}/sqrt(ab_{t_n}) - sqrt(1-ab_{t_n})/sqrt(ab_{t_n}) eps_theta (Eq. 7)",
+            inputs=_alg3_inputs, reference=_true_x0, library=_x0_hat,
+            as_printed=lambda x, eps, a_n, **_: x / a_n.sqrt() - (1 - a_n).sqrt() / a_n.sqrt() * eps),
+    # at eta = 1 (sigma from the effective alpha) the DDIM step must be the posterior q(x_{t_{n-1}} | x_{t_n}, x0)
+    Erratum("samplers.alg3_mean", "Alg. 3 line 5: the x0_hat coefficient is sqrt(alpha_bar_{t_{n-1}}) (Eq. 14)",
+            "handbook Alg. 3 (line 5)",
+            printed="mu <- sqrt(alpha_{t_{n-1}}) x0_hat + sqrt(1 - ab_{t_{n-1}} - sigma_{t_n}^2) eps_theta "
+                    "(and it uses sigma_{t_n} before line 6 defines it)",
+            corrected="mu <- sqrt(ab_{t_{n-1}}) x0_hat + sqrt(1 - ab_{t_{n-1}} - sigma_{t_n}^2) eps_theta (Eq. 14)",
+            inputs=_alg3_inputs, reference=_post_mean,
+            library=lambda model, x, tn, tp, **_: ddim_step(model, x, tn, tp, eta=1.0, noise=torch.zeros_like(x)),
+            as_printed=lambda x0, eps, ab, abp, a_prev, **_: a_prev.sqrt() * x0 + torch.clamp(
+                1 - abp - ddim_sigma(ab, abp, 1.0) ** 2, min=0).sqrt() * eps),
+    # eta = 1 must give the posterior std; the per-step-alpha variant is reported
+    Erratum("samplers.alg3_sigma", "Alg. 3 line 6: sigma_{t_n}(eta) on a sub-sequence", "handbook Alg. 3 (line 6)",
+            printed="sigma_{t_n} <- eta sqrt((1-alpha_{t_n}) (1-ab_{t_{n-1}}) / (1-alpha_{t_n}))  "
+                    "(= eta sqrt(1-ab_{t_{n-1}}))",
+            corrected="sigma_{t_n} <- eta sqrt((1-alpha) (1-ab_{t_{n-1}}) / (1-ab_{t_n})) with the effective "
+                      "alpha = ab_{t_n}/ab_{t_{n-1}} (with the per-step alpha_{t_n} it is wrong on a sub-sequence too)",
+            inputs=_alg3_inputs, reference=_post_std, library=_ddpm_posterior_std,
+            as_printed=lambda a_n, abp, **_: torch.sqrt((1 - a_n) * (1 - abp) / (1 - a_n)),
+            report=lambda a_n, ab, abp, **_: {"per_step_alpha": _eq10_sigma(a_n, ab, abp)}),
+)
+# The printed radicals cover (1-alpha_t) and (1-ab_{t-1}), and the x_t coefficient has ab_t for alpha_t; reading the
+# radicals narrowly (sqrt(ab_{t-1})(1-alpha_t), sqrt(ab_t)(1-ab_{t-1})) still fails (reported).
+STEP_III_ERRATUM = Erratum(
+    "samplers.ddpm_text_step_iii", "DDPM sampling step (iii) in the text of Sec. 2.2.3",
+    "handbook Sec. 2.2.3 (1) step (iii)",
+    printed="x_{t-1} = sqrt(ab_{t-1}(1-alpha_t))/(1-ab_t) x0_hat + sqrt(ab_t(1-ab_{t-1}))/(1-ab_t) x_t + sigma_t eps",
+    corrected="x_{t-1} = sqrt(ab_{t-1})(1-alpha_t)/(1-ab_t) x0_hat + sqrt(alpha_t)(1-ab_{t-1})/(1-ab_t) x_t "
+              "+ sigma_t eps (Eq. 10, which the step cites)",
+    inputs=_alg_inputs, reference=lambda z, **r: _post_mean(**r) + _post_std(**r) * z,
+    library=lambda model, x, t, z, **_: ddpm_step(model, x, t, noise=z),
+    as_printed=lambda x, x0, a, ab, abp, z, **_: torch.sqrt(abp * (1 - a)) / (1 - ab) * x0
+    + torch.sqrt(ab * (1 - abp)) / (1 - ab) * x + _eq10_sigma(a, ab, abp) * z,
+    report=lambda x, x0, a, ab, abp, z, **_: {"narrow_reading": abp.sqrt() * (1 - a) / (1 - ab) * x0
+                                              + ab.sqrt() * (1 - abp) / (1 - ab) * x + _eq10_sigma(a, ab, abp) * z})
+
+
+register_errata(*ALGORITHM_ERRATA)
 
 
 @register("samplers.alg2_noise_scale", "Alg. 2 line 4: the noise scale is sigma_t, not sqrt(1 - ab_{t-1})",
@@ -360,10 +333,10 @@ def alg2_eps_coefficient(dim):
 def alg2_noise_scale(dim):
     """The printed scale matches neither the posterior std (the reference) nor sqrt(beta_t) (reported)."""
     rows, what = _alg_inputs(dim)
-    ref = torch.stack([_post(**r)[1].sqrt() for r in rows])
+    ref = torch.stack([_post_std(**r) for r in rows])
     printed = torch.stack([(1 - r["abp"]).sqrt() for r in rows])
     sqrt_beta = torch.stack([(1 - r["a"]).sqrt() for r in rows])
-    corrected = torch.stack([torch.sqrt((1 - r["a"]) * (1 - r["abp"]) / (1 - r["ab"])) for r in rows])
+    corrected = torch.stack([_ddpm_posterior_std(**r) for r in rows])
     pr = identity(printed, ref, rtol=1e-10)
     pr_beta = identity(printed, sqrt_beta, rtol=1e-10)
     pr.passed = pr.passed or pr_beta.passed
@@ -371,84 +344,7 @@ def alg2_noise_scale(dim):
                    printed_vs_sqrt_beta_abs_err=pr_beta.abs_err)
 
 
-def _alg3_inputs(dim):
-    p = DDPM(1000)
-    rows = []
-    for i, (tn, tp) in enumerate([(1000, 900), (501, 1), (300, 100), (101, 1)]):
-        dist, what, x_t, x0, eps = _exact_state(dim, p, float(tn), 2, seed=1000 + 10 * i)
-        rows.append(dict(x=x_t, x0=x0, eps=eps, a_n=p.step_alpha(tn), a_prev=p.step_alpha(tp),
-                         ab=p.alpha_bars[tn], abp=p.alpha_bars[tp]))
-    return rows, what
-
-
-@register("samplers.alg3_x0_hat", "Alg. 3 line 4: x0_hat needs alpha_bar_{t_n} (Eq. 7)", "handbook Alg. 3 (line 4)",
-          dims=DIMS,
-          printed="x0_hat <- x_{t_n}/sqrt(alpha_{t_n}) - sqrt(1-alpha_{t_n})/sqrt(alpha_{t_n}) eps_theta",
-          corrected="x0_hat <- x_{t_n}/sqrt(ab_{t_n}) - sqrt(1-ab_{t_n})/sqrt(ab_{t_n}) eps_theta (Eq. 7)")
-def alg3_x0_hat(dim):
-    rows, what = _alg3_inputs(dim)
-    ref = _stack(rows, lambda x0, **_: x0)
-    printed = _stack(rows, lambda x, eps, a_n, **_: x / a_n.sqrt() - (1 - a_n).sqrt() / a_n.sqrt() * eps)
-    corrected = _stack(rows, lambda x, eps, ab, **_: x / ab.sqrt() - (1 - ab).sqrt() / ab.sqrt() * eps)
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what)
-
-
-@register("samplers.alg3_mean", "Alg. 3 line 5: the x0_hat coefficient is sqrt(alpha_bar_{t_{n-1}}) (Eq. 14)",
-          "handbook Alg. 3 (line 5)", dims=DIMS,
-          printed="mu <- sqrt(alpha_{t_{n-1}}) x0_hat + sqrt(1 - ab_{t_{n-1}} - sigma_{t_n}^2) eps_theta "
-                  "(and it uses sigma_{t_n} before line 6 defines it)",
-          corrected="mu <- sqrt(ab_{t_{n-1}}) x0_hat + sqrt(1 - ab_{t_{n-1}} - sigma_{t_n}^2) eps_theta (Eq. 14)")
-def alg3_mean(dim):
-    """At eta = 1 (sigma from the effective alpha), the DDIM step must be the posterior q(x_{t_{n-1}}|x_{t_n}, x0):
-    compare the means."""
-    rows, what = _alg3_inputs(dim)
-    ref = _stack(rows, lambda **r: _post(**r)[0])
-
-    def mean(x0, eps, ab, abp, a_prev, printed=False, **_):
-        sig = ddim_sigma(ab, abp, 1.0)
-        c0 = a_prev.sqrt() if printed else abp.sqrt()
-        return c0 * x0 + torch.clamp(1 - abp - sig ** 2, min=0).sqrt() * eps
-    printed = _stack(rows, lambda **r: mean(**r, printed=True))
-    corrected = _stack(rows, mean)
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what)
-
-
-@register("samplers.alg3_sigma", "Alg. 3 line 6: sigma_{t_n}(eta) on a sub-sequence", "handbook Alg. 3 (line 6)",
-          dims=DIMS,
-          printed="sigma_{t_n} <- eta sqrt((1-alpha_{t_n}) (1-ab_{t_{n-1}}) / (1-alpha_{t_n}))  (= eta sqrt(1-ab_{t_{n-1}}))",
-          corrected="sigma_{t_n} <- eta sqrt((1-alpha) (1-ab_{t_{n-1}}) / (1-ab_{t_n})) with the effective "
-                    "alpha = ab_{t_n}/ab_{t_{n-1}} (with the per-step alpha_{t_n} it is wrong on a sub-sequence too)")
-def alg3_sigma(dim):
-    """eta = 1 must give the posterior std of q(x_{t_{n-1}} | x_{t_n}, x0); the per-step-alpha variant is reported."""
-    rows, what = _alg3_inputs(dim)
-    ref = torch.stack([_post(**r)[1].sqrt() for r in rows])
-    printed = torch.stack([torch.sqrt((1 - r["a_n"]) * (1 - r["abp"]) / (1 - r["a_n"])) for r in rows])
-    per_step = torch.stack([torch.sqrt((1 - r["a_n"]) * (1 - r["abp"]) / (1 - r["ab"])) for r in rows])
-    corrected = torch.stack([ddim_sigma(r["ab"], r["abp"], 1.0) for r in rows])
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what,
-                   per_step_alpha_abs_err=identity(per_step, ref).abs_err)
-
-
-@register("samplers.ddpm_text_step_iii", "DDPM sampling step (iii) in the text of Sec. 2.2.3",
-          "handbook Sec. 2.2.3 (1) step (iii)", dims=DIMS,
-          printed="x_{t-1} = sqrt(ab_{t-1}(1-alpha_t))/(1-ab_t) x0_hat + sqrt(ab_t(1-ab_{t-1}))/(1-ab_t) x_t + sigma_t eps",
-          corrected="x_{t-1} = sqrt(ab_{t-1})(1-alpha_t)/(1-ab_t) x0_hat + sqrt(alpha_t)(1-ab_{t-1})/(1-ab_t) x_t "
-                    "+ sigma_t eps (Eq. 10, which the step cites)")
-def ddpm_text_step_iii(dim):
-    """The printed radicals cover (1-alpha_t) and (1-ab_{t-1}), and the x_t coefficient has ab_t for alpha_t;
-    reading the radicals narrowly (sqrt(ab_{t-1})(1-alpha_t), sqrt(ab_t)(1-ab_{t-1})) still fails (reported)."""
-    rows, what = _alg_inputs(dim)
-    ref = _stack(rows, lambda **r: _post(**r)[0] + _post(**r)[1].sqrt() * r["z"])
-    sig = lambda a, ab, abp: torch.sqrt((1 - a) * (1 - abp) / (1 - ab))  # noqa: E731
-    printed = _stack(rows, lambda x, x0, a, ab, abp, z, **_: torch.sqrt(abp * (1 - a)) / (1 - ab) * x0
-                     + torch.sqrt(ab * (1 - abp)) / (1 - ab) * x + sig(a, ab, abp) * z)
-    narrow = _stack(rows, lambda x, x0, a, ab, abp, z, **_: abp.sqrt() * (1 - a) / (1 - ab) * x0
-                    + ab.sqrt() * (1 - abp) / (1 - ab) * x + sig(a, ab, abp) * z)
-    corrected = _stack(rows, lambda x, x0, a, ab, abp, z, **_: eq10_literal(x, x0, a, ab, abp) + sig(a, ab, abp) * z)
-    return erratum(identity(printed, ref, rtol=1e-10), identity(corrected, ref, rtol=1e-10), data=what,
-                   narrow_reading_abs_err=identity(narrow, ref, rtol=1e-10).abs_err)
-
-
+register_errata(*ALGORITHM3_ERRATA, STEP_III_ERRATUM)
 @register("samplers.eta0_remark", "The eta = 0 step is not Eq. 9 without noise (remark below Eq. 14)",
           "handbook Sec. 2.2.1 DDIM (ii)",
           printed="when eta = 0 Eq. (9) becomes x_{t-1} = x_t/sqrt(alpha_t) - (1-alpha_t)/(sqrt(1-alpha_t) sqrt(alpha_t)) "
@@ -465,7 +361,7 @@ def eta0_remark():
     is reported (order ~1)."""
     p = VP()
     t0 = ORDER_T[2]
-    dist, what, x, _, _ = _exact_state(2, p, t0, 8, seed=300)
+    dist, what, x, _, _ = exact_state(2, p, t0, 8, seed=300)
 
     def printed(y, t, tn):
         a = p.alpha_bar(torch.tensor(t, dtype=F64)) / p.alpha_bar(torch.tensor(tn, dtype=F64))
@@ -479,10 +375,10 @@ def eta0_remark():
         return y / a.sqrt() - (1 - a) / ((1 - ab_t).sqrt() * a.sqrt()) * eps
 
     hs = [0.04, 0.02, 0.01]
-    info_p = _local_order(printed, dist, p, x, t0, hs)
-    info_9 = _local_order(eq9_no_noise, dist, p, x, t0, hs)
-    info_c = _local_order(lambda y, a, b: ddim_step(dist, y, a, b, eta=0.0), dist, p, x, t0, hs)
-    return erratum(_order_result(info_p, 2.0), _order_result(info_c, 2.0), data=what,
+    info_p = local_order(printed, dist, p, x, t0, hs)
+    info_9 = local_order(eq9_no_noise, dist, p, x, t0, hs)
+    info_c = local_order(lambda y, a, b: ddim_step(dist, y, a, b, eta=0.0), dist, p, x, t0, hs)
+    return erratum(local_order_result(info_p, 2.0), local_order_result(info_c, 2.0), data=what,
                    printed_orders=info_p["orders"], eq9_without_noise_orders=info_9["orders"])
 
 
@@ -492,7 +388,7 @@ def _sde_ode_marginals(process: Process, grid: Tensor, stops: list[int], n: int 
     """Integrate the reverse SDE (Euler-Maruyama) and the PF-ODE (Heun) from exact p_{grid[0]} samples and
     compare the states at grid[stops] with fresh exact samples of those marginals: sliced Wasserstein
     distance vs the two-sample noise floor (mean and std over ``repeats`` pairs of exact n-samples)."""
-    dist, what = exact_data(2, process)
+    dist, what = exact_data_once(2, process)
 
     def exact(m, t, g):
         x0 = dist.sample(m, generator=g)
@@ -638,7 +534,7 @@ def diffusers_ddpm_step(dim):
         sch = _f64_tables(DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type="fixed_small",
                                         prediction_type=pt), p)
         for i, k in enumerate([0, 1, 57, 500, 999]):
-            dist, what, x_t, _, _ = _exact_state(dim, p, float(k + 1), 3, seed=1600 + 10 * i)
+            dist, what, x_t, _, _ = exact_state(dim, p, float(k + 1), 3, seed=1600 + 10 * i)
             out = sch.step(_model_output(dist, x_t, k + 1, pt, p), k, x_t, generator=_gen(1700 + i)).prev_sample
             lhs.append(ddpm_step(dist, x_t, k + 1, generator=_gen(1700 + i)))
             rhs.append(out)
@@ -647,7 +543,7 @@ def diffusers_ddpm_step(dim):
     ks = sch.timesteps.tolist()
     for i, k in enumerate(ks):
         prev = ks[i + 1] + 1 if i + 1 < len(ks) else 0
-        dist, what, x_t, _, _ = _exact_state(dim, p, float(k + 1), 3, seed=1800 + 10 * i)
+        dist, what, x_t, _, _ = exact_state(dim, p, float(k + 1), 3, seed=1800 + 10 * i)
         out = sch.step(_model_output(dist, x_t, k + 1, "epsilon", p), k, x_t, generator=_gen(1900 + i)).prev_sample
         lhs.append(ddpm_step(dist, x_t, k + 1, prev, generator=_gen(1900 + i)))
         rhs.append(out)
@@ -665,7 +561,7 @@ def diffusers_ddim_step(dim):
     from dstar_edu.diffusers_interop import diffusers_ddim_transitions
     p = DDPM(1000)
     lhs, rhs, n_steps_checked = [], [], 0
-    dist, what = exact_data(dim, p)
+    dist, what = exact_data_once(dim, p)
     for spacing in ("leading", "linspace", "trailing"):
         for N in (10, 7):
             for one in (True, False):
@@ -727,7 +623,7 @@ def diffusers_edm_euler_step(dim):
     from diffusers import EDMEulerScheduler
     from dstar_edu.diffusers_interop import DiffusersUNetPredictor, edm_preconditioning
     p = VE(80.0)
-    dist, what = exact_data(dim, p)
+    dist, what = exact_data_once(dim, p)
     net = ExactEDMNet(dist)
     pred = DiffusersUNetPredictor(net, p, preconditioning="edm", sigma_data=mutate(0.5, 1.0))  # cf: sigma_data
     sch = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
