@@ -18,8 +18,8 @@ its unsharded parameters' flags at their first all-gather, so toggling is unsafe
 evaluates the mirror, a copy whose parameters never require gradients, refreshed from the trained online score
 (a local copy of the shards, no communication) before every generator phase: the same values, so the same loss.
 
-Units: every block of the network's top-level ``nn.ModuleList`` s (diffusers' ``down_blocks`` / ``up_blocks``,
-PixArt's ``transformer_blocks``) is one FSDP unit, the rest (embeddings, middle block, heads) the root unit.
+Units (:func:`fsdp_units`): the blocks of the network's ``nn.ModuleList`` s, split until none holds more than 1/16
+of the parameters; the rest (embeddings, norms, heads) is the root unit.
 """
 from __future__ import annotations
 
@@ -40,16 +40,38 @@ __all__ = ["fsdp_units", "check_fsdp_launch", "process_group", "device_mesh", "s
            "refresh_mirror", "is_sharded"]
 
 
-def fsdp_units(net: nn.Module) -> list[nn.Module]:
-    """The modules that become their own FSDP unit (all-gathered one at a time): every element of the network's
-    outermost ``nn.ModuleList`` s. The planner sizes the all-gather buffers from the same list."""
-    units, stack = [], list(net.children())
-    while stack:
-        m = stack.pop(0)
-        if isinstance(m, nn.ModuleList):
-            units.extend(b for b in m if any(True for _ in b.parameters()))
+def fsdp_units(net: nn.Module, max_fraction: float = 1 / 16) -> list[nn.Module]:
+    """The modules that become their own FSDP unit (all-gathered one at a time): the elements of the network's
+    ``nn.ModuleList`` s (diffusers' down / up blocks, their resnets and attentions, transformer blocks), taken from
+    the outside in, splitting any element larger than ``max_fraction`` of the network into the ModuleList elements
+    inside it (SDXL's 10-layer attention stacks become their transformer blocks: the largest unit is ~50M
+    parameters, not 1.2B). What no unit holds (embeddings, heads, norms) is the root unit. The planner sizes the
+    all-gather buffers from the same list."""
+    limit = max_fraction * sum(p.numel() for p in net.parameters())
+
+    def size(m):
+        return sum(p.numel() for p in m.parameters())
+
+    def inner_lists(m):       # the outermost ModuleLists below m
+        found, stack = [], list(m.children())
+        while stack:
+            c = stack.pop(0)
+            if isinstance(c, nn.ModuleList):
+                found.append(c)
+            else:
+                stack.extend(c.children())
+        return found
+
+    units, todo = [], [b for lst in inner_lists(net) for b in lst]
+    while todo:
+        b = todo.pop(0)
+        if size(b) == 0:
+            continue
+        inner = [x for lst in inner_lists(b) for x in lst]
+        if size(b) > limit and inner:
+            todo.extend(inner)
         else:
-            stack.extend(m.children())
+            units.append(b)
     return units
 
 

@@ -39,15 +39,22 @@ RUNS = {
 
 
 def _tiny_arch(script: str, cfg) -> dict:
-    """The planner's architecture overrides for ``--tiny`` networks (their own configs)."""
+    """The planner's architecture overrides for ``--tiny`` networks (their own configs, every network the plan
+    counts: the tiny report compares the tiny run with the tiny plan, not with full-size rows)."""
     import importlib
     mod = importlib.import_module(f"scaled_runs.{script}")
     if script == "align_sdxl":
-        pipe, _ = mod.build_tiny_pipeline(cfg.output_dir, cfg.seed)
-        return {"sdxl_unet": dict(pipe.unet.config), "sdxl_vae": dict(pipe.vae.config)}
+        pipe, reward = mod.build_tiny_pipeline(cfg.output_dir, cfg.seed)
+        clip = reward.model.config
+        return {"sdxl_unet": dict(pipe.unet.config), "sdxl_vae": dict(pipe.vae.config),
+                "sdxl_text_encoders": {"text_encoder": pipe.text_encoder.config.to_dict(),
+                                       "text_encoder_2": pipe.text_encoder_2.config.to_dict()},
+                "pickscore_clip_h": {"projection_dim": clip.projection_dim, "text_config": clip.text_config.to_dict(),
+                                     "vision_config": clip.vision_config.to_dict()}}
     if script == "distill_pixart":
         pipe = mod.build_tiny_pipeline(cfg.seed)
-        return {"pixart_512_transformer": dict(pipe.transformer.config), "sd_vae_512": dict(pipe.vae.config)}
+        return {"pixart_512_transformer": dict(pipe.transformer.config), "sd_vae_512": dict(pipe.vae.config),
+                "t5_xxl_encoder": pipe.text_encoder.config.to_dict()}
     from dstar_edu.diffusers_interop import tiny_unet
     return {"ddpm_cifar10_unet": dict(tiny_unet(seed=cfg.seed).config)}
 
