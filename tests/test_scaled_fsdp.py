@@ -1,11 +1,15 @@
-"""FSDP2 with 2 CPU processes over gloo (issue 10, item 4 of the brief's FSDP part): torch's own ``fully_shard``
-and ``torch.distributed.checkpoint`` around the library's alternating loop (``dstar_edu.distillation.distill``).
+"""FSDP2 with 2 CPU processes over gloo (issue 10, item 4).
 
-Both ranks draw identical batches (one seeded generator), so FSDP's reduce-scatter averages two identical gradients:
-``(g + g) / 2 = g`` exactly in binary floating point, and the sharded run must equal the single-process run (the
-DDP run with identical batches is the same average) bit for bit: tolerance 0. The sharded checkpoint (generator,
-online score, EMA, Adam states) is written by each rank for its own shard and read back into differently
-initialised sharded networks, again exactly."""
+Library level: torch's own ``fully_shard`` and ``torch.distributed.checkpoint`` around the library's alternating loop
+(``dstar_edu.distillation.distill``). Both ranks draw identical batches (one seeded generator), so FSDP's
+reduce-scatter averages two identical gradients: ``(g + g) / 2 = g`` exactly in binary floating point, and the
+sharded run must equal the single-process run (the DDP run with identical batches is the same average) bit for bit:
+tolerance 0. The sharded checkpoint (generator, online score, EMA, Adam states) is written by each rank for its own
+shard and read back into differently initialised sharded networks, again exactly.
+
+Script level: the three scaled_runs scripts with ``--fsdp`` against the same runs under DDP, a SIGKILLed FSDP run
+resumed from its DCP shards, one-process FSDP (one GPU), and the shipped FSDP configs.
+"""
 from __future__ import annotations
 
 import os
@@ -13,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,3 +136,43 @@ def test_scripts_fsdp_equal_ddp_and_resume_after_kill(tmp_path):
     for name in ("generator", "fake", "generator_ema"):
         a, b = _weights(killed, 2, name), _weights(ref, 2, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_shipped_fsdp_configs():
+    """The accelerate launch config is a plain 8-process multi-GPU launch (the scripts shard themselves), and the
+    FSDP SDXL config is the full fine-tuning config with only fsdp, the GPU memory and the output folder changed."""
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+    configs = ROOT / "scaled_runs" / "configs"
+    acc = load_config_from_file(str(configs / "accelerate" / "fsdp_8gpu.yaml"))
+    assert (acc.distributed_type.value, acc.num_processes, acc.mixed_precision) == ("MULTI_GPU", 8, "bf16")
+    fsdp, ddp = (yaml.safe_load((configs / n).read_text()) for n in ("sdxl_distar_fsdp_h100.yaml", "sdxl_distar.yaml"))
+    changed = {k for k in set(fsdp) | set(ddp) if fsdp.get(k) != ddp.get(k)}
+    assert changed == {"fsdp", "target_gpu_memory_gib", "output_dir"} and fsdp["fsdp"] is True
+
+
+def test_one_process_fsdp_checkpoint_and_refusals(tmp_path):
+    """One process (one GPU): --fsdp runs in a one-process group with the same sharded code and DCP checkpoint;
+    the consolidated checkpoint holds the trained weights exactly; settings FSDP does not support are refused, and
+    so is resuming a sharded checkpoint without --fsdp."""
+    from scaled_runs import common, distill_cifar
+    from scaled_runs.checkpoints import consolidate
+    out = tmp_path / "run"
+    argv = ["--tiny", "--cpu", "--steps", "1", "--batch_size", "1", "--num_threads", "1", "--no-progress",
+            "--sample_every", "0", "--n_samples", "1", "--ema_decay", "0.9", "--fsdp", "--output_dir", str(out)]
+    res = distill_cifar.main(argv)
+    assert not torch.distributed.is_initialized()                    # the one-process group is gone again
+    ck = out / "checkpoints" / "step_0000001"
+    assert sorted(p.name for p in (ck / "dcp").iterdir()) == [".metadata", "__0_0.distcp"]
+    consolidate(ck)
+    trained = {k: v.to_local() for k, v in res["generator"].denoiser.unet.state_dict().items()}  # 1 rank: all
+    saved = _weights(out, 1, "generator")
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    from dstar_edu.diffusers_interop import tiny_unet
+    assert any(not torch.equal(saved[k], v) for k, v in tiny_unet(seed=0).state_dict().items())   # it trained
+    with pytest.raises(ValueError, match="fsdp"):
+        distill_cifar.main([a for a in argv if a != "--fsdp"] + ["--steps", "2", "--resume", "latest"])
+    with pytest.raises(ValueError, match="lora_rank"):
+        distill_cifar.main(argv + ["--lora_rank", "4", "--output_dir", str(tmp_path / "lora")])
+    with pytest.raises(ValueError, match="method='pd'"):
+        common.parse_config(distill_cifar.CifarConfig, ["--tiny", "--fsdp", "--method", "pd"])
