@@ -251,7 +251,8 @@ def load_sharded(path, models: dict, optimizers: dict | None = None) -> None:
 def consolidate(path) -> list[Path]:
     """Turn a sharded checkpoint folder (``--fsdp``: ``dcp/`` + each network's ``config.json``) into the folders
     a DDP checkpoint has: ``<name>/diffusion_pytorch_model.safetensors`` (``from_pretrained``-loadable), and the
-    optimiser states (keyed by parameter name) in ``optimizers_by_name.pt``. Offline, in one process, with the whole state in CPU memory. Returns the weight files."""
+    optimiser states (keyed by parameter name) in ``optimizers_by_name.pt``. Offline, in one process, with the
+    whole state in CPU memory. Returns the weight files."""
     import tempfile
 
     from safetensors.torch import save_file

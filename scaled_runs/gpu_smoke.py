@@ -8,9 +8,9 @@ written to ``<out>/report.json`` and ``<out>/report.md``.
 Full size (default): ``--tiny --full_random`` builds SDXL's UNet / VAE / text encoders / CLIP-H reward and
 PixArt-alpha-512's transformer / T5-XXL / VAE from ``configs/arch`` with random weights on the GPU, batch 1,
 gradient checkpointing of trained and frozen networks, no checkpoints written. The planner's prediction is for
-one GPU under the same settings (``scaled_runs.plan``); the measured peak is ``torch.cuda.max_memory_allocated``
-(on the CPU: the process's peak resident set size, which includes Python and torch themselves and is not
-comparable with the plan).
+one GPU under the same settings (``scaled_runs.plan``; with ``--tiny``: of the tiny networks, every row); the
+measured peak is ``torch.cuda.max_memory_allocated`` (on the CPU: the process's peak resident set size, which
+includes Python and torch themselves and is not comparable with the plan).
 """
 from __future__ import annotations
 

@@ -272,8 +272,8 @@ def _trained_rows(plan: Plan, cfg, nets: dict[str, nn.Module], frozen_base_bytes
             plan.rows[f"{name}: LoRA weights (fp32)"] = n_train * 4
         else:
             plan.rows[f"{name}: weights (fp32{', sharded' if shard > 1 else ''})"] = n_train * 4 // shard
-        plan.rows[f"{name}: Adam moments ({'8-bit' if cfg.use_8bit_adam else 'fp32'}{', sharded' if shard > 1 else ''})"] \
-            = n_train * adam // shard
+        kind = ("8-bit" if cfg.use_8bit_adam else "fp32") + (", sharded" if shard > 1 else "")
+        plan.rows[f"{name}: Adam moments ({kind})"] = n_train * adam // shard
         if plan.strategy == "ddp" and plan.gpus > 1:
             plan.rows[f"{name}: DDP gradient buckets (fp32)"] = n_train * 4
     if plan.strategy == "fsdp":

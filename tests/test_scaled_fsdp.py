@@ -57,7 +57,8 @@ LR, BETA2 = 1e-5, 0.999          # the scripts' default Adam settings (beta1 = 0
 
 def _adam_reach(steps: int) -> float:
     """Largest total move of one parameter under Adam with beta1 = 0 in ``steps`` steps: the bias-corrected step
-    ``lr g / sqrt(v / (1 - beta2^t))`` with ``v >= (1 - beta2) g^2`` is at most ``lr sqrt((1 - beta2^t) / (1 - beta2))``."""
+    ``lr g / sqrt(v / (1 - beta2^t))`` with ``v >= (1 - beta2) g^2`` is at most
+    ``lr sqrt((1 - beta2^t) / (1 - beta2))``."""
     return sum(LR * ((1 - BETA2 ** t) / (1 - BETA2)) ** 0.5 for t in range(1, steps + 1))
 
 
