@@ -44,8 +44,8 @@ def ema_decay_for(cfg: BaseConfig, images_per_step: int) -> float | None:
 def make_ema(model: nn.Module, cfg: BaseConfig, images_per_step: int) -> EMA | None:
     """The library's ``training.EMA`` of ``model`` (``theta_ema <- d theta_ema + (1 - d) theta``) or None.
 
-    Build it from the *unprepared* module (a plain deep copy on the same device); under FSDP the parameters
-    are sharded and this EMA does not apply (turn it off with ``--ema_halflife_kimg 0``).
+    Build it from the *unprepared* module (a plain deep copy on the same device); under ``--fsdp`` the copy is then
+    sharded like the generator (``loop.run_distillation``), and the update works on the local shards.
     """
     decay = ema_decay_for(cfg, images_per_step)
     return None if decay is None else EMA(model, decay)
@@ -53,6 +53,8 @@ def make_ema(model: nn.Module, cfg: BaseConfig, images_per_step: int) -> EMA | N
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 def is_fsdp(accelerator) -> bool:
+    """Whether accelerate itself runs FSDP (its distributed type; refused by the scripts, which shard with
+    ``--fsdp`` themselves: ``scaled_runs/fsdp.py``)."""
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
 
