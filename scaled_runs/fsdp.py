@@ -68,7 +68,9 @@ def fsdp_units(net: nn.Module, max_fraction: float = 1 / 16) -> list[nn.Module]:
         if size(b) == 0:
             continue
         inner = [x for lst in inner_lists(b) for x in lst]
-        if size(b) > limit and inner:
+        # split only into composite blocks, never into single layers (a lone Linear unit returns a view that an
+        # in-place op downstream could detach from FSDP's pre-backward hook)
+        if size(b) > limit and inner and all(any(True for _ in x.children()) for x in inner):
             todo.extend(inner)
         else:
             units.append(b)

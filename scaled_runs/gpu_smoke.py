@@ -46,11 +46,14 @@ def _tiny_arch(script: str, cfg) -> dict:
     if script == "align_sdxl":
         pipe, reward = mod.build_tiny_pipeline(cfg.output_dir, cfg.seed)
         clip = reward.model.config
+
+        def tower(c):          # the planner passes projection_dim itself
+            return {k: v for k, v in c.to_dict().items() if k != "projection_dim"}
         return {"sdxl_unet": dict(pipe.unet.config), "sdxl_vae": dict(pipe.vae.config),
                 "sdxl_text_encoders": {"text_encoder": pipe.text_encoder.config.to_dict(),
                                        "text_encoder_2": pipe.text_encoder_2.config.to_dict()},
-                "pickscore_clip_h": {"projection_dim": clip.projection_dim, "text_config": clip.text_config.to_dict(),
-                                     "vision_config": clip.vision_config.to_dict()}}
+                "pickscore_clip_h": {"projection_dim": clip.projection_dim, "text_config": tower(clip.text_config),
+                                     "vision_config": tower(clip.vision_config)}}
     if script == "distill_pixart":
         pipe = mod.build_tiny_pipeline(cfg.seed)
         return {"pixart_512_transformer": dict(pipe.transformer.config), "sd_vae_512": dict(pipe.vae.config),
