@@ -25,7 +25,7 @@ from scaled_runs.config import BaseConfig  # noqa: E402
 
 __all__ = ["WEIGHTS_NAME", "ema_decay_for", "make_ema", "is_fsdp", "Saved", "checkpoint_dir", "find_checkpoint",
            "save_checkpoint", "load_checkpoint", "rotate_checkpoints", "rng_state", "set_rng_state", "load_rng_state",
-           "check_resume_config", "save_sharded", "load_sharded"]
+           "check_resume_config", "save_sharded", "load_sharded", "consolidate"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # diffusers' file name: a checkpoint folder loads with from_pretrained
 
@@ -44,8 +44,8 @@ def ema_decay_for(cfg: BaseConfig, images_per_step: int) -> float | None:
 def make_ema(model: nn.Module, cfg: BaseConfig, images_per_step: int) -> EMA | None:
     """The library's ``training.EMA`` of ``model`` (``theta_ema <- d theta_ema + (1 - d) theta``) or None.
 
-    Build it from the *unprepared* module (a plain deep copy on the same device); under FSDP the parameters
-    are sharded and this EMA does not apply (turn it off with ``--ema_halflife_kimg 0``).
+    Build it from the *unprepared* module (a plain deep copy on the same device); under ``--fsdp`` the copy is then
+    sharded like the generator (``loop.run_distillation``), and the update works on the local shards.
     """
     decay = ema_decay_for(cfg, images_per_step)
     return None if decay is None else EMA(model, decay)
@@ -53,6 +53,8 @@ def make_ema(model: nn.Module, cfg: BaseConfig, images_per_step: int) -> EMA | N
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 def is_fsdp(accelerator) -> bool:
+    """Whether accelerate itself runs FSDP (its distributed type; refused by the scripts, which shard with
+    ``--fsdp`` themselves: ``scaled_runs/fsdp.py``)."""
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
 
@@ -141,39 +143,51 @@ def save_checkpoint(accelerator, output_dir, step: int, networks: dict[str, Save
     or a weight is not finite. Written to ``<dir>.tmp`` and renamed, so a crash never leaves a half checkpoint.
     Every process adds ``rng_state_<rank>.pt`` (:func:`rng_state`); ``state.json`` is written with sorted keys
     (equal states give equal files); ``total_limit`` > 0 then deletes the oldest checkpoints beyond it.
-    Call on every process (FSDP gathers the weights collectively); only the main process writes.
+    Call on every process; only the main process writes the weights. FSDP-sharded networks (``--fsdp``) are not
+    gathered: every rank writes its own shard of the networks and optimisers with :func:`save_sharded` into
+    ``dcp/`` (next to each network's ``config.json``); ``python -m scaled_runs.checkpoints consolidate DIR`` turns
+    that into ``from_pretrained`` folders offline.
     """
     from safetensors.torch import save_file
     bad = {k: v for k, v in losses.items() if not math.isfinite(float(v))}
     if bad:
         raise NonFiniteError(f"refusing to write the checkpoint of step {step}: losses {bad} are not finite")
+    from scaled_runs.fsdp import is_sharded
+    sharded = any(is_sharded(spec.module) for spec in networks.values())
     states = {}
     for name, spec in networks.items():
-        sd = accelerator.get_state_dict(spec.module)
-        states[name] = {k: v.detach() for k, v in sd.items()}
-    for name, sd in states.items():
-        for k, v in sd.items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise NonFiniteError(f"refusing to write the checkpoint of step {step}: {name}.{k} has non-finite "
-                                     "entries")
+        sd = spec.module.state_dict() if sharded else accelerator.get_state_dict(spec.module)
+        states[name] = {k: (v.to_local() if hasattr(v, "to_local") else v).detach() for k, v in sd.items()}
+    bad = [f"{name}.{k}" for name, sd in states.items() for k, v in sd.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if sharded:                                  # each rank checked its own shards: decide together
+        flag = torch.tensor([float(len(bad))], device=accelerator.device)
+        torch.distributed.all_reduce(flag)
+        if float(flag) > 0 and not bad:
+            bad = ["a shard of another process"]
+    if bad:
+        raise NonFiniteError(f"refusing to write the checkpoint of step {step}: {bad[0]} has non-finite entries")
     final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
-        tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, sd in states.items():
             (tmp / name).mkdir()
-            save_file({k: v.contiguous().cpu() for k, v in sd.items()}, str(tmp / name / WEIGHTS_NAME),
-                      metadata={"format": "pt", "step": str(step)})
+            if not sharded:
+                save_file({k: v.contiguous().cpu() for k, v in sd.items()}, str(tmp / name / WEIGHTS_NAME),
+                          metadata={"format": "pt", "step": str(step)})
             cfg_src = networks[name].config
             if cfg_src is not None and hasattr(cfg_src, "save_config"):
                 cfg_src.save_config(tmp / name)
-        if optimizers and not is_fsdp(accelerator):   # FSDP optimiser states are sharded: weights-only resume
+        if optimizers and not sharded:
             torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizers.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, **(meta or {})}, indent=1,
                                                    sort_keys=True))
     accelerator.wait_for_everyone()
-    tmp = final.with_name(final.name + ".tmp")
+    if sharded:                                  # every rank writes its own shard (collective)
+        save_sharded(tmp / "dcp", {k: spec.module for k, spec in networks.items()},
+                     {k: getattr(o, "optimizer", o) for k, o in (optimizers or {}).items()})
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -186,14 +200,16 @@ def save_checkpoint(accelerator, output_dir, step: int, networks: dict[str, Save
 
 
 def load_checkpoint(path) -> dict:
-    """``{"state": state.json, "networks": {name: state dict}, "optimizers": dict | None}`` of a checkpoint."""
+    """``{"state": state.json, "networks": {name: state dict}, "optimizers": dict | None, "sharded": bool}`` of a
+    checkpoint (a sharded one holds no full state: its networks and optimisers load with :func:`load_sharded`)."""
     from safetensors.torch import load_file
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     nets = {p.name: load_file(str(p / WEIGHTS_NAME)) for p in sorted(path.iterdir()) if (p / WEIGHTS_NAME).is_file()}
     opt_path = path / "optimizers.pt"
     optimizers = torch.load(opt_path, map_location="cpu", weights_only=True) if opt_path.is_file() else None
-    return {"state": state, "networks": nets, "optimizers": optimizers, "path": path}
+    return {"state": state, "networks": nets, "optimizers": optimizers, "path": path,
+            "sharded": (path / "dcp").is_dir()}
 
 
 def load_rng_state(path, rank: int) -> dict | None:
@@ -232,3 +248,43 @@ def load_sharded(path, models: dict, optimizers: dict | None = None) -> None:
         set_model_state_dict(m, state[f"model.{k}"])
     for k, o in (optimizers or {}).items():
         set_optimizer_state_dict(models[k], o, state[f"optim.{k}"])
+
+
+def consolidate(path) -> list[Path]:
+    """Turn a sharded checkpoint folder (``--fsdp``: ``dcp/`` + each network's ``config.json``) into the folders
+    a DDP checkpoint has: ``<name>/diffusion_pytorch_model.safetensors`` (``from_pretrained``-loadable), and the
+    optimiser states (keyed by parameter name) in ``optimizers_by_name.pt``. Offline, in one process, with the
+    whole state in CPU memory. Returns the weight files."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    path = Path(path)
+    if not (path / "dcp" / ".metadata").is_file():
+        raise ValueError(f"path={str(path)!r} is not a sharded checkpoint folder (no dcp/.metadata)")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path / "dcp", Path(tmp) / "full.pt")
+        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    written, optim = [], {}
+    for key, sd in sorted(full.items()):
+        kind, name = key.split(".", 1)
+        if kind == "model":
+            (path / name).mkdir(exist_ok=True)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(path / name / WEIGHTS_NAME),
+                      metadata={"format": "pt"})
+            written.append(path / name / WEIGHTS_NAME)
+        else:
+            optim[name] = sd
+    if optim:   # torch.distributed.checkpoint's parameter-name-keyed optimiser states (get_optimizer_state_dict)
+        torch.save(optim, path / "optimizers_by_name.pt")
+    return written
+
+
+if __name__ == "__main__":
+    import argparse
+    _parser = argparse.ArgumentParser(description="scaled_runs checkpoint tools")
+    _parser.add_argument("command", choices=["consolidate"])
+    _parser.add_argument("path", help="a checkpoint folder checkpoints/step_N written with --fsdp")
+    _args = _parser.parse_args()
+    for _f in consolidate(_args.path):
+        print(_f)

@@ -83,6 +83,9 @@ class BaseConfig:
     batch_cfg: bool = opt(True, "guided teachers evaluate cond and uncond in one doubled batch (one pass, not two)")
     prompt_embeddings: str = opt("", "folder of safetensors shards written by scaled_runs/encode_prompts.py "
                                      "(the text encoders are then not loaded)")
+    fsdp: bool = opt(False, "shard generator, online score and EMA over the processes with torch's FSDP2 "
+                            "(fully_shard); checkpoints are torch.distributed.checkpoint shards, one file per rank "
+                            "(scaled_runs/fsdp.py)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -112,6 +112,9 @@ class CifarConfig(common.BaseConfig):
             raise ValueError("teacher='' : pass --teacher DIR (a local diffusers folder) or --tiny")
         if self.method in TRAJECTORY_METHODS and not self.tiny and not self.data:
             raise ValueError(f"method={self.method!r} trains on images: pass --data FILE.npz (or --tiny)")
+        if self.fsdp and self.method in TRAJECTORY_METHODS:
+            raise ValueError(f"fsdp=true with method={self.method!r}: FSDP is wired into the one-step distillation "
+                             f"methods {list(GENERATOR_LOSSES)} only")
         if min(self.student_steps, self.cd_grid - 1, self.cd_m, self.ect_d) < 1:
             raise ValueError("need student_steps >= 1, cd_grid >= 2, cd_m >= 1, ect_d >= 1")
 

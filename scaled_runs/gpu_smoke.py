@@ -8,9 +8,9 @@ written to ``<out>/report.json`` and ``<out>/report.md``.
 Full size (default): ``--tiny --full_random`` builds SDXL's UNet / VAE / text encoders / CLIP-H reward and
 PixArt-alpha-512's transformer / T5-XXL / VAE from ``configs/arch`` with random weights on the GPU, batch 1,
 gradient checkpointing of trained and frozen networks, no checkpoints written. The planner's prediction is for
-one GPU under the same settings (``scaled_runs.plan``); the measured peak is ``torch.cuda.max_memory_allocated``
-(on the CPU: the process's peak resident set size, which includes Python and torch themselves and is not
-comparable with the plan).
+one GPU under the same settings (``scaled_runs.plan``; with ``--tiny``: of the tiny networks, every row); the
+measured peak is ``torch.cuda.max_memory_allocated`` (on the CPU: the process's peak resident set size, which
+includes Python and torch themselves and is not comparable with the plan).
 """
 from __future__ import annotations
 
@@ -39,15 +39,25 @@ RUNS = {
 
 
 def _tiny_arch(script: str, cfg) -> dict:
-    """The planner's architecture overrides for ``--tiny`` networks (their own configs)."""
+    """The planner's architecture overrides for ``--tiny`` networks (their own configs, every network the plan
+    counts: the tiny report compares the tiny run with the tiny plan, not with full-size rows)."""
     import importlib
     mod = importlib.import_module(f"scaled_runs.{script}")
     if script == "align_sdxl":
-        pipe, _ = mod.build_tiny_pipeline(cfg.output_dir, cfg.seed)
-        return {"sdxl_unet": dict(pipe.unet.config), "sdxl_vae": dict(pipe.vae.config)}
+        pipe, reward = mod.build_tiny_pipeline(cfg.output_dir, cfg.seed)
+        clip = reward.model.config
+
+        def tower(c):          # the planner passes projection_dim itself
+            return {k: v for k, v in c.to_dict().items() if k != "projection_dim"}
+        return {"sdxl_unet": dict(pipe.unet.config), "sdxl_vae": dict(pipe.vae.config),
+                "sdxl_text_encoders": {"text_encoder": pipe.text_encoder.config.to_dict(),
+                                       "text_encoder_2": pipe.text_encoder_2.config.to_dict()},
+                "pickscore_clip_h": {"projection_dim": clip.projection_dim, "text_config": tower(clip.text_config),
+                                     "vision_config": tower(clip.vision_config)}}
     if script == "distill_pixart":
         pipe = mod.build_tiny_pipeline(cfg.seed)
-        return {"pixart_512_transformer": dict(pipe.transformer.config), "sd_vae_512": dict(pipe.vae.config)}
+        return {"pixart_512_transformer": dict(pipe.transformer.config), "sd_vae_512": dict(pipe.vae.config),
+                "t5_xxl_encoder": pipe.text_encoder.config.to_dict()}
     from dstar_edu.diffusers_interop import tiny_unet
     return {"ddpm_cifar10_unet": dict(tiny_unet(seed=cfg.seed).config)}
 

@@ -36,15 +36,15 @@ from torch import nn
 from dstar_edu.distillation import NonFiniteError, alternate, guarded_update  # noqa: E402
 from dstar_edu.objectives.distill import frozen  # noqa: E402
 from dstar_edu.training import EMA  # noqa: E402
-from scaled_runs.checkpoints import (Saved, check_resume_config, ema_decay_for, find_checkpoint,  # noqa: E402
-                                     is_fsdp, load_checkpoint, load_rng_state, make_ema, save_checkpoint,
-                                     set_rng_state)
+from scaled_runs.checkpoints import (Saved, check_resume_config, find_checkpoint,  # noqa: E402
+                                     load_checkpoint, load_rng_state, load_sharded, make_ema,
+                                     save_checkpoint, set_rng_state)
 from scaled_runs.config import BaseConfig  # noqa: E402
 
 Tensor = torch.Tensor
 
 __all__ = ["NonFiniteError", "guard_finite", "MetricLogger", "read_metrics", "save_image_grid", "Phase",
-           "train_alternating", "run_distillation", "write_config", "eval_mode"]
+           "train_alternating", "run_distillation", "distillation_run", "write_config", "eval_mode"]
 
 
 # ---- NaN guard -------------------------------------------------------------------------------------------------
@@ -253,7 +253,15 @@ def _load_into(module: nn.Module, state: dict) -> None:
     module.load_state_dict(state)
 
 
-def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake_net: nn.Module, fake,
+def run_distillation(accelerator, cfg: BaseConfig, **kw) -> dict:
+    """:func:`distillation_run` (its arguments), inside a process group when ``cfg.fsdp`` runs in one process."""
+    from scaled_runs.fsdp import check_fsdp_launch, process_group
+    check_fsdp_launch(accelerator, cfg)
+    with process_group(accelerator) if cfg.fsdp else contextlib.nullcontext():
+        return distillation_run(accelerator, cfg, **kw)
+
+
+def distillation_run(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake_net: nn.Module, fake,
                      fake_loss: Callable, gen_loss: Callable, images: Callable | None = None,
                      config_of: Callable[[nn.Module], Any] = lambda m: m,
                      meta: dict | None = None, desc: str = "distill") -> dict:
@@ -268,7 +276,9 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
     ``fake_train`` sees the fake network through its DDP wrapper (its own phase), ``fake_eval`` unwrapped (the
     generator loss, which freezes its parameters). ``images(model, n) -> (n, C, H, W)`` in ``[-1, 1]`` renders
     the sample grids (``model`` is the EMA generator if any, else the generator). ``config_of(net)`` is the
-    diffusers ConfigMixin saved next to a network's weights.
+    diffusers ConfigMixin saved next to a network's weights. ``cfg.fsdp``: generator, online score and EMA are
+    sharded with ``fully_shard`` and the generator loss sees the online score through a frozen mirror
+    (``scaled_runs/fsdp.py``); checkpoints are ``torch.distributed.checkpoint`` shards.
     Returns ``{"records", "checkpoint", "generator", "ema", "fake_net", "optimizers"}``.
     """
     from scaled_runs.config import weight_dtype
@@ -284,19 +294,20 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
     ckpt, start_step = None, 0
     if cfg.resume:
         ckpt = load_checkpoint(find_checkpoint(cfg.resume, cfg.output_dir))
-        _load_into(generator.denoiser.unet, ckpt["networks"]["generator"])
-        _load_into(fake_net, ckpt["networks"]["fake"])
-        start_step = int(ckpt["state"]["step"])
         if "config" in ckpt["state"]:
             check_resume_config(ckpt["state"]["config"], json.loads(json.dumps(cfg.to_dict())))
+        if ckpt["sharded"] != cfg.fsdp:
+            raise ValueError(f"resume: {ckpt['path']} is {'a sharded' if ckpt['sharded'] else 'an unsharded'} "
+                             f"checkpoint but fsdp={cfg.fsdp}; resume it with fsdp={ckpt['sharded']}")
+        if not cfg.fsdp:                           # sharded states load after sharding (below)
+            _load_into(generator.denoiser.unet, ckpt["networks"]["generator"])
+            _load_into(fake_net, ckpt["networks"]["fake"])
+        start_step = int(ckpt["state"]["step"])
         if start_step >= cfg.steps:
             raise ValueError(f"resume: the checkpoint is at step {start_step} >= steps={cfg.steps}; raise --steps")
         if accelerator.is_main_process:          # drop records of steps after the checkpoint (a crashed run's)
             kept = [r for r in read_metrics(cfg.output_dir) if r["step"] <= start_step]
             (Path(cfg.output_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    if is_fsdp(accelerator) and ema_decay_for(cfg, 1) is not None:
-        raise ValueError("the EMA copies unsharded weights and cannot follow FSDP's sharded ones: pass "
-                         "--ema_halflife_kimg 0 (and --ema_decay 0) under FSDP")
     ema = make_ema(generator, cfg, cfg.batch_size * cfg.grad_accum * accelerator.num_processes)
     if ema is not None and ckpt is not None and "generator_ema" in ckpt["networks"]:
         _load_into(ema.model.denoiser.unet, ckpt["networks"]["generator_ema"])
@@ -306,19 +317,41 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
             if hasattr(target, "enable_gradient_checkpointing"):
                 target.enable_gradient_checkpointing()
 
+    mirror = None
+    if cfg.fsdp:           # shard in place (deep copies first: FSDP modules cannot be copied)
+        from scaled_runs.fsdp import device_mesh, frozen_mirror, refresh_mirror, shard
+        mirror = frozen_mirror(fake_net)
+        mesh = device_mesh(accelerator)
+        for net in (generator.denoiser.unet, fake_net, mirror) + ((ema.model.denoiser.unet,) if ema else ()):
+            shard(net, mesh)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     opt_gen = make_optimizer(generator.parameters(), cfg.lr_gen, betas, cfg.use_8bit_adam, accelerator.device)
     opt_fake = make_optimizer(fake_net.parameters(), cfg.lr_fake, betas, cfg.use_8bit_adam, accelerator.device)
-    gen_net, fake_p, opt_gen, opt_fake = accelerator.prepare(generator.denoiser.unet, fake_net, opt_gen, opt_fake)
-    generator.denoiser.unet = gen_net            # the generator trains through the (DDP-)prepared network
-    if ckpt is not None and ckpt["optimizers"] is not None:
-        opt_gen.load_state_dict(ckpt["optimizers"]["generator"])
-        opt_fake.load_state_dict(ckpt["optimizers"]["fake"])
+    if cfg.fsdp:           # accelerate wraps the optimisers only (its DDP wrapper would replicate the shards)
+        gen_net, fake_p = generator.denoiser.unet, fake_net
+        opt_gen, opt_fake = accelerator.prepare(opt_gen, opt_fake)
+        if ckpt is not None:                     # each rank reads the pieces of its own shards
+            load_sharded(ckpt["path"] / "dcp", {"generator": gen_net, "fake": fake_p,
+                                                **({"generator_ema": ema.model.denoiser.unet} if ema else {})},
+                         {"generator": opt_gen.optimizer, "fake": opt_fake.optimizer})
+        refresh_mirror(mirror, fake_net)
+    else:
+        gen_net, fake_p, opt_gen, opt_fake = accelerator.prepare(generator.denoiser.unet, fake_net, opt_gen,
+                                                                 opt_fake)
+        generator.denoiser.unet = gen_net        # the generator trains through the (DDP-)prepared network
+        if ckpt is not None and ckpt["optimizers"] is not None:
+            opt_gen.load_state_dict(ckpt["optimizers"]["generator"])
+            opt_fake.load_state_dict(ckpt["optimizers"]["fake"])
     fake_train = fake.with_net(fake_p)
     # DDP: the generator loss must not run the DDP wrapper (its reducer would wait for gradients of the frozen
-    # parameters), so it sees the unwrapped module. FSDP shards the parameters: only the wrapper can run them
-    # (untested here: no GPU; see README).
-    fake_eval = fake_train if is_fsdp(accelerator) else fake
+    # parameters), so it sees the unwrapped module with its parameters frozen for the phase. FSDP: the frozen
+    # mirror, refreshed from the online score before each generator phase (no requires_grad toggling).
+    fake_eval = fake if mirror is None else fake.with_net(mirror)
+
+    def generator_loss(step: int, micro: int):
+        if mirror is not None and micro == 0:
+            refresh_mirror(mirror, fake_net)
+        return gen_loss(step, micro, fake_eval)
     last: dict = {}
 
     def save(step: int, losses: dict):
@@ -346,8 +379,8 @@ def run_distillation(accelerator, cfg: BaseConfig, *, generator: nn.Module, fake
     fake_net.train()
     records = train_alternating(
         accelerator, cfg, fake=Phase("fake", fake_p, opt_fake, lambda s, m: fake_loss(s, m, fake_train)),
-        gen=Phase("generator", gen_net, opt_gen, lambda s, m: gen_loss(s, m, fake_eval), (fake_eval.unet,),
-                  (fake_net,)), ema=ema,
+        gen=Phase("generator", gen_net, opt_gen, generator_loss, (fake_eval.unet,),
+                  (fake_net,) if mirror is None else ()), ema=ema,
         start_step=start_step, save_fn=save, sample_fn=sample if images is not None else None, desc=desc)
     return {"records": records, "checkpoint": last.get("checkpoint"), "generator": generator, "ema": ema,
             "fake_net": accelerator.unwrap_model(fake_p), "optimizers": {"generator": opt_gen, "fake": opt_fake}}

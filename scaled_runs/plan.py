@@ -22,7 +22,9 @@ Static memory per GPU: weights (fp32 trained, bf16 frozen under bf16), Adam mome
 with 8-bit Adam), DDP gradient buckets (one fp32 copy of the trained parameters; the gradients are views into
 them with ``gradient_as_bucket_view``, else one more copy during the phase that has them), EMA. With LoRA only
 the adapters are trained (the frozen base is kept in the weight dtype). With precomputed prompt embeddings the
-text encoders are not loaded.
+text encoders are not loaded. Under FSDP (``fsdp: true`` in the config, or ``--strategy fsdp``) weights,
+gradients, Adam moments and the EMA of the trained networks are divided by the number of GPUs, and the frozen
+mirror of the online score and the all-gathered FSDP units are added (``scaled_runs/fsdp.py``).
 
 The peak is the larger phase: static + that phase's held activations + the largest recomputed block + its
 gradients. Not modelled: allocator fragmentation, cuDNN / cuBLAS workspaces, NCCL buffers, the CUDA context
@@ -270,10 +272,34 @@ def _trained_rows(plan: Plan, cfg, nets: dict[str, nn.Module], frozen_base_bytes
             plan.rows[f"{name}: LoRA weights (fp32)"] = n_train * 4
         else:
             plan.rows[f"{name}: weights (fp32{', sharded' if shard > 1 else ''})"] = n_train * 4 // shard
-        plan.rows[f"{name}: Adam moments ({'8-bit' if cfg.use_8bit_adam else 'fp32'})"] = n_train * adam // shard
+        kind = ("8-bit" if cfg.use_8bit_adam else "fp32") + (", sharded" if shard > 1 else "")
+        plan.rows[f"{name}: Adam moments ({kind})"] = n_train * adam // shard
         if plan.strategy == "ddp" and plan.gpus > 1:
             plan.rows[f"{name}: DDP gradient buckets (fp32)"] = n_train * 4
+    if plan.strategy == "fsdp":
+        _fsdp_rows(plan, nets)
     return max(sum(p.numel() for p in n.parameters() if p.requires_grad) for n in nets.values())
+
+
+def _fsdp_rows(plan: Plan, nets: dict[str, nn.Module]) -> None:
+    """FSDP's extra memory (``scaled_runs/fsdp.py``): the frozen mirror of the online score (sharded fp32) and the
+    all-gathered units: the root units of the networks the generator phase runs (generator and mirror; their roots
+    stay unsharded from forward to backward), two blocks of the largest unit (the one running and the prefetched
+    next), and the unsharded gradients of the root and one block before their reduce-scatter, all fp32."""
+    from scaled_runs.fsdp import fsdp_units
+
+    def numel(m):
+        return sum(p.numel() for p in m.parameters())
+    fake = nets["fake score"]
+    plan.rows["fake score: frozen mirror for the generator loss (fp32, sharded)"] = numel(fake) * 4 // plan.gpus
+    root = {k: numel(net) - sum(numel(u) for u in fsdp_units(net)) for k, net in nets.items()}
+    block = max(numel(u) for net in nets.values() for u in [*fsdp_units(net), nn.Module()])
+    plan.rows["FSDP all-gathered parameters and gradients (fp32: roots, 2 blocks; root + 1 block of gradients)"] = \
+        4 * (root["generator"] + root["fake score"] + 2 * block + root["generator"] + block)
+
+
+def _shard(plan: Plan) -> int:
+    return plan.gpus if plan.strategy == "fsdp" else 1
 
 
 def _grad_bytes(plan: Plan, cfg, n_train: int) -> int:
@@ -313,10 +339,11 @@ def plan_sdxl(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
         rc = _arch("pickscore_clip_h")
         vision = _on_meta(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
             **rc["vision_config"], projection_dim=rc["projection_dim"]))).to(wdt).requires_grad_(False)
-        # the text tower of CLIP-H runs under no_grad: weights only (~0.35B params)
-        plan.rows["reward CLIP-H (frozen; vision + text towers)"] = _nbytes(vision) + 354_000_000 * _bytes_of(wdt)
+        text = _on_meta(lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+            **rc["text_config"], projection_dim=rc["projection_dim"]))).to(wdt)   # runs under no_grad: weights only
+        plan.rows["reward CLIP-H (frozen; vision + text towers)"] = _nbytes(vision) + _nbytes(text)
     if cfg.ema_halflife_kimg > 0 or cfg.ema_decay > 0:
-        plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4)
+        plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4) // _shard(plan)
 
     B = cfg.batch_size
     pooled_dim = ucfg["projection_class_embeddings_input_dim"] - 6 * ucfg["addition_time_embed_dim"]   # 1280
@@ -345,7 +372,8 @@ def plan_sdxl(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
         lat = torch.empty(B, 4, side, side, device="meta", dtype=wdt, requires_grad=True)
         a, r = measure_pass(vae, lambda: vae.decode(lat), checkpointed=ck_frozen)
         acts, rec = acts + a, max(rec, r)
-        img = torch.empty(B, 3, 224, 224, device="meta", dtype=wdt, requires_grad=True)
+        res = rc["vision_config"].get("image_size", 224)
+        img = torch.empty(B, 3, res, res, device="meta", dtype=wdt, requires_grad=True)
         a, r = measure_pass(vision, lambda: vision(pixel_values=img), checkpointed=False)
         if ck_frozen:
             rec, a = max(rec, a), 0                   # the reward call is one checkpointed region (memory.py)
@@ -374,7 +402,7 @@ def plan_pixart(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
         t5 = _on_meta(lambda: T5EncoderModel(T5Config(**_arch("t5_xxl_encoder")))).to(wdt)
         plan.rows["T5-XXL text encoder (frozen)"] = _nbytes(t5)
     if cfg.ema_halflife_kimg > 0 or cfg.ema_decay > 0:
-        plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4)
+        plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4) // _shard(plan)
     B, side, L = cfg.batch_size, tcfg["sample_size"], cfg.max_sequence_length
 
     def call(net, batch, dt, grad_input=True):
@@ -409,7 +437,7 @@ def plan_cifar(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
     gen, fake = gen.to(wdt), fake.to(wdt)                # autocast: measured with bf16 activations
     plan.rows["teacher UNet (frozen)"] = _nbytes(teacher)
     if cfg.ema_halflife_kimg > 0 or cfg.ema_decay > 0:
-        plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4)
+        plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4) // _shard(plan)
     B, side = cfg.batch_size, ucfg.get("sample_size", 32)
 
     def call(net, dt, grad_input=True):
@@ -447,7 +475,7 @@ def script_of(path) -> str:
 
 
 def plan_config(path, overrides=(), gpus: int | None = None, gpu_memory: float | None = None,
-                strategy: str = "ddp", margin: float = 0.10) -> Plan:
+                strategy: str | None = None, margin: float = 0.10) -> Plan:
     """The plan of a shipped config file (``overrides``: ``--field value`` flags as for the script)."""
     import importlib
 
@@ -459,7 +487,9 @@ def plan_config(path, overrides=(), gpus: int | None = None, gpu_memory: float |
     return plan_run(cfg, planner, gpus or cfg.target_gpus, gpu_memory or cfg.target_gpu_memory_gib, strategy, margin)
 
 
-def plan_run(cfg, planner, gpus: int, gpu_memory: float, strategy: str = "ddp", margin: float = 0.10) -> Plan:
+def plan_run(cfg, planner, gpus: int, gpu_memory: float, strategy: str | None = None, margin: float = 0.10) -> Plan:
+    """The plan of ``cfg`` on ``gpus`` x ``gpu_memory`` GiB; ``strategy`` None: the config's (``fsdp`` or ddp)."""
+    strategy = strategy or ("fsdp" if getattr(cfg, "fsdp", False) else "ddp")
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy={strategy!r} is unknown; allowed: 'ddp', 'fsdp'")
     if gpus < 1 or not gpu_memory > 0 or not 0 <= margin < 1:
@@ -475,7 +505,8 @@ def main(argv=None) -> Plan:
     parser.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: the config's target_gpus)")
     parser.add_argument("--gpu-memory", type=float, default=None,
                         help="GiB per GPU (default: the config's target_gpu_memory_gib)")
-    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"))
+    parser.add_argument("--strategy", default=None, choices=("ddp", "fsdp"),
+                        help="default: the config's (fsdp: true -> fsdp, else ddp)")
     parser.add_argument("--margin", type=float, default=0.10, help="fraction of memory kept free (default 0.10)")
     parser.add_argument("--json", default="", help="also write the plan as JSON to this file")
     args, overrides = parser.parse_known_args(argv)

@@ -78,6 +78,13 @@ def test_shipped_configs_state_hardware_and_fit_there():
             assert p.rows["generator: weights (fp32)"] == 2_567_463_684 * 4
         if path.name == "pixart_sim.yaml":
             assert 0.60e9 <= p.rows["generator: weights (fp32)"] / 4 <= 0.62e9
+        if path.name == "sdxl_distar_fsdp_h100.yaml":          # FSDP over 8 GPUs: 1/8 of weights, Adam, EMA, mirror
+            n = 2_567_463_684
+            assert p.strategy == "fsdp" and "generator: DDP gradient buckets (fp32)" not in p.rows
+            assert p.rows["generator: weights (fp32, sharded)"] == n * 4 // 8
+            assert p.rows["generator: Adam moments (fp32, sharded)"] == n * 8 // 8
+            assert p.rows["fake score: frozen mirror for the generator loss (fp32, sharded)"] == n * 4 // 8
+            assert p.phases["generator"]["gradients"] == n * 4 // 8
 
 
 def test_plan_cli_prints_table(capsys, tmp_path):
