@@ -170,7 +170,7 @@ def cfg_implicit_reward_loss(x0: Tensor, reference, t, *, cond, uncond=None, eps
         raise ValueError("cfg_implicit_reward_loss needs cond (the condition of the implicit reward); got None")
     t = process.check_t(t, x0)
     t = t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
-    if bool((process._sigma(t) <= 0).any()):
+    if bool((process.at(t).sigma <= 0).any()):
         raise ValueError("t has values with sigma(t) = 0; the implicit CFG reward needs sigma(t) > 0")
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     w = _weight(weight, t, x0.shape[0], x0.dtype)

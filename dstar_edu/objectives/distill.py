@@ -97,8 +97,8 @@ def _pair_process(teacher, fake) -> Process:
         q = _process_of(fake, "fake")
         grid = torch.linspace(max(p.t_min, q.t_min), min(p.t_max, q.t_max), 7, dtype=torch.float64)
         same = type(p) is type(q) and len(grid) and bool(
-            torch.allclose(p._alpha(grid), q._alpha(grid), rtol=1e-12, atol=1e-12)
-            and torch.allclose(p._sigma(grid), q._sigma(grid), rtol=1e-12, atol=1e-12))
+            torch.allclose(p.at(grid).alpha, q.at(grid).alpha, rtol=1e-12, atol=1e-12)
+            and torch.allclose(p.at(grid).sigma, q.at(grid).sigma, rtol=1e-12, atol=1e-12))
         if not same:
             raise ValueError(f"teacher.process={p} and fake.process={q} differ: the fake score must be trained on "
                              "the teacher's forward process (same alpha(t), sigma(t))")
@@ -111,7 +111,7 @@ def _noisy(x0: Tensor, process: Process, t, eps, generator) -> tuple[Tensor, Ten
         raise ValueError("t is required: pass the (batch,) times (e.g. from p_sim(process)(n, generator))")
     t = process.check_t(t, x0)
     t = t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
-    if bool((process._sigma(t) <= 0).any()):
+    if bool((process.at(t).sigma <= 0).any()):
         raise ValueError(f"t has values where sigma(t) = 0 (t_min={process.t_min:g}); score distillation needs "
                          "sigma(t) > 0: draw t strictly inside the domain")
     if eps is not None and (not isinstance(eps, Tensor) or eps.shape != x0.shape):
@@ -201,7 +201,7 @@ def sim_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
         if space == "score":
             s_q = teacher.predict("score", x_t, t, cond)
             s_psi = fake.predict("score", x_t, t, cond)
-            sigma = expand_like(process._sigma(t).to(x0.dtype), x0)
+            sigma = process.at(t, x0).sigma
             per = -_sum(d.grad(s_psi - s_q) * (s_psi + eps / sigma))
         else:
             D_q = teacher.predict("x0", x_t, t, cond)
@@ -375,8 +375,8 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
         xd = x_t.detach()
         D_q = teacher.predict("x0", xd, t, cond)
         delta = fake.predict("x0", xd, t, cond) - D_q
-    a = process._alpha(t).to(x0.dtype)
-    s = process._sigma(t).to(x0.dtype)
+    c = process.at(t, dtype=x0.dtype)
+    a, s = c.alpha, c.sigma
     if isinstance(weighting, str):
         if weighting == "dmd":
             k = x0[0].numel() / (x0 - D_q).detach().abs().reshape(x0.shape[0], -1).sum(1)
@@ -493,9 +493,8 @@ def fgm_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     with frozen(teacher, fake):
         u = teacher.predict("velocity", x_t, t, cond)
         v = fake.predict("velocity", x_t, t, cond)
-    da = expand_like(process._d_alpha(t).to(x0.dtype), x0)
-    ds = expand_like(process._d_sigma(t).to(x0.dtype), x0)
-    u_cond = da * x0 + ds * eps
+    c = process.at(t, x0)
+    u_cond = c.d_alpha * x0 + c.d_sigma * eps
     per = _sum((u - v) ** 2) + 2 * _sum((u - v) * (v - u_cond))
     return _reduce(w * per, reduction, "fgm_generator_loss")
 

@@ -249,7 +249,8 @@ def loss_weight(weighting, target: str, t: Tensor, process: Process, *, min_snr_
         raise ValueError(f"weighting={weighting!r} is unknown; allowed: {', '.join(WEIGHTINGS)} or a callable w(t)")
     if weighting == "none":
         return torch.ones_like(t)
-    a, s = process._alpha(t), process._sigma(t)
+    c = process.at(t, dtype=t.dtype)
+    a, s = c.alpha, c.sigma
     snr = a * a / (s * s)
     if weighting == "snr":
         return snr
@@ -376,8 +377,8 @@ def trigflow_diffusion_loss(predictor, x0: Tensor, *, generator: torch.Generator
         z = sd * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif z.shape != x0.shape:
         raise ValueError(f"z has shape {tuple(z.shape)} but x0 has shape {tuple(x0.shape)}")
-    tt = expand_like(t, x0)                                  # float64 time; only coefficients are cast
-    c, s_ = process._alpha(tt).to(x0.dtype), (process._sigma(tt) / sd).to(x0.dtype)
+    co = process.at(t, x0, dtype=torch.float64)              # float64 time; only coefficients are cast
+    c, s_ = co.alpha.to(x0.dtype), (co.sigma / sd).to(x0.dtype)
     x_t = c * x0 + s_ * z
     v_t = c * z - s_ * x0
     if predictor.prediction == "trigflow_F":

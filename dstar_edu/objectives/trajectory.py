@@ -169,7 +169,8 @@ def progressive_distillation_loss(student, teacher, x0: Tensor, teacher_timestep
         per = squared_norm(z_next - x_hat)
     else:
         target = pd_target(z_t, z_next, t, t_next, process)
-        snr = (process._alpha(t) / process._sigma(t)) ** 2
+        c = process.at(t)
+        snr = (c.alpha / c.sigma) ** 2
         w = snr.clamp_min(1.0) if weighting == "snr_trunc" else snr if weighting == "snr" else torch.ones_like(snr)
         per = w.to(x0.dtype) * squared_norm(target - x0_theta)
     return _reduce(per, reduction, "progressive_distillation_loss")
@@ -265,7 +266,8 @@ def sct_score_target(x_t: Tensor, t, process: Process, reference: Tensor, *, inc
         raise ValueError(f"reference has shape {tuple(reference.shape)}; its points must have x_t's shape "
                          f"{tuple(x_t.shape[1:])}")
     tt = _batch_t(process, t, x_t)
-    a, s = process._alpha(tt).to(x_t.dtype), process._sigma(tt).to(x_t.dtype)
+    c = process.at(tt, dtype=x_t.dtype)
+    a, s = c.alpha, c.sigma
     B = x_t.shape[0]
     X = x_t.reshape(B, -1)
     R = reference.reshape(reference.shape[0], -1).to(x_t.dtype)

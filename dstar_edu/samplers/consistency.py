@@ -303,7 +303,8 @@ class GaussianFlowMap(Predictor):
         s = p.check_t(s, x_t)
         B = x_t.shape[0]
         col = lambda c: c.expand(B).to(x_t.dtype)[:, None]  # noqa: E731
-        at, st, as_, ss = col(p._alpha(t)), col(p._sigma(t)), col(p._alpha(s)), col(p._sigma(s))
+        ct, cs = p.at(t), p.at(s)
+        at, st, as_, ss = col(ct.alpha), col(ct.sigma), col(cs.alpha), col(cs.sigma)
         mu, lam = self.mu.to(x_t.dtype), self.lam.to(x_t.dtype)
         x = x_t.reshape(B, -1)
         gain = torch.sqrt(as_ ** 2 * lam + ss ** 2) / torch.sqrt(at ** 2 * lam + st ** 2)

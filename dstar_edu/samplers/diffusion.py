@@ -32,10 +32,9 @@ import math
 
 import torch
 
-from .. import conversions as cv
 from ..conversions import convert, to_x0_eps
 from ..predictors import Predictor
-from ..process import DDPM, Process, expand_like
+from ..process import DDPM, Process
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, check_timesteps, run_loop
 
@@ -60,21 +59,22 @@ def _noise_arg(noise, x: Tensor, generator) -> Tensor:
 
 
 class _Coefs:
-    """Process coefficients at validated scalar times, as Python floats (float64), computed once.
+    """``process.at(ts)`` for a whole grid of validated scalar times, computed once (float64).
 
-    ``a, s, da, ds``: alpha, sigma and their time derivatives; ``ab = a^2/(a^2 + s^2)`` is DDPM's alpha_bar
-    of the variance-normalised process and ``r = sqrt(a^2 + s^2)`` its scale (``ab = alpha_bar``, ``r = 1``
-    for DDPM/VP). Samplers build one for the whole grid (one vectorised call instead of several per step).
+    As Python floats: ``a, s, da, ds`` (alpha, sigma and their time derivatives), ``ab = a^2/(a^2 + s^2)``
+    (DDPM's alpha_bar of the variance-normalised process) and ``r = sqrt(a^2 + s^2)`` its scale (``ab =
+    alpha_bar``, ``r = 1`` for DDPM/VP). ``at[i]``: the ``Coefficients`` of time i in the sample's ``dtype``
+    (what ``Predictor.denoise`` takes). One vectorised evaluation instead of several per step.
     """
 
-    def __init__(self, process: Process, ts):
-        t = process.check_t(torch.as_tensor(ts, dtype=torch.float64))
-        t1 = t.reshape(-1)
-        a, s = process._alpha(t1), process._sigma(t1)
+    def __init__(self, process: Process, ts, dtype: torch.dtype = torch.float64):
+        c = process.at(torch.as_tensor(ts, dtype=torch.float64).reshape(-1))
+        a, s = c.alpha, c.sigma
         self.a, self.s = a.tolist(), s.tolist()
-        self.da, self.ds = process._d_alpha(t1).tolist(), process._d_sigma(t1).tolist()
+        self.da, self.ds = c.d_alpha.tolist(), c.d_sigma.tolist()
         r2 = a * a + s * s
         self.ab, self.r = (a * a / r2).tolist(), torch.sqrt(r2).tolist()
+        self.at = c.to(dtype).split()
 
     def __getitem__(self, i):
         return self.a[i], self.s[i], self.da[i], self.ds[i]
@@ -96,40 +96,25 @@ def _times_for(process: Process, t, x: Tensor) -> Tensor:
     return tt
 
 
-def _is_exact(predictor) -> bool:
-    return predictor.prediction == "score" and hasattr(predictor, "posterior_mean")
-
-
-def _denoise(predictor, x: Tensor, t, a: float, s: float, cond) -> tuple[Tensor, Tensor]:
-    """``(x0_hat, eps_hat)`` at scalar t with alpha = a, sigma = s given (one predictor evaluation)."""
-    if _is_exact(predictor):
-        x0 = predictor.posterior_mean(x, t, cond)
-        return x0, (x - a * x0) / s
-    out = predictor(x, t, cond)
-    if predictor.prediction == "eps" and a != 0:
-        return cv.x0_from_eps(x, out, a, s), out
-    if predictor.prediction == "x0" and s != 0:
-        return out, cv.eps_from_x0(x, out, a, s)
-    return to_x0_eps(predictor.prediction, out, x, t, predictor.process)
+def _denoise(predictor, x: Tensor, t, cond, coefs=None) -> tuple[Tensor, Tensor]:
+    """``predictor.denoise`` (exact models use their closed forms); a duck-typed predictor without it converts
+    its raw output (``conversions.to_x0_eps``)."""
+    if isinstance(predictor, Predictor):
+        return predictor.denoise(x, t, cond, coefs=coefs)
+    return to_x0_eps(predictor.prediction, predictor(x, t, cond), x, t, predictor.process, coefs=coefs)
 
 
 def denoise(predictor: Predictor, x_t: Tensor, t, cond=None) -> tuple[Tensor, Tensor]:
     """One predictor evaluation -> ``(x0_hat, eps_hat)`` (handbook Eq. 7 and Sec. 2.6 conversions).
 
-    Exact models (score predictors exposing ``posterior_mean``, e.g. ``toy_data.mixtures``) give
-    ``x0_hat`` by Gaussian conditioning and ``eps_hat = (x_t - alpha x0_hat) / sigma`` (one evaluation,
-    and defined where ``alpha(t) = 0``: rectified flow at t = 1, TrigFlow at pi/2; needs sigma(t) > 0).
+    ``Predictor.denoise`` after the sampler's argument checks: exact models (``toy_data.mixtures``) give
+    ``x0_hat`` by Gaussian conditioning and ``eps_hat = (x_t - alpha x0_hat) / sigma`` (defined where
+    ``alpha(t) = 0``: rectified flow at t = 1, TrigFlow at pi/2; needs sigma(t) > 0).
     ``t`` is a scalar or one time per sample ``(batch,)``.
     """
     process = _check_predictor(predictor)
-    tt = _times_for(process, t, x_t)
-    if tt.ndim == 0:
-        return _denoise(predictor, x_t, t, float(process._alpha(tt)), float(process._sigma(tt)), cond)
-    if _is_exact(predictor):
-        a, s = process.coefficients(t, x_t)
-        x0 = predictor.posterior_mean(x_t, t, cond)
-        return x0, (x_t - a * x0) / s
-    return to_x0_eps(predictor.prediction, predictor(x_t, t, cond), x_t, t, process)
+    _times_for(process, t, x_t)
+    return _denoise(predictor, x_t, t, cond)
 
 
 def velocity(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
@@ -139,9 +124,8 @@ def velocity(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
     """
     process = _check_predictor(predictor)
     x0, eps = denoise(predictor, x_t, t, cond)
-    tt = _times_for(process, t, x_t)
-    return (expand_like(process._d_alpha(tt), x_t).to(x_t.dtype) * x0
-            + expand_like(process._d_sigma(tt), x_t).to(x_t.dtype) * eps)
+    c = process.at(_times_for(process, t, x_t), x_t)
+    return c.d_alpha * x0 + c.d_sigma * eps
 
 
 def _score(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
@@ -197,8 +181,8 @@ def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str 
     tp = _scalar_t(process, tt - 1 if t_prev is None else t_prev, "t_prev")
     if not tp < tt:
         raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
-    c = _Coefs(process, torch.stack([tt, tp]))
-    x0, eps = _denoise(predictor, x, t, c.a[0], c.s[0], cond)
+    c = _Coefs(process, torch.stack([tt, tp]), x.dtype)
+    x0, eps = _denoise(predictor, x, t, cond, c.at[0])
     return _ddpm_update(x, x0, eps, c.ab[0], c.ab[1], c.r[0], c.r[1], c.s[1], variance, form, noise, generator)
 
 
@@ -242,8 +226,8 @@ def ddim_step(predictor: Predictor, x: Tensor, t, t_prev, eta: float = 0.0, nois
     tt, tp = _scalar_t(process, t), _scalar_t(process, t_prev, "t_prev")
     if not tp < tt:
         raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
-    c = _Coefs(process, torch.stack([tt, tp]))
-    x0, eps = _denoise(predictor, x, t, c.a[0], c.s[0], cond)
+    c = _Coefs(process, torch.stack([tt, tp]), x.dtype)
+    x0, eps = _denoise(predictor, x, t, cond, c.at[0])
     return _ddim_update(x, x0, eps, c.ab[0], c.ab[1], c.r[1], eta, noise, generator)
 
 
@@ -277,10 +261,10 @@ def _g2(t, a, s, da, ds) -> float:
     return 2 * s * (ds - da / a * s)
 
 
-def _sde_update(predictor, x, t, dt, coefs, cond, noise, generator):
-    a, s, da, ds = coefs
+def _sde_update(predictor, x, t, dt, c: _Coefs, i: int, cond, noise, generator):
+    a, s, da, ds = c[i]
     g2 = _g2(t, a, s, da, ds)
-    x0, eps = _denoise(predictor, x, t, a, s, cond)
+    x0, eps = _denoise(predictor, x, t, cond, c.at[i])
     drift = da * x0 + (2 * ds - da * s / a) * eps
     return x + drift * dt + math.sqrt(max(g2, 0.0) * (-dt)) * _noise_arg(noise, x, generator)
 
@@ -300,22 +284,22 @@ def reverse_sde_step(predictor: Predictor, x: Tensor, t, t_next, noise: Tensor |
     tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
     if not tn < tt:
         raise ValueError(f"t_next={float(tn):g} must be smaller than t={float(tt):g}")
-    return _sde_update(predictor, x, t, float(tn - tt), _Coefs(process, tt)[0], cond, noise, generator)
+    return _sde_update(predictor, x, t, float(tn - tt), _Coefs(process, tt, x.dtype), 0, cond, noise, generator)
 
 
 _ODE_METHODS = ("euler", "heun")
 
 
-def _ode_update(predictor, x, t, t_next, c0, c1, method, cond):
-    a, s, da, ds = c0
-    x0, eps = _denoise(predictor, x, t, a, s, cond)
+def _ode_update(predictor, x, t, t_next, c: _Coefs, i: int, method, cond):
+    a, s, da, ds = c[i]
+    x0, eps = _denoise(predictor, x, t, cond, c.at[i])
     dt = float(t_next) - float(t)
     v = da * x0 + ds * eps
     x_e = x + v * dt
-    a1, s1, da1, ds1 = c1
+    a1, s1, da1, ds1 = c[i + 1]
     if method == "euler" or s1 == 0.0:
         return x_e
-    x0e, epse = _denoise(predictor, x_e, t_next, a1, s1, cond)
+    x0e, epse = _denoise(predictor, x_e, t_next, cond, c.at[i + 1])
     return x + 0.5 * (v + da1 * x0e + ds1 * epse) * dt
 
 
@@ -331,8 +315,8 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
     tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
-    c = _Coefs(process, torch.stack([tt, tn]))
-    return _ode_update(predictor, x, t, t_next, c[0], c[1], method, cond)
+    c = _Coefs(process, torch.stack([tt, tn]), x.dtype)
+    return _ode_update(predictor, x, t, t_next, c, 0, method, cond)
 
 
 # ---- DPM-Solver (Lu et al. 2022; Wang talk "DPM-Solver") -----------------------------------------------
@@ -355,10 +339,9 @@ def time_from_log_snr(process: Process, lam, t_lo, t_hi, max_iter: int = 100) ->
     f64 = torch.float64
 
     def lam_and_slope(t: float) -> tuple[float, float]:
-        tt = torch.tensor(t, dtype=f64)
-        a, s = process._alpha(tt), process._sigma(tt)
-        da, ds = process._d_alpha(tt), process._d_sigma(tt)
-        return float(torch.log(a) - torch.log(s)), float(da / a - ds / s)
+        c = process.at(torch.tensor(t, dtype=f64))
+        a, s = c.alpha, c.sigma
+        return float(torch.log(a) - torch.log(s)), float(c.d_alpha / a - c.d_sigma / s)
 
     t = 0.5 * (lo + hi)
     for _ in range(max_iter):
@@ -497,10 +480,10 @@ def ddpm(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
     _check_ddpm_options(variance, form)
-    c = _Coefs(process, ts)
+    c = _Coefs(process, ts, x_init.dtype)
 
     def step(x, t, tn, i):
-        x0, eps = _denoise(predictor, x, t, c.a[i], c.s[i], cond)
+        x0, eps = _denoise(predictor, x, t, cond, c.at[i])
         return _ddpm_update(x, x0, eps, c.ab[i], c.ab[i + 1], c.r[i], c.r[i + 1], c.s[i + 1], variance, form,
                             None, generator)
     return run_loop(step, ts, x_init, return_trajectory, progress, desc="ddpm")
@@ -514,10 +497,10 @@ def ddim(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
     eta = _check_eta(eta)
-    c = _Coefs(process, ts)
+    c = _Coefs(process, ts, x_init.dtype)
 
     def step(x, t, tn, i):
-        x0, eps = _denoise(predictor, x, t, c.a[i], c.s[i], cond)
+        x0, eps = _denoise(predictor, x, t, cond, c.at[i])
         return _ddim_update(x, x0, eps, c.ab[i], c.ab[i + 1], c.r[i + 1], eta, None, generator)
     return run_loop(step, ts, x_init, return_trajectory, progress, desc="ddim")
 
@@ -564,8 +547,8 @@ def reverse_sde(predictor: Predictor, timesteps, x_init: Tensor, *, generator: t
     TrigFlow, the last two starting where alpha > 0). Its marginals equal those of ``pf_ode`` (Sec. 2.1).
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
-    c = _Coefs(process, ts)
-    return run_loop(lambda x, t, tn, i: _sde_update(predictor, x, t, float(tn - t), c[i], cond, None, generator),
+    c = _Coefs(process, ts, x_init.dtype)
+    return run_loop(lambda x, t, tn, i: _sde_update(predictor, x, t, float(tn - t), c, i, cond, None, generator),
                     ts, x_init, return_trajectory, progress, desc="reverse_sde")
 
 
@@ -578,8 +561,8 @@ def pf_ode(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.
     process, ts = _prepare(predictor, timesteps, x_init, generator)
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
-    c = _Coefs(process, ts)
-    return run_loop(lambda x, t, tn, i: _ode_update(predictor, x, t, tn, c[i], c[i + 1], method, cond),
+    c = _Coefs(process, ts, x_init.dtype)
+    return run_loop(lambda x, t, tn, i: _ode_update(predictor, x, t, tn, c, i, method, cond),
                     ts, x_init, return_trajectory, progress, desc=f"pf_ode[{method}]")
 
 

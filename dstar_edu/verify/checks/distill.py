@@ -330,7 +330,7 @@ def _sim_variant(variant: str):
         process = teacher.process
         t, x_t, eps = _noisy(x0, process, t, eps, None)
         xd = x_t.detach()
-        sig = process._sigma(t).reshape(-1, *[1] * (x0.ndim - 1))
+        sig = process.at(t, x0, dtype=t.dtype).sigma
         with frozen(teacher, fake):
             if variant == "detach_y":            # d'(y_t) treated as a constant (x_t stopped inside y)
                 y = (fake.predict("score", xd, t) - teacher.predict("score", xd, t)).detach()
