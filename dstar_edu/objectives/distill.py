@@ -26,18 +26,18 @@ run and restored afterwards): only the generator receives gradient. The detached
 DMD) run their predictors under ``torch.no_grad``.
 
 Time distributions of SIM App. B.2: ``p_edm`` (Eq. B.5-B.6), ``p_sim`` (Eq. B.9-B.10) and ``p_sid``
-(Eq. B.8), mapped to any process's time through its EDM noise level.
+(Eq. B.8), mapped to any process's time through its EDM noise level, live in ``dstar_edu.times``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..process import Process, expand_like
+from ..process import Process
+from ..times import karras_sigma_grid, p_edm, p_sid, p_sim  # noqa: F401  (re-exported)
 from ..validation import check_batch
 from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
 from .pretrain import _reduce as pretrain_reduce
@@ -497,83 +497,3 @@ def fgm_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     u_cond = c.d_alpha * x0 + c.d_sigma * eps
     per = _sum((u - v) ** 2) + 2 * _sum((u - v) * (v - u_cond))
     return _reduce(w * per, reduction, "fgm_generator_loss")
-
-
-# ---- time distributions of SIM App. B.2 ---------------------------------------------------------------------------
-def _lognormal_sampler(process: Process, P_mean: float, P_std: float, sigma_min: float | None,
-                       sigma_max: float | None) -> Callable[[int, torch.Generator], Tensor]:
-    from .pretrain import t_from_edm_sigma
-    if not (isinstance(P_std, (int, float)) and P_std > 0):
-        raise ValueError(f"P_std={P_std!r} must be positive")
-    lo = process.edm_sigma(process.t_min).item() if sigma_min is None else float(sigma_min)
-    hi = process.edm_sigma(process.t_max).item() if sigma_max is None else float(sigma_max)
-    p_lo, p_hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    if not (p_lo <= lo < hi <= p_hi):
-        raise ValueError(f"need edm_sigma(t_min)={p_lo:g} <= sigma_min < sigma_max <= edm_sigma(t_max)={p_hi:g}, "
-                         f"got sigma_min={lo:g}, sigma_max={hi:g}")
-
-    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} must be a positive integer")
-        s = torch.exp(P_mean + P_std * torch.randn(n, generator=generator, dtype=torch.float64))
-        return t_from_edm_sigma(process, s.clamp(lo, hi))
-    return sampler
-
-
-def p_edm(process: Process, P_mean: float = -1.2, P_std: float = 1.2, *, sigma_min: float | None = None,
-          sigma_max: float | None = None) -> Callable[[int, torch.Generator], Tensor]:
-    """EDM's log-normal ``ln sigma ~ N(-1.2, 1.2^2)`` (SIM Eq. B.5-B.6), in ``process``'s time (for the fake score).
-
-    ``sigma`` is the EDM noise level ``sigma(t)/alpha(t)``, clamped to ``[sigma_min, sigma_max]`` (default:
-    the process's whole range), then mapped to the process's time with ``pretrain.t_from_edm_sigma``.
-    """
-    return _lognormal_sampler(process, P_mean, P_std, sigma_min, sigma_max)
-
-
-def p_sim(process: Process, P_mean: float = -3.5, P_std: float = 2.5, *, sigma_min: float | None = None,
-          sigma_max: float | None = None) -> Callable[[int, torch.Generator], Tensor]:
-    """SIM's generator time distribution ``ln sigma ~ N(-3.5, 2.5^2)`` (SIM Eq. B.9-B.10), in ``process``'s time.
-
-    Noise levels are clamped to ``[sigma_min, sigma_max]`` (default the process's range). Losses that divide
-    by a per-sample scale (SiD's ``mean |x0 - D_q|``) or work in score space (scores ~ 1/sigma^2) need a
-    positive ``sigma_min`` (EDM uses 0.002).
-    """
-    return _lognormal_sampler(process, P_mean, P_std, sigma_min, sigma_max)
-
-
-def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """``sigma_k = (sigma_max^(1/rho) + k/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, k = 0..K-1 (SIM Eq. B.8)."""
-    if not (isinstance(K, int) and K >= 2):
-        raise ValueError(f"K={K!r} must be an integer >= 2")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho={rho!r} must be a positive finite number (EDM uses 7)")
-    k = torch.arange(K, dtype=torch.float64)
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (a + k / (K - 1) * (b - a)) ** rho
-
-
-def p_sid(process: Process, k_max: int = 800, K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
-          rho: float = 7.0, from_end: str = "max") -> Callable[[int, torch.Generator], Tensor]:
-    """SiD's discrete generator time distribution (SIM Eq. B.8): ``k ~ U{0..k_max}``, ``t = sigma_k`` of the grid.
-
-    ``from_end="max"`` indexes the grid as printed (``k = 0`` is ``sigma_max``: sigma in [0.085, 80] for
-    the defaults); ``"min"`` counts from ``sigma_min`` (sigma in [0.002, 24.5]; the project's reference notes say
-    the public SiD code limits sigma to <= 24.4, i.e. this end of the grid). Levels beyond the process's range are clamped.
-    """
-    from .pretrain import t_from_edm_sigma
-    if from_end not in ("max", "min"):
-        raise ValueError(f"from_end={from_end!r}; allowed: 'max' (as printed in Eq. B.8) or 'min'")
-    if not (isinstance(k_max, int) and 0 <= k_max < K):
-        raise ValueError(f"k_max={k_max!r} must be an integer in 0..K-1={K - 1}")
-    grid = karras_sigma_grid(K, sigma_min, sigma_max, rho)
-    if from_end == "min":
-        grid = grid.flip(0)
-    lo, hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    times = t_from_edm_sigma(process, grid.clamp(lo, hi))
-
-    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        k = torch.randint(0, k_max + 1, (n,), generator=generator)
-        return times[k]
-    return sampler

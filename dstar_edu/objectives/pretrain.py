@@ -27,6 +27,7 @@ import torch
 
 from ..conversions import check_prediction, from_x0_eps, to_x0_eps
 from ..process import Process, RectifiedFlow, TrigFlow, expand_like
+from ..times import T_SAMPLERS, make_t_sampler, sample_t, t_from_edm_sigma  # noqa: F401  (re-exported)
 from .distances import get_distance, squared_norm
 
 Tensor = torch.Tensor
@@ -39,8 +40,6 @@ __all__ = [
     "trigflow_ct_gradient_surrogate",
 ]
 
-#: names accepted by ``sample_t`` / ``t_sampler``
-T_SAMPLERS = ("uniform", "discrete", "edm_lognormal", "lognormal", "logit_normal")
 #: names accepted by ``weighting``
 WEIGHTINGS = ("none", "snr", "min_snr", "edm")
 REDUCTIONS = ("mean", "sum", "none")
@@ -94,91 +93,6 @@ def _check_process(predictor, kind, loss: str) -> Process:
     if kind is not None and not isinstance(process, kind):
         raise ValueError(f"{loss} is defined for the {kind.__name__} process, but predictor.process={process}")
     return process
-
-
-# ---- time samplers -----------------------------------------------------------------------------------------
-def _open_uniform(n: int, generator, dtype, device) -> Tensor:
-    """Uniform in the open interval (0, 1): (k + 1/2) / 2^53, so no end point is ever hit."""
-    k = torch.randint(0, 2 ** 53, (n,), generator=generator, dtype=torch.int64, device=device)
-    return ((k.to(torch.float64) + 0.5) / 2.0 ** 53).to(dtype)
-
-
-def t_from_edm_sigma(process: Process, s) -> Tensor:
-    """The time of ``process`` whose EDM noise level ``sigma(t)/alpha(t)`` is ``s`` (``Process.t_from_edm_sigma``)."""
-    return process.t_from_edm_sigma(s)
-
-
-def sample_t(process: Process, n: int, kind: str | None = None, *, generator: torch.Generator | None = None,
-             dtype: torch.dtype = torch.float64, device=None, **params) -> Tensor:
-    """``n`` training times of ``process`` (handbook Sec. 3.1: ``t ~ U[T]`` or a continuous proposal).
-
-    kinds (default: ``discrete`` for DDPM, ``uniform`` otherwise):
-
-    * ``uniform``: ``U(lo, hi)`` on the open interval, default the whole domain ``(t_min, t_max)``;
-    * ``discrete``: DDPM integers uniform in ``{lo, ..., hi}``, default ``{1, ..., T}`` (handbook ``t in [T]``);
-    * ``edm_lognormal``: ``ln sigma ~ N(P_mean, P_std^2)`` for the EDM noise level
-      ``sigma = sigma(t)/alpha(t)`` (Karras et al. 2022, default P_mean=-1.2, P_std=1.2), mapped to the
-      process's own time with ``t_from_edm_sigma`` and clamped to its range;
-    * ``lognormal``: the same mechanism with required ``P_mean``, ``P_std`` (e.g. the generator time
-      distribution of SIM / SiD experiments);
-    * ``logit_normal``: ``t = lo + (hi - lo) sigmoid(m + s z)`` (Esser et al. 2024 for rectified flow;
-      default m=0, s=1).
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be a positive integer number of times")
-    if kind is None:
-        kind = "discrete" if process.discrete else "uniform"
-    allowed = {"uniform": ("lo", "hi"), "discrete": ("lo", "hi"), "edm_lognormal": ("P_mean", "P_std"),
-               "lognormal": ("P_mean", "P_std"), "logit_normal": ("m", "s", "lo", "hi")}
-    if kind not in allowed:
-        raise ValueError(f"t_sampler kind={kind!r} is unknown; allowed: {', '.join(T_SAMPLERS)}")
-    extra = set(params) - set(allowed[kind])
-    if extra:
-        raise ValueError(f"t_sampler {kind!r} got unknown parameters {sorted(extra)}; allowed: {list(allowed[kind])}")
-    if kind == "discrete":
-        if not process.discrete:
-            raise ValueError(f"t_sampler 'discrete' needs a discrete process (DDPM), got {process}; "
-                             "use 'uniform' for continuous time")
-        lo, hi = int(params.get("lo", 1)), int(params.get("hi", process.T))
-        if not 0 <= lo <= hi <= process.T:
-            raise ValueError(f"discrete times need 0 <= lo <= hi <= T={process.T}, got lo={lo}, hi={hi}")
-        t = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
-        return t.to(dtype)
-    if kind in ("uniform", "logit_normal"):
-        lo = float(params.get("lo", process.t_min))
-        hi = float(params.get("hi", process.t_max))
-        if not process.t_min <= lo < hi <= process.t_max:
-            raise ValueError(f"need t_min={process.t_min:g} <= lo < hi <= t_max={process.t_max:g}, "
-                             f"got lo={lo:g}, hi={hi:g}")
-        if kind == "uniform":
-            u = _open_uniform(n, generator, torch.float64, device)
-        else:
-            m, s = float(params.get("m", 0.0)), float(params.get("s", 1.0))
-            if not s > 0:
-                raise ValueError(f"logit_normal s={s} must be positive")
-            u = torch.sigmoid(m + s * torch.randn(n, generator=generator, dtype=torch.float64, device=device))
-        return (lo + (hi - lo) * u).to(dtype)
-    # log-normal EDM noise levels
-    if kind == "edm_lognormal":
-        P_mean, P_std = float(params.get("P_mean", -1.2)), float(params.get("P_std", 1.2))
-    else:
-        if "P_mean" not in params or "P_std" not in params:
-            raise ValueError("t_sampler 'lognormal' needs P_mean and P_std (ln sigma ~ N(P_mean, P_std^2))")
-        P_mean, P_std = float(params["P_mean"]), float(params["P_std"])
-    if not P_std > 0:
-        raise ValueError(f"P_std={P_std} must be positive")
-    s = torch.exp(P_mean + P_std * torch.randn(n, generator=generator, dtype=torch.float64, device=device))
-    s_lo, s_hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    return t_from_edm_sigma(process, s.clamp(s_lo, s_hi).cpu()).to(dtype=dtype, device=device)
-
-
-def make_t_sampler(process: Process, kind: str | None = None, **params) -> Callable[[int, torch.Generator], Tensor]:
-    """A callable ``(n, generator) -> t`` of shape ``(n,)`` (float64) for ``sample_t(process, n, kind, **params)``."""
-    sample_t(process, 1, kind, generator=torch.Generator().manual_seed(0), **params)  # validate now, not mid-training
-
-    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        return sample_t(process, n, kind, generator=generator, **params)
-    return sampler
 
 
 def _draw_t(process: Process, x0: Tensor, t, t_sampler, generator) -> Tensor:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..conversions import from_x0_eps
 from ..process import Process, expand_like
+from ..times import lognormal_edm_sigma
 from ..validation import check_batch
 from .distances import get_distance, squared_norm
 from .pretrain import (_batch_t, _check_process, _reduce, consistency_distillation_loss,
@@ -219,7 +220,7 @@ def ect_loss(model, x0: Tensor, iters: int, *, generator: torch.Generator | None
     r_min = max(float(r_min), process.edm_sigma(process.t_min).item())
     lo, hi = 2 * r_min, process.edm_sigma(process.t_max).item()
     if t is None:
-        s = torch.exp(P_mean + P_std * torch.randn(x0.shape[0], generator=generator, dtype=torch.float64))
+        s = lognormal_edm_sigma(x0.shape[0], P_mean, P_std, generator)
         s = s.clamp(lo, hi)
     else:
         s = torch.as_tensor(t, dtype=torch.float64).expand(x0.shape[0]).clone()

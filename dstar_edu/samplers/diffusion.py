@@ -34,7 +34,8 @@ import torch
 
 from ..conversions import convert, to_x0_eps
 from ..predictors import Predictor
-from ..process import DDPM, Process
+from ..process import Process
+from ..times import ddpm_grid, log_snr, logsnr_grid, time_from_log_snr  # noqa: F401  (re-exported)
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, check_timesteps, run_loop
 
@@ -320,47 +321,6 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
 
 
 # ---- DPM-Solver (Lu et al. 2022; Wang talk "DPM-Solver") -----------------------------------------------
-def log_snr(process: Process, t) -> Tensor:
-    """``lambda(t) = log(alpha(t) / sigma(t))`` (half the log-SNR), decreasing in t."""
-    t = process.check_t(t)
-    return torch.log(process.alpha(t)) - torch.log(process.sigma(t))
-
-
-def time_from_log_snr(process: Process, lam, t_lo, t_hi, max_iter: int = 100) -> Tensor:
-    """Inverse ``t_lambda``: the t in [t_lo, t_hi] with ``lambda(t) = lam`` (float64).
-
-    Safeguarded Newton iteration with ``d lambda/dt = alpha'/alpha - sigma'/sigma``, falling back to
-    bisection whenever Newton leaves the bracket; stops when the bracket or the Newton step is below
-    4 float64 ulps of t (quadratic convergence: ~5-8 iterations; works on DDPM's piecewise interpolant).
-    """
-    lo, hi, target = float(t_lo), float(t_hi), float(lam)
-    if not lo <= hi:
-        raise ValueError(f"t_lo={lo:g} must not exceed t_hi={hi:g}")
-    f64 = torch.float64
-
-    def lam_and_slope(t: float) -> tuple[float, float]:
-        c = process.at(torch.tensor(t, dtype=f64))
-        a, s = c.alpha, c.sigma
-        return float(torch.log(a) - torch.log(s)), float(c.d_alpha / a - c.d_sigma / s)
-
-    t = 0.5 * (lo + hi)
-    for _ in range(max_iter):
-        f, slope = lam_and_slope(t)
-        f -= target
-        if f == 0.0:
-            break
-        if f > 0:          # lambda decreases in t: the root is later
-            lo = t
-        else:
-            hi = t
-        t_new = t - f / slope if slope != 0.0 and math.isfinite(slope) else 0.5 * (lo + hi)
-        if not lo < t_new < hi:
-            t_new = 0.5 * (lo + hi)
-        done = abs(t_new - t) <= 4 * math.ulp(max(abs(t), 1e-300)) or hi - lo <= 4 * math.ulp(max(abs(hi), 1e-300))
-        t = t_new
-        if done:
-            break
-    return torch.tensor(t, dtype=f64)
 
 
 def _eps(predictor, x, t, cond):
@@ -419,33 +379,7 @@ def dpm_solver_step(predictor: Predictor, x: Tensor, t, t_next, order: int = 2, 
     return (a_t / a_s) * x - s_t * torch.expm1(h) * eps_s - s_t / r2 * (torch.expm1(h) / h - 1) * d2
 
 
-# ---- time grids ----------------------------------------------------------------------------------------
-def ddpm_grid(process: DDPM) -> Tensor:
-    """The full DDPM grid ``T, T-1, ..., 1, 0`` (handbook Alg. 1)."""
-    if not isinstance(process, DDPM):
-        raise ValueError(f"process={process!r} must be a DDPM process for the full discrete grid")
-    return torch.arange(process.T, -1, -1, dtype=torch.float64)
-
-
-def logsnr_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None) -> Tensor:
-    """``n_steps + 1`` times uniform in ``lambda = log(alpha/sigma)`` (Lu et al.'s DPM-Solver grid).
-
-    ``t_start`` defaults to t_max and ``t_end`` to t_min; both must have alpha > 0 and sigma > 0.
-    """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    t0 = process.t_max if t_start is None else float(t_start)
-    t1 = process.t_min if t_end is None else float(t_end)
-    l0, l1 = log_snr(process, t0), log_snr(process, t1)
-    if not (torch.isfinite(l0) and torch.isfinite(l1)):
-        raise ValueError(f"t_start={t0:g}, t_end={t1:g}: lambda must be finite at both ends (alpha > 0 and sigma > 0); "
-                         f"got lambda = {float(l0):g}, {float(l1):g}")
-    lams = torch.linspace(float(l0), float(l1), n_steps + 1, dtype=torch.float64)
-    ts = torch.stack([time_from_log_snr(process, lam, t1, t0) for lam in lams])
-    ts[0], ts[-1] = t0, t1
-    return check_timesteps(ts, process)
-
-
+# ---- SMLD step sizes (time grids: ``dstar_edu.times``) ----------------------------------------------------
 def smld_step_sizes(process: Process, levels: Tensor, step_size: float) -> Tensor:
     """Song & Ermon (2019) Alg. 1 step sizes ``delta_i = step_size * sigma_i^2 / sigma_L^2``.
 

@@ -55,6 +55,7 @@ import torch
 
 from ..predictors import Predictor
 from ..process import DDPM, VP, Process, TrigFlow
+from ..times import flow_match_timesteps, trigflow_timesteps  # noqa: F401  (re-exported)
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
 from .consistency import consistency_multistep
@@ -115,29 +116,6 @@ def rectified_flow_euler(predictor: Predictor, timesteps, x_init: Tensor, *, dir
         return rectified_flow_euler_step(predictor, x, t, t_next, cond)
 
     return run_loop(step, ts, x_init, return_trajectory, progress, desc=f"rectified flow Euler ({direction})")
-
-
-def flow_match_timesteps(n_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:
-    """diffusers' ``FlowMatchEulerDiscreteScheduler`` sigmas (= rectified-flow times), float64, ending at 0.
-
-    ``sigma_min = shift(1 / T)`` (the scheduler shifts its training grid once at construction), then
-    ``shift(linspace(1, sigma_min, n_steps))`` with ``shift(s) = k s / (1 + (k - 1) s)``, then 0. diffusers
-    stores these in float32; its timesteps are ``T * sigma``.
-    """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer")
-    if not float(shift) > 0:
-        raise ValueError(f"shift={shift!r} must be positive")
-    k = float(shift)
-
-    def shifted(s):
-        return k * s / (1 + (k - 1) * s)
-
-    s_min = shifted(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64))
-    s = shifted(torch.linspace(1.0, float(s_min), n_steps, dtype=torch.float64))
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
 
 
 # ---- InstaFlow (Sec. 2.4.3, Alg. 6-8) --------------------------------------------------------------------
@@ -280,17 +258,6 @@ def trigflow_step(predictor: Predictor, x: Tensor, s, t, cond=None) -> Tensor:
     p.check_t(torch.tensor([s, t], dtype=torch.float64))
     F = predictor.predict("trigflow_F", x, s, cond)
     return math.cos(s - t) * x - math.sin(s - t) * p.sigma_data * F
-
-
-def trigflow_timesteps(n_steps: int, t_max: float = math.pi / 2) -> Tensor:
-    """``linspace(t_max, 0, n_steps + 1)`` in float64 (diffusers' SCMScheduler grid, with ``t_max = pi/2``)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    if not 0 < t_max <= math.pi / 2:
-        raise ValueError(f"t_max={t_max!r} must lie in (0, pi/2]")
-    ts = torch.linspace(t_max, 0.0, n_steps + 1, dtype=torch.float64).clamp(0.0, t_max)
-    ts[0], ts[-1] = t_max, 0.0          # linspace may round the end points by one ulp (outside the domain)
-    return ts
 
 
 _TRIG_SAMPLERS = ("ddim", "consistency")
