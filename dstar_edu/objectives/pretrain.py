@@ -27,6 +27,7 @@ import torch
 
 from ..conversions import check_prediction, from_x0_eps, to_x0_eps
 from ..process import Process, RectifiedFlow, TrigFlow, expand_like
+from ..samplers.diffusion import ddim_update
 from ..times import T_SAMPLERS, make_t_sampler, sample_t, t_from_edm_sigma  # noqa: F401  (re-exported)
 from .distances import get_distance, squared_norm
 
@@ -470,7 +471,7 @@ def ddim_denoise(teacher, x: Tensor, t_from: Tensor, t_to: Tensor, cond=None, cf
             x0_c = x0_c + cfg_scale * (x0_c - x0_u)
             eps_c = eps_c + cfg_scale * (eps_c - eps_u)
         a, s = process.coefficients(t_to, x)
-        return a * x0_c + s * eps_c
+        return ddim_update(x0_c, eps_c, a, s * s)
 
 
 def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid, m: int = 1,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..conversions import from_x0_eps
 from ..process import Process, expand_like
+from ..samplers.diffusion import ddim_update
 from ..times import lognormal_edm_sigma
 from ..validation import check_batch
 from .distances import get_distance, squared_norm
@@ -166,7 +167,7 @@ def progressive_distillation_loss(student, teacher, x0: Tensor, teacher_timestep
     if space == "x":
         a2, s2 = process.coefficients(t_next, z_t)
         a, s = process.coefficients(t, z_t)
-        x_hat = a2 * x0_theta + s2 * (z_t - a * x0_theta) / s      # one student DDIM step (Eq. 40, sigma = 0)
+        x_hat = ddim_update(x0_theta, (z_t - a * x0_theta) / s, a2, s2 * s2)  # one student DDIM step (Eq. 40, sigma = 0)
         per = squared_norm(z_next - x_hat)
     else:
         target = pd_target(z_t, z_next, t, t_next, process)

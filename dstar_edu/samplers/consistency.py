@@ -56,6 +56,7 @@ from ..process import DDPM, Process, time_tensor
 from ..times import lcm_timesteps, rho_grid  # noqa: F401  (lcm_timesteps re-exported)
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
+from .diffusion import ddim_update
 
 Tensor = torch.Tensor
 
@@ -343,5 +344,5 @@ class ODEFlowMap(Predictor):
             a, s = p.coefficients(ts[i], x)
             eps = (x - a * x0) / s
             a2, s2 = p.coefficients(ts[i + 1], x)
-            x = a2 * x0 + s2 * eps
+            x = ddim_update(x0, eps, a2, s2 * s2)                         # Eq. 14 with sigma = 0
         return x

@@ -42,7 +42,7 @@ from .common import _check_generator, _check_predictor, _draw_noise, check_times
 Tensor = torch.Tensor
 
 __all__ = [
-    "denoise", "velocity", "ddpm_step", "ddim_step", "langevin_step", "reverse_sde_step", "pf_ode_step",
+    "ddpm_posterior", "ddim_update", "ddim_sigma", "denoise", "velocity", "ddpm_step", "ddim_step", "langevin_step", "reverse_sde_step", "pf_ode_step",
     "dpm_solver_step", "ddpm", "ddim", "smld", "reverse_sde", "pf_ode", "dpm_solver",
     "ddpm_grid", "logsnr_grid", "log_snr", "time_from_log_snr", "smld_step_sizes",
 ]
@@ -141,18 +141,50 @@ _VARIANCES = ("posterior", "beta")
 _FORMS = ("eq10", "eq9")
 
 
+def ddpm_posterior(ab_t, ab_prev):
+    """The DDPM posterior ``q(x_{t_prev} | x_t, x0)`` (handbook Eq. 8, Eq. 10) as ``(c_x0, c_xt, var)``::
+
+        mean = c_x0 x0 + c_xt x_t,  c_x0 = sqrt(ab_prev) (1 - alpha) / (1 - ab_t),  c_xt = sqrt(alpha) (1 - ab_prev) / (1 - ab_t),
+        var  = (1 - alpha) (1 - ab_prev) / (1 - ab_t),  alpha = ab_t / ab_prev
+
+    (the effective per-step alpha: Eq. 5's ``alpha_t`` on the full grid, and on a sub-sequence the only choice
+    for which this is the posterior, handbook Sec. 2.2.3). Python floats or tensors (broadcasting).
+    """
+    alpha = ab_t / ab_prev
+    sqrt = torch.sqrt if isinstance(alpha, Tensor) else math.sqrt
+    return (sqrt(ab_prev) * (1 - alpha) / (1 - ab_t), sqrt(alpha) * (1 - ab_prev) / (1 - ab_t),
+            (1 - alpha) * (1 - ab_prev) / (1 - ab_t))
+
+
+def ddim_update(x0: Tensor, eps: Tensor, alpha_prev, sigma2_prev, sigma=0.0, noise: Tensor | None = None) -> Tensor:
+    """The DDIM recombination, handbook Eq. 14: ``alpha_prev x0_hat + sqrt(sigma2_prev - sigma^2) eps_hat + sigma z``.
+
+    ``alpha_prev``, ``sigma2_prev``: the process's ``alpha`` and ``sigma^2`` at the new time (DDPM/VP:
+    ``sqrt(ab_prev)`` and ``1 - ab_prev``); ``sigma``: the step's noise scale (``ddim_sigma``; 0: deterministic,
+    Eq. 21, the first-order PF-ODE step of any process); ``z = noise`` is added when given. Python floats or
+    tensors broadcasting against ``x0``; the square root is clamped at 0 (round-off at ``sigma^2 = sigma2_prev``).
+    """
+    if isinstance(sigma2_prev, Tensor) or isinstance(sigma, Tensor):
+        c_eps = torch.sqrt(torch.clamp(sigma2_prev - sigma * sigma, min=0.0))
+    else:
+        c_eps = math.sqrt(max(sigma2_prev - sigma * sigma, 0.0))
+    out = alpha_prev * x0 + c_eps * eps
+    return out if noise is None else out + sigma * noise
+
+
 def _ddpm_update(x, x0, eps, ab_t, ab_p, r_t, r_p, s_p, variance, form, noise, generator):
     """Eq. 10 (or Eq. 9) + sigma z in the variance-normalised coordinates, with alpha = ab_t / ab_p."""
     alpha = ab_t / ab_p                                                     # effective per-step alpha
     xv = x / r_t if r_t != 1.0 else x
+    c_x0, c_xt, var = ddpm_posterior(ab_t, ab_p)
     if form == "eq10":
-        mu = (math.sqrt(ab_p) * (1 - alpha) / (1 - ab_t)) * x0 + (math.sqrt(alpha) * (1 - ab_p) / (1 - ab_t)) * xv
+        mu = c_x0 * x0 + c_xt * xv
     else:
         if alpha == 0:
             raise ValueError("form='eq9' divides by sqrt(alpha_t) and alpha_bar(t) = 0 here (alpha(t) = 0); "
                              "allowed: form='eq10' (Eq. 10 needs no division by alpha_t)")
         mu = (xv - (1 - alpha) / math.sqrt(1 - ab_t) * eps) / math.sqrt(alpha)
-    var = (1 - alpha) * (1 - ab_p) / (1 - ab_t) if variance == "posterior" else (1 - alpha)
+    var = var if variance == "posterior" else (1 - alpha)
     if s_p > 0:
         mu = mu + math.sqrt(max(var, 0.0)) * _noise_arg(noise, x, generator)
     return r_p * mu if r_p != 1.0 else mu
@@ -197,15 +229,14 @@ def _check_ddpm_options(variance, form):
 def ddim_sigma(ab_t, ab_prev, eta: float):
     """DDIM noise scale (handbook Sec. 2.2.1 (ii)) on a sub-sequence, with ``alpha = ab_t / ab_prev``:
     ``sigma_{t_n}(eta) = eta sqrt((1 - alpha)(1 - ab_{t_{n-1}}) / (1 - ab_{t_n}))`` (tensors or floats)."""
-    var = (1 - ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t)
+    var = ddpm_posterior(ab_t, ab_prev)[2]
     return eta * (torch.sqrt(var) if isinstance(var, Tensor) else math.sqrt(max(var, 0.0)))
 
 
 def _ddim_update(x, x0, eps, ab_t, ab_p, r_p, eta, noise, generator):
     sig = ddim_sigma(ab_t, ab_p, eta)
-    out = math.sqrt(ab_p) * x0 + math.sqrt(max(1 - ab_p - sig * sig, 0.0)) * eps
-    if eta > 0:
-        out = out + sig * _noise_arg(noise, x, generator)
+    z = _noise_arg(noise, x, generator) if eta > 0 else None      # drawn whenever eta > 0, as diffusers does
+    out = ddim_update(x0, eps, math.sqrt(ab_p), 1 - ab_p, sig, z)
     return r_p * out if r_p != 1.0 else out
 
 

@@ -59,6 +59,7 @@ from ..times import flow_match_timesteps, trigflow_timesteps  # noqa: F401  (re-
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
 from .consistency import consistency_multistep
+from .diffusion import ddim_sigma, ddim_update, ddpm_posterior
 
 Tensor = torch.Tensor
 
@@ -166,10 +167,8 @@ def instaflow_posterior_step(predictor: Predictor, y: Tensor, t, t_prev, *, nois
     """Alg. 6 (corrected line 5): the DDPM posterior step (Eq. 10) written in the InstaFlow space y."""
     p, t, t_prev, ab_t, ab_p = _step_times(predictor, t, t_prev)
     x0_hat, _, beta_t = _instaflow_terms(predictor, y, t, ab_t, cond)
-    alpha = ab_t / ab_p
-    c1 = math.sqrt(ab_p) * (1 - alpha) / (1 - ab_t)
-    c2 = math.sqrt(alpha) * (1 - ab_p) / (1 - ab_t)
-    sigma = math.sqrt((1 - alpha) * (1 - ab_p) / (1 - ab_t))
+    c1, c2, var = ddpm_posterior(ab_t, ab_p)                          # Eq. 10 with alpha = ab_t / ab_prev
+    sigma = math.sqrt(var)
     beta_p = math.sqrt(ab_p) + math.sqrt(1 - ab_p)
     mean = c1 * x0_hat + c2 * beta_t * y
     if sigma == 0.0:
@@ -199,15 +198,13 @@ def instaflow_ddim_step(predictor: Predictor, y: Tensor, t, t_prev, *, eta: floa
         raise ValueError(f"eta={eta!r} must be a finite number >= 0")
     p, t, t_prev, ab_t, ab_p = _step_times(predictor, t, t_prev)
     x0_hat, eps_hat, _ = _instaflow_terms(predictor, y, t, ab_t, cond)
-    sigma = eta * math.sqrt((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p))
+    sigma = ddim_sigma(ab_t, ab_p, eta)
     rest = 1 - ab_p - sigma * sigma
     if rest < -1e-12:
         raise ValueError(f"eta={eta:g} is too large: sigma^2={sigma * sigma:.4g} exceeds 1 - ab_prev={1 - ab_p:.4g}")
     beta_p = math.sqrt(ab_p) + math.sqrt(1 - ab_p)
-    x_prev = math.sqrt(ab_p) * x0_hat + math.sqrt(max(rest, 0.0)) * eps_hat
-    if sigma > 0:
-        x_prev = x_prev + sigma * _draw_noise(noise, y, generator)
-    return x_prev / beta_p
+    z = _draw_noise(noise, y, generator) if sigma > 0 else None
+    return ddim_update(x0_hat, eps_hat, math.sqrt(ab_p), 1 - ab_p, sigma, z) / beta_p
 
 
 def instaflow(predictor: Predictor, timesteps, y_init: Tensor, *, method: str = "posterior", eta: float = 0.0,
