@@ -141,16 +141,17 @@ _VARIANCES = ("posterior", "beta")
 _FORMS = ("eq10", "eq9")
 
 
-def ddpm_posterior(ab_t, ab_prev):
+def ddpm_posterior(ab_t, ab_prev, alpha=None):
     """The DDPM posterior ``q(x_{t_prev} | x_t, x0)`` (handbook Eq. 8, Eq. 10) as ``(c_x0, c_xt, var)``::
 
         mean = c_x0 x0 + c_xt x_t,  c_x0 = sqrt(ab_prev) (1 - alpha) / (1 - ab_t),  c_xt = sqrt(alpha) (1 - ab_prev) / (1 - ab_t),
         var  = (1 - alpha) (1 - ab_prev) / (1 - ab_t),  alpha = ab_t / ab_prev
 
     (the effective per-step alpha: Eq. 5's ``alpha_t`` on the full grid, and on a sub-sequence the only choice
-    for which this is the posterior, handbook Sec. 2.2.3). Python floats or tensors (broadcasting).
+    for which this is the posterior, handbook Sec. 2.2.3); pass ``alpha`` to use another (Eq. 8 as printed, with
+    the per-step ``alpha_t`` given). Python floats or tensors (broadcasting).
     """
-    alpha = ab_t / ab_prev
+    alpha = ab_t / ab_prev if alpha is None else alpha
     sqrt = torch.sqrt if isinstance(alpha, Tensor) else math.sqrt
     return (sqrt(ab_prev) * (1 - alpha) / (1 - ab_t), sqrt(alpha) * (1 - ab_prev) / (1 - ab_t),
             (1 - alpha) * (1 - ab_prev) / (1 - ab_t))
