@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from ..process import Process
 from ..times import karras_sigma_grid, p_edm, p_sid, p_sim  # noqa: F401  (re-exported)
 from ..validation import check_batch
+from .distances import get_pair_distance
 from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
-from .pretrain import _reduce as pretrain_reduce
+from .common import DISTILL_HINT, noisy_batch, reduce_loss, sample_weight
 
 Tensor = torch.Tensor
 
@@ -105,47 +106,12 @@ def _pair_process(teacher, fake) -> Process:
     return p
 
 
-def _noisy(x0: Tensor, process: Process, t, eps, generator) -> tuple[Tensor, Tensor, Tensor]:
-    """``(t as (B,), x_t, eps)`` with ``x_t = alpha x0 + sigma eps`` carrying x0's gradient (handbook Eq. 6)."""
-    if t is None:
-        raise ValueError("t is required: pass the (batch,) times (e.g. from p_sim(process)(n, generator))")
-    t = process.check_t(t, x0)
-    t = t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
-    if bool((process.at(t).sigma <= 0).any()):
-        raise ValueError(f"t has values where sigma(t) = 0 (t_min={process.t_min:g}); score distillation needs "
-                         "sigma(t) > 0: draw t strictly inside the domain")
-    if eps is not None and (not isinstance(eps, Tensor) or eps.shape != x0.shape):
-        raise ValueError(f"eps has shape {tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}; "
-                         f"it must match x0 {tuple(x0.shape)}")
-    x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
-    return t, x_t, eps
-
-
-def _weight(weight, t: Tensor, B: int, dtype, name: str = "weight") -> Tensor:
-    """Per-sample ``w(t)`` from None (1), a number, a ``(B,)`` tensor or a callable ``w(t)``."""
-    if weight is None:
-        return torch.ones(B, dtype=dtype, device=t.device)
-    if callable(weight):
-        weight = weight(t)
-    w = torch.as_tensor(weight, dtype=dtype, device=t.device)
-    if w.ndim == 0:
-        w = w.expand(B)
-    if tuple(w.shape) != (B,):
-        raise ValueError(f"{name} has shape {tuple(w.shape)}; allowed: None, a number, a ({B},) tensor or a "
-                         "callable w(t) -> (batch,)")
-    return w.detach()
-
-
 def _sum(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
-_DISTILL_HINT = ("check the time range (sigma(t) -> 0 blows scores up), the networks' outputs and the learning "
-                 "rate")
-
-
 def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
-    return pretrain_reduce(per_sample, reduction, what, _DISTILL_HINT)
+    return reduce_loss(per_sample, reduction, what, DISTILL_HINT)
 
 
 def _check_space(space: str) -> str:
@@ -195,8 +161,9 @@ def sim_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     process = _pair_process(teacher, fake)
     space = _check_space(space)
     d = _resolve_distance(distance, c, alpha, beta, delta, x0)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with frozen(teacher, fake):
         if space == "score":
             s_q = teacher.predict("score", x_t, t, cond)
@@ -269,7 +236,8 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     process = _pair_process(teacher, fake)
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha={alpha!r} must be a finite number (SiD uses 1.2; 1.0 is SIM with squared L2)")
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
     with frozen(teacher, fake):
         D_q = teacher.predict("x0", x_t, t, cond)
         D_psi = fake.predict("x0", x_t, t, cond)
@@ -285,7 +253,7 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
             raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'sid', 'none', a number, a (batch,) "
                              "tensor or a callable w(t)")
     else:
-        w = _weight(weighting, t, x0.shape[0], x0.dtype, "weighting")
+        w = sample_weight(weighting, t, x0.shape[0], x0.dtype, "weighting")
     return _reduce(w * per, reduction, f"sid_generator_loss(alpha={alpha})")
 
 
@@ -304,8 +272,9 @@ def diff_instruct_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
     space = _check_space(space)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     target = "score" if space == "score" else "x0"
     with torch.no_grad():
         xd = x_t.detach()
@@ -327,8 +296,9 @@ def sds_loss(x0: Tensor, teacher, t, *, eps: Tensor | None = None, generator: to
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, None)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with torch.no_grad():
         eps_hat = teacher.predict("eps", x_t.detach(), t, cond)
     return _reduce(w * _sum((eps_hat - eps) * x0), reduction, "sds_loss")
@@ -345,8 +315,9 @@ def vsd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with torch.no_grad():
         xd = x_t.detach()
         g = fake.predict("score", xd, t, cond) - teacher.predict("score", xd, t, cond)
@@ -370,7 +341,8 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
     with torch.no_grad():
         xd = x_t.detach()
         D_q = teacher.predict("x0", xd, t, cond)
@@ -386,7 +358,7 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
             raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'dmd', 'none', a number, a (batch,) "
                              "tensor or a callable w(t)")
     else:
-        k = 0.5 * _weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)
+        k = 0.5 * sample_weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)
     per = k * _sum((x0 - (x0 - delta).detach()) ** 2)
     if discriminator is not None and gan_weight:
         if not (isinstance(gan_weight, (int, float)) and gan_weight > 0):
@@ -401,7 +373,6 @@ def dmd_regression_loss(x0: Tensor, target: Tensor, *, distance="l2", c: float |
     """DMD's regression loss ``E d(g_theta(z), y)`` on pairs ``(z, y)`` with ``y`` the teacher's ODE sample from
     the same noise (Yin et al. 2024; LPIPS there, any ``objectives.distances`` distance or callable here).
     """
-    from .distances import get_distance as get_pair_distance
     x0 = _check_x0(x0)
     if not isinstance(target, Tensor) or target.shape != x0.shape:
         raise ValueError(f"target has shape {tuple(target.shape) if isinstance(target, Tensor) else type(target)}; "
@@ -454,7 +425,8 @@ def dmd_gan_generator_loss(x0: Tensor, discriminator, t, process: Process, *, ep
                            generator: torch.Generator | None = None, cond=None, reduction: str = "mean") -> Tensor:
     """Generator side of ``L_adv``: ``softplus(-D(x_t^f, t))`` = ``-log D`` (non-saturating)."""
     x0 = _check_x0(x0)
-    t, x_t, _ = _noisy(x0, process, t, eps, generator)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, _ = nb.t, nb.x_t, nb.eps
     with frozen(discriminator, getattr(discriminator, "backbone", None)):
         return _reduce(F.softplus(-discriminator(x_t, t, cond)), reduction, "dmd_gan_generator_loss")
 
@@ -466,8 +438,10 @@ def dmd_gan_discriminator_loss(x0_fake: Tensor, x0_real: Tensor, discriminator, 
     x0_fake, x0_real = _check_x0(x0_fake, "x0_fake"), _check_x0(x0_real, "x0_real")
     if x0_fake.shape != x0_real.shape:
         raise ValueError(f"x0_fake {tuple(x0_fake.shape)} and x0_real {tuple(x0_real.shape)} must have the same shape")
-    t, xf, _ = _noisy(x0_fake.detach(), process, t, None, generator)
-    _, xr, _ = _noisy(x0_real.detach(), process, t, None, generator)
+    nb = noisy_batch(x0_fake.detach(), process, t, None, generator)
+    t, xf, _ = nb.t, nb.x_t, nb.eps
+    nb = noisy_batch(x0_real.detach(), process, t, None, generator)
+    _, xr, _ = nb.t, nb.x_t, nb.eps
     per = F.softplus(-discriminator(xr, t, cond)) + F.softplus(discriminator(xf, t, cond))
     return _reduce(per, reduction, "dmd_gan_discriminator_loss")
 
@@ -488,8 +462,9 @@ def fgm_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with frozen(teacher, fake):
         u = teacher.predict("velocity", x_t, t, cond)
         v = fake.predict("velocity", x_t, t, cond)

@@ -20,7 +20,6 @@ Score matching (Sec. 2.2.2): ``explicit_score_matching_loss`` (J_ESM), ``implici
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -29,7 +28,8 @@ from ..conversions import check_prediction, from_x0_eps, to_x0_eps
 from ..process import Process, RectifiedFlow, TrigFlow, expand_like
 from ..samplers.diffusion import ddim_update
 from ..times import T_SAMPLERS, make_t_sampler, sample_t, t_from_edm_sigma  # noqa: F401  (re-exported)
-from .distances import get_distance, squared_norm
+from .common import batch_times, check_process, draw_times, reduce_loss
+from .distances import get_pair_distance, squared_norm
 
 Tensor = torch.Tensor
 
@@ -43,7 +43,6 @@ __all__ = [
 
 #: names accepted by ``weighting``
 WEIGHTINGS = ("none", "snr", "min_snr", "edm")
-REDUCTIONS = ("mean", "sum", "none")
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
@@ -56,82 +55,11 @@ def _check_x0(x0, name: str = "x0") -> Tensor:
     return x0
 
 
-_PRETRAIN_HINT = ("check the predictor's output, the time range (e.g. sigma(t) = 0 or alpha(t) = 0 at an end of "
-                  "the domain) and the learning rate")
-
-
-def _reduce(per_sample: Tensor, reduction: str, what: str, hint: str = _PRETRAIN_HINT) -> Tensor:
-    """Mean / sum / per-sample reduction that raises ``FloatingPointError`` (with ``hint``) on NaN or inf."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
-    out = per_sample.mean() if reduction == "mean" else per_sample.sum() if reduction == "sum" else per_sample
-    if not bool(torch.isfinite(out.detach()).all()):
-        bad = per_sample.detach()
-        n_bad = int((~torch.isfinite(bad)).sum())
-        raise FloatingPointError(f"{what} is not finite ({n_bad} of {bad.numel()} per-sample values are NaN/inf); "
-                                 f"{hint}")
-    return out
-
-
 def _sq_err(a: Tensor, b: Tensor, normalize_dims: bool) -> Tensor:
     e = squared_norm(a - b)
     if normalize_dims:
         e = e / (a[0].numel() if a.ndim > 1 else 1)
     return e
-
-
-def _batch_t(process: Process, t, x0: Tensor) -> Tensor:
-    """Explicit times (scalar or (batch,)) validated against the process and expanded to (batch,)."""
-    t = process.check_t(t, x0)
-    return t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
-
-
-def _check_process(predictor, kind, loss: str) -> Process:
-    process = getattr(predictor, "process", None)
-    if not isinstance(process, Process):
-        raise ValueError(f"{loss} needs a predictor with a .process (a dstar_edu Process), got "
-                         f"{type(predictor).__name__} with process={process!r}")
-    if kind is not None and not isinstance(process, kind):
-        raise ValueError(f"{loss} is defined for the {kind.__name__} process, but predictor.process={process}")
-    return process
-
-
-def _draw_t(process: Process, x0: Tensor, t, t_sampler, generator) -> Tensor:
-    if t is not None:
-        if t_sampler is not None:
-            raise ValueError("give either t (explicit times) or t_sampler, not both")
-        return _batch_t(process, t, x0)
-    B = x0.shape[0]
-    if t_sampler is None or isinstance(t_sampler, str):
-        kind = t_sampler or ("discrete" if process.discrete else "uniform")
-        t = sample_t(process, B, kind, generator=generator)
-        if kind != "discrete":
-            return _inside(process, t.to(device=x0.device), x0)
-    elif callable(t_sampler):
-        t = torch.as_tensor(t_sampler(B, generator))
-        if t.shape != (B,):
-            raise ValueError(f"t_sampler returned shape {tuple(t.shape)}; it must return ({B},) times")
-    else:
-        raise ValueError(f"t_sampler={t_sampler!r} must be None, one of {T_SAMPLERS} or a callable (n, generator) -> t")
-    return _batch_t(process, t.to(device=x0.device), x0)
-
-
-def _inside(process: Process, t: Tensor, x0: Tensor) -> Tensor:
-    """Continuous samples cast to x0's dtype, kept strictly inside the domain after rounding.
-
-    A float32 cast can round a time onto an end point (rectified flow's ``t = 1`` where alpha = 0) or
-    past it (float32(pi/2) > pi/2 for TrigFlow); such samples move to the nearest representable time
-    inside the open domain.
-    """
-    dtype = torch.float64                 # time stays float64 whatever x0's dtype (issue 13)
-    lo = torch.tensor(process.t_min, dtype=dtype)
-    hi = torch.tensor(process.t_max, dtype=dtype)
-    while float(lo) <= process.t_min:
-        lo = torch.nextafter(lo, torch.tensor(math.inf, dtype=dtype))
-    while float(hi) >= process.t_max:
-        hi = torch.nextafter(hi, torch.tensor(-math.inf, dtype=dtype))
-    t = t.to(dtype).clamp(lo.item(), hi.item())
-    return _batch_t(process, t, x0)
 
 
 # ---- loss weights --------------------------------------------------------------------------------------------
@@ -209,10 +137,10 @@ def denoising_loss(predictor, x0: Tensor, *, generator: torch.Generator | None =
             unconditional branch that classifier-free guidance, Eq. 23, needs). ``cond`` then has one entry
             per sample and ``uncond`` broadcasts against it (e.g. the MLP's null label ``num_classes``).
     """
-    process = _check_process(predictor, None, "denoising_loss")
+    process = check_process(predictor, None, "denoising_loss")
     x0 = _check_x0(x0)
     target = check_prediction(predictor.prediction if target is None else target)
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     if p_uncond:
         cond = _drop_condition(cond, uncond, p_uncond, x0.shape[0], generator)
@@ -220,7 +148,7 @@ def denoising_loss(predictor, x0: Tensor, *, generator: torch.Generator | None =
     pred = predictor.predict(target, x_t, t, cond)
     w = loss_weight(weighting, target, t, process, min_snr_gamma=min_snr_gamma, sigma_data=sigma_data,
                     dtype=x0.dtype)
-    return _reduce(w * _sq_err(pred, tgt, normalize_dims), reduction, f"denoising_loss(target={target!r})")
+    return reduce_loss(w * _sq_err(pred, tgt, normalize_dims), reduction, f"denoising_loss(target={target!r})")
 
 
 def _drop_condition(cond, uncond, p_uncond: float, B: int, generator):
@@ -252,14 +180,14 @@ def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generat
     ``denoising_loss(target="velocity")`` on the same ``(x0, s, eps)``. For ``sigma_min > 0`` the path is
     not the ``RectifiedFlow`` process, so the predictor must output ``velocity`` itself (no conversion).
     """
-    process = _check_process(predictor, RectifiedFlow, "flow_matching_loss")
+    process = check_process(predictor, RectifiedFlow, "flow_matching_loss")
     x0 = _check_x0(x0)
     if not (isinstance(sigma_min, (int, float)) and 0.0 <= sigma_min < 1.0):
         raise ValueError(f"sigma_min={sigma_min!r} must be a number in [0, 1)")
     if sigma_min > 0 and predictor.prediction != "velocity":
         raise ValueError(f"flow_matching_loss with sigma_min={sigma_min} > 0 needs a predictor whose prediction is "
                          f"'velocity' (got {predictor.prediction!r}): conversions assume the sigma_min = 0 path")
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif eps.shape != x0.shape:
@@ -271,7 +199,7 @@ def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generat
         pred = predictor(x_s, t, cond)
     else:
         pred = predictor.predict("velocity", x_s, t, cond)
-    return _reduce(_sq_err(pred, u, normalize_dims), reduction, f"flow_matching_loss(sigma_min={sigma_min})")
+    return reduce_loss(_sq_err(pred, u, normalize_dims), reduction, f"flow_matching_loss(sigma_min={sigma_min})")
 
 
 def trigflow_diffusion_loss(predictor, x0: Tensor, *, generator: torch.Generator | None = None, t=None,
@@ -284,10 +212,10 @@ def trigflow_diffusion_loss(predictor, x0: Tensor, *, generator: torch.Generator
     ``x_t / sigma_d`` divides inside its wrapper) and ``sigma_d F`` is its ``velocity`` prediction.
     ``z`` is the TrigFlow noise (std sigma_d), i.e. ``sigma_d * eps`` in the library's notation.
     """
-    process = _check_process(predictor, TrigFlow, "trigflow_diffusion_loss")
+    process = check_process(predictor, TrigFlow, "trigflow_diffusion_loss")
     x0 = _check_x0(x0)
     sd = process.sigma_data
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     if z is None:
         z = sd * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif z.shape != x0.shape:
@@ -300,7 +228,7 @@ def trigflow_diffusion_loss(predictor, x0: Tensor, *, generator: torch.Generator
         pred = sd * predictor(x_t, t, cond)
     else:
         pred = predictor.predict("velocity", x_t, t, cond)
-    return _reduce(_sq_err(pred, v_t, normalize_dims), reduction, "trigflow_diffusion_loss")
+    return reduce_loss(_sq_err(pred, v_t, normalize_dims), reduction, "trigflow_diffusion_loss")
 
 
 # ---- score matching (Sec. 2.2.2) -------------------------------------------------------------------------
@@ -350,7 +278,7 @@ def explicit_score_matching_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor
     s = true_score(x) if callable(true_score) else true_score
     if s.shape != x.shape:
         raise ValueError(f"true_score has shape {tuple(s.shape)} but x has shape {tuple(x.shape)}")
-    return _reduce(0.5 * squared_norm(score_fn(x) - s), reduction, "explicit_score_matching_loss")
+    return reduce_loss(0.5 * squared_norm(score_fn(x) - s), reduction, "explicit_score_matching_loss")
 
 
 def implicit_score_matching_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, *, divergence_method: str = "exact",
@@ -363,7 +291,7 @@ def implicit_score_matching_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor
     """
     x = _check_x0(x, "x")
     out, div = divergence(score_fn, x, method=divergence_method, generator=generator, n_probes=n_probes)
-    return _reduce(0.5 * squared_norm(out) + div, reduction, "implicit_score_matching_loss")
+    return reduce_loss(0.5 * squared_norm(out) + div, reduction, "implicit_score_matching_loss")
 
 
 # ---- consistency models (Sec. 2.3.1, 2.5.1, 3.2.6) --------------------------------------------------------------
@@ -427,17 +355,17 @@ def consistency_training_loss(model, ema_model, x0: Tensor, t_grid=None, *, t_pa
     ``distance``: ``"l2"`` (``||x - y||^2``), ``"pseudo_huber"`` with constant ``c``, or a callable.
     ``weighting``: None (lambda = 1) or ``lambda(t_n, t_n+1) -> (batch,)``.
     """
-    process = _check_process(model, None, "consistency_training_loss")
+    process = check_process(model, None, "consistency_training_loss")
     x0 = _check_x0(x0)
     ema_model = model if ema_model is None else ema_model
-    d = get_distance(distance, c)
+    d = get_pair_distance(distance, c)
     B = x0.shape[0]
     if (t_grid is None) == (t_pair is None):
         raise ValueError("give exactly one of t_grid (a schedule t_1 < ... < t_N) and t_pair=(t_lo, t_hi)")
     if t_pair is not None:
         if n is not None:
             raise ValueError("n indexes t_grid; it cannot be used with t_pair")
-        t_lo, t_hi = (_batch_t(process, tt, x0) for tt in t_pair)
+        t_lo, t_hi = (batch_times(process, tt, x0) for tt in t_pair)
         if not bool((t_hi > t_lo).all()):
             raise ValueError("t_pair=(t_lo, t_hi) needs t_hi > t_lo for every sample")
     else:
@@ -451,7 +379,7 @@ def consistency_training_loss(model, ema_model, x0: Tensor, t_grid=None, *, t_pa
     with torch.no_grad():
         f_target = consistency_function(ema_model, x_lo, t_lo, cond, parameterization)
     per = _weights_pair(weighting, t_lo, t_hi) * d(f_online, f_target)
-    return _reduce(per, reduction, "consistency_training_loss")
+    return reduce_loss(per, reduction, "consistency_training_loss")
 
 
 def ddim_denoise(teacher, x: Tensor, t_from: Tensor, t_to: Tensor, cond=None, cfg_scale: float | None = None,
@@ -491,8 +419,8 @@ def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid,
     The student and teacher must share the process (aligned timesteps, Sec. 2.3.1 "Reparameterization").
     ``n`` (0-based, ``0..N-1-m``) picks ``t_n = t_grid[n]``; drawn uniformly when None.
     """
-    process = _check_process(model, None, "consistency_distillation_loss")
-    _check_process(teacher, None, "consistency_distillation_loss (teacher)")
+    process = check_process(model, None, "consistency_distillation_loss")
+    check_process(teacher, None, "consistency_distillation_loss (teacher)")
     x0 = _check_x0(x0)
     if repr(teacher.process) != repr(process):
         raise ValueError(f"teacher.process={teacher.process} differs from model.process={process}; "
@@ -502,7 +430,7 @@ def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid,
     if denoise is not None and cfg_scale is not None:
         raise ValueError("cfg_scale applies to the default DDIM Denoise; a custom denoise must guide itself")
     ema_model = model if ema_model is None else ema_model
-    d = get_distance(distance, c)
+    d = get_pair_distance(distance, c)
     grid = _check_grid(t_grid, process, x0.dtype, x0.device)
     n, t_lo, t_hi = _grid_pair(grid, x0.shape[0], m, n, generator)
     x_hi, _ = process.q_sample(x0, t_hi, eps=eps, generator=generator)
@@ -515,7 +443,7 @@ def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid,
         f_target = consistency_function(ema_model, x_hat, t_lo, cond, parameterization)
     f_online = consistency_function(model, x_hi, t_hi, cond, parameterization)
     per = _weights_pair(weighting, t_lo, t_hi) * d(f_online, f_target)
-    return _reduce(per, reduction, "consistency_distillation_loss")
+    return reduce_loss(per, reduction, "consistency_distillation_loss")
 
 
 def trigflow_ct_gradient_surrogate(model, x0: Tensor, *, ema_model=None, teacher=None,
@@ -538,10 +466,10 @@ def trigflow_ct_gradient_surrogate(model, x0: Tensor, *, ema_model=None, teacher
     the handbook states the limit up to this constant). Checked in ``training.trigflow_ct_gradient``.
     The value itself has no meaning, only its gradient.
     """
-    process = _check_process(model, None, "trigflow_ct_gradient_surrogate")
+    process = check_process(model, None, "trigflow_ct_gradient_surrogate")
     x0 = _check_x0(x0)
     ema_model = model if ema_model is None else ema_model
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     with torch.no_grad():
         if teacher is None:
@@ -555,4 +483,4 @@ def trigflow_ct_gradient_surrogate(model, x0: Tensor, *, ema_model=None, teacher
     f_online = consistency_function(model, x_t, t, cond, parameterization)
     lam = torch.ones_like(t) if weighting is None else torch.as_tensor(weighting(t), dtype=t.dtype).expand(t.shape[0])
     per = lam * (f_online * dfdt.detach()).reshape(x0.shape[0], -1).sum(1)
-    return _reduce(per, reduction, "trigflow_ct_gradient_surrogate")
+    return reduce_loss(per, reduction, "trigflow_ct_gradient_surrogate")

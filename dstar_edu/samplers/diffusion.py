@@ -81,7 +81,8 @@ class _Coefs:
         return self.a[i], self.s[i], self.da[i], self.ds[i]
 
 
-def _scalar_t(process: Process, t, name: str = "t") -> Tensor:
+def _step_time(process: Process, t, name: str = "t") -> Tensor:
+    """One time for a whole-batch step, validated against ``process`` (a 0-d float64 tensor)."""
     t = process.check_t(torch.as_tensor(t, dtype=torch.float64))
     if t.ndim:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; the sampler steps take one scalar time for the whole batch")
@@ -211,8 +212,8 @@ def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str 
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
     _check_ddpm_options(variance, form)
-    tt = _scalar_t(process, t)
-    tp = _scalar_t(process, tt - 1 if t_prev is None else t_prev, "t_prev")
+    tt = _step_time(process, t)
+    tp = _step_time(process, tt - 1 if t_prev is None else t_prev, "t_prev")
     if not tp < tt:
         raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
     c = _Coefs(process, torch.stack([tt, tp]), x.dtype)
@@ -256,7 +257,7 @@ def ddim_step(predictor: Predictor, x: Tensor, t, t_prev, eta: float = 0.0, nois
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
     eta = _check_eta(eta)
-    tt, tp = _scalar_t(process, t), _scalar_t(process, t_prev, "t_prev")
+    tt, tp = _step_time(process, t), _step_time(process, t_prev, "t_prev")
     if not tp < tt:
         raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
     c = _Coefs(process, torch.stack([tt, tp]), x.dtype)
@@ -314,7 +315,7 @@ def reverse_sde_step(predictor: Predictor, x: Tensor, t, t_next, noise: Tensor |
     """
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
-    tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
+    tt, tn = _step_time(process, t), _step_time(process, t_next, "t_next")
     if not tn < tt:
         raise ValueError(f"t_next={float(tn):g} must be smaller than t={float(tt):g}")
     return _sde_update(predictor, x, t, float(tn - tt), _Coefs(process, tt, x.dtype), 0, cond, noise, generator)
@@ -347,7 +348,7 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
     x = check_batch(x, "x")
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
-    tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
+    tt, tn = _step_time(process, t), _step_time(process, t_next, "t_next")
     c = _Coefs(process, torch.stack([tt, tn]), x.dtype)
     return _ode_update(predictor, x, t, t_next, c, 0, method, cond)
 
