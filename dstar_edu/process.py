@@ -1,7 +1,10 @@
 """Forward noising processes ``x_t = alpha(t) * x0 + sigma(t) * eps`` (handbook Def. 2.1).
 
 Every process gives ``alpha(t)``, ``sigma(t)``, their time derivatives, its time domain, its prior
-and the marginal sample. Nothing else in the library knows which process it is talking to.
+and the marginal sample. Nothing else in the library knows which process it is talking to: it asks
+``process.at(t, x)`` for one :class:`Coefficients` value (``alpha, sigma, d_alpha, d_sigma``, computed from
+float64 ``t`` and shaped to broadcast against ``x``). Each process owns its closed-form inverse time map
+``t_from_edm_sigma``; grids and time distributions built on it live in ``dstar_edu.times``.
 
 Notation map (handbook "Demystify notations", Sec. 2.2.1, 2.3, 2.4, 2.5, 2.7), written once here:
 
@@ -15,7 +18,11 @@ this library               other papers
                            DDPM ``sqrt(1 - alpha_bar_t)``; TrigFlow ``sigma_d sin t``; RF ``t``.
 ``alpha_bar(t)``           DDPM ``alpha_bar_t`` = DDIM ``alpha_t`` = (LCM ``alpha_t``)^2, for VP;
                            in general alpha^2 / (alpha^2 + sigma^2) (the VP process of x_t/|(a,s)|).
-``edm_sigma(t)``           EDM / SiD / SIM / VE noise level ``sigma = sigma(t) / alpha(t)``.
+``edm_sigma(t)``           EDM / SiD / SIM / VE noise level ``sigma = sigma(t) / alpha(t)``; inverse
+                           ``t_from_edm_sigma``.
+``log_snr(t)``             DPM-Solver ``lambda_t = log(alpha_t / sigma_t)`` (half the log-SNR; ``dstar_edu.times``);
+                           ``lambda = -log edm_sigma``, so its inverse is ``t_from_edm_sigma(exp(-lambda))``.
+``d_alpha``, ``d_sigma``   handbook Sec. 2.7 ``alpha_t'``, ``beta_t'``; flow matching ``d_alpha_t, d_sigma_t``.
 =========================  ======================================================================
 
 diffusers convention map: the handbook's discrete DDPM time ``t in {1..T}`` is diffusers'
