@@ -5,11 +5,14 @@ Runs each path three times single-threaded and prints the minimum CPU seconds: D
 third-order DPM-Solver on a log-SNR grid (inverse time map ``time_from_log_snr``) and ``denoising_loss`` (v target,
 Min-SNR weights: the conversions' coefficients). Compare two trees with ``PYTHONPATH=<tree> python bench/bench_core_paths.py``.
 """
-import sys, time, torch
+import time
+
+import torch
+
 torch.set_num_threads(1)
-from dstar_edu.process import DDPM, VP, TrigFlow
-from dstar_edu.samplers import ddim, ddpm, pf_ode, dpm_solver, uniform_grid, subsequence
-from dstar_edu.samplers.diffusion import logsnr_grid
+from dstar_edu.process import DDPM, VP
+from dstar_edu.samplers import ddim, ddpm, dpm_solver, pf_ode, uniform_grid
+from dstar_edu.times import logsnr_grid
 from dstar_edu.objectives import denoising_loss
 from dstar_edu.predictors import MLPPredictor
 from toy_data.mixtures import eight_gaussians_mixture
