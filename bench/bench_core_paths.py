@@ -12,7 +12,7 @@ import torch
 torch.set_num_threads(1)
 from dstar_edu.process import DDPM, VP
 from dstar_edu.samplers import ddim, ddpm, dpm_solver, pf_ode, uniform_grid
-from dstar_edu.times import logsnr_grid
+from dstar_edu.samplers.diffusion import logsnr_grid  # (dstar_edu.times since issue 12; this name works before and after)
 from dstar_edu.objectives import denoising_loss
 from dstar_edu.predictors import MLPPredictor
 from toy_data.mixtures import eight_gaussians_mixture
