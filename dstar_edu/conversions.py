@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .process import Process, TrigFlow, expand_like
+from .process import Coefficients, Process, TrigFlow, expand_like
 
 Tensor = torch.Tensor
 
@@ -61,12 +61,13 @@ def _finite(c: Tensor, what: str, t) -> Tensor:
     return c
 
 
-def _coefs(process: Process, t, x: Tensor):
-    """alpha, sigma and their derivatives computed from float64 t, then cast to x's dtype (issue 13)."""
-    t = process.check_t(t, x)
-    dt = x.dtype if x.is_floating_point() else torch.float64
-    return tuple(expand_like(c(t).to(dt), x) for c in (process._alpha, process._sigma, process._d_alpha,
-                                                      process._d_sigma)) + (t,)
+def _coefs(process: Process, t, x: Tensor, coefs: Coefficients | None = None) -> Coefficients:
+    """``process.at(t, x)`` (float64 time, coefficients cast to x's dtype; issue 13) unless given."""
+    if coefs is None:
+        return process.at(t, x, dtype=x.dtype if x.is_floating_point() else torch.float64)
+    if not isinstance(coefs, Coefficients):
+        raise ValueError(f"coefs={coefs!r} must be a Coefficients value (process.at(t, x_t)) or None")
+    return coefs
 
 
 # ---- eps / x0 / score (Eq. 7, 17, 18) --------------------------------------------------------------
@@ -190,42 +191,51 @@ def trigflow_f(x_t: Tensor, t, F: Tensor, sigma_data: float) -> Tensor:
 
 
 # ---- generic router -------------------------------------------------------------------------------
-def to_x0_eps(source: str, value: Tensor, x_t: Tensor, t, process: Process, **cm_kw) -> tuple[Tensor, Tensor]:
-    """``(x0_hat, eps_hat)`` from a prediction of kind ``source``."""
+def to_x0_eps(source: str, value: Tensor, x_t: Tensor, t, process: Process, *, coefs: Coefficients | None = None,
+              **cm_kw) -> tuple[Tensor, Tensor]:
+    """``(x0_hat, eps_hat)`` from a prediction of kind ``source``; ``coefs``: ``process.at(t, x_t)`` if known."""
+    return _to_x0_eps(source, value, x_t, t, process, coefs, cm_kw)[:2]
+
+
+def _to_x0_eps(source: str, value: Tensor, x_t: Tensor, t, process: Process, coefs, cm_kw):
+    """``(x0_hat, eps_hat, coefficients)`` (see ``to_x0_eps``)."""
     check_prediction(source, "source")
     if value.shape != x_t.shape:
         raise ValueError(f"prediction has shape {tuple(value.shape)} but x_t has shape {tuple(x_t.shape)}")
-    a, s, da, ds, tt = _coefs(process, t, x_t)
+    c = _coefs(process, t, x_t, coefs)
+    a, s, tt = c.alpha, c.sigma, c.t
     if source == "eps":
-        return x0_from_eps(x_t, value, _nonzero(a, "alpha(t)", tt), s), value
+        return x0_from_eps(x_t, value, _nonzero(a, "alpha(t)", tt), s), value, c
     if source == "x0":
-        return value, eps_from_x0(x_t, value, a, _nonzero(s, "sigma(t)", tt))
+        return value, eps_from_x0(x_t, value, a, _nonzero(s, "sigma(t)", tt)), c
     if source == "score":
-        return x0_from_score(x_t, value, _nonzero(a, "alpha(t)", tt), s), eps_from_score(value, s)
+        return x0_from_score(x_t, value, _nonzero(a, "alpha(t)", tt), s), eps_from_score(value, s), c
     if source in ("v", "v_bar"):
         v = value if source == "v" else -value
         r = torch.sqrt(a * a + s * s)
         xs = x_t / r
-        return (a / r) * xs + (s / r) * v, (s / r) * xs - (a / r) * v
+        return (a / r) * xs + (s / r) * v, (s / r) * xs - (a / r) * v, c
     if source in ("velocity", "trigflow_F"):
         u = value if source == "velocity" else _trig_sd(process) * value
-        da, ds = _finite(da, "d alpha/dt", tt), _finite(ds, "d sigma/dt", tt)
+        da, ds = _finite(c.d_alpha, "d alpha/dt", tt), _finite(c.d_sigma, "d sigma/dt", tt)
         det = _nonzero(a * ds - s * da, "alpha * dsigma/dt - sigma * dalpha/dt", tt)
-        return (ds * x_t - s * u) / det, (a * u - da * x_t) / det
+        return (ds * x_t - s * u) / det, (a * u - da * x_t) / det, c
     if source == "instaflow_v":
         y = x_t / (a + s)
         g = a / (a + s)
-        return y + (1 - g) * value, y - g * value
+        return y + (1 - g) * value, y - g * value, c
     # cm_f
-    c_skip, c_out = _cm_coefs(process, tt, x_t, a, cm_kw)
+    c_skip, c_out = _cm_coefs(c, x_t, cm_kw)
     x0 = (value - c_skip * x_t) / _nonzero(c_out, "c_out(t) (consistency boundary)", tt)
-    return x0, eps_from_x0(x_t, x0, a, _nonzero(s, "sigma(t)", tt))
+    return x0, eps_from_x0(x_t, x0, a, _nonzero(s, "sigma(t)", tt)), c
 
 
-def from_x0_eps(target: str, x0: Tensor, eps: Tensor, x_t: Tensor, t, process: Process, **cm_kw) -> Tensor:
-    """The prediction of kind ``target`` given ``(x0_hat, eps_hat)``."""
+def from_x0_eps(target: str, x0: Tensor, eps: Tensor, x_t: Tensor, t, process: Process, *,
+                coefs: Coefficients | None = None, **cm_kw) -> Tensor:
+    """The prediction of kind ``target`` given ``(x0_hat, eps_hat)``; ``coefs``: ``process.at(t, x_t)`` if known."""
     check_prediction(target, "target")
-    a, s, da, ds, tt = _coefs(process, t, x_t)
+    c = _coefs(process, t, x_t, coefs)
+    a, s, tt = c.alpha, c.sigma, c.t
     if target == "eps":
         return eps
     if target == "x0":
@@ -236,30 +246,30 @@ def from_x0_eps(target: str, x0: Tensor, eps: Tensor, x_t: Tensor, t, process: P
         v = (s * x0 - a * eps) / torch.sqrt(a * a + s * s)
         return v if target == "v" else -v
     if target in ("velocity", "trigflow_F"):
-        u = _finite(da, "d alpha/dt", tt) * x0 + _finite(ds, "d sigma/dt", tt) * eps
+        u = _finite(c.d_alpha, "d alpha/dt", tt) * x0 + _finite(c.d_sigma, "d sigma/dt", tt) * eps
         return u if target == "velocity" else u / _trig_sd(process)
     if target == "instaflow_v":
         return x0 - eps
-    c_skip, c_out = _cm_coefs(process, tt, x_t, a, cm_kw)
+    c_skip, c_out = _cm_coefs(c, x_t, cm_kw)
     return c_skip * x_t + c_out * x0
 
 
-def _cm_coefs(process: Process, tt: Tensor, x_t: Tensor, a: Tensor, cm_kw) -> tuple[Tensor, Tensor]:
+def _cm_coefs(c: Coefficients, x_t: Tensor, cm_kw) -> tuple[Tensor, Tensor]:
     """Eq. 19's c_skip, c_out at the EDM noise level sigma/alpha, from float64 t, cast once to x_t's dtype."""
-    _nonzero(a, "alpha(t)", tt)
-    a64, s64 = expand_like(process._alpha(tt), x_t), expand_like(process._sigma(tt), x_t)
+    _nonzero(c.alpha, "alpha(t)", c.t)
     dt = x_t.dtype if x_t.is_floating_point() else torch.float64
-    return tuple(c.to(dt) for c in cm_c_skip_c_out(s64 / a64, **cm_kw))
+    return tuple(k.to(dt) for k in cm_c_skip_c_out(c.process.at(c.t, x_t, dtype=torch.float64).edm_sigma, **cm_kw))
 
 
-def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, process: Process, **cm_kw) -> Tensor:
+def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, process: Process, *,
+            coefs: Coefficients | None = None, **cm_kw) -> Tensor:
     """Convert a prediction of kind ``source`` into kind ``target`` under ``process`` at ``(x_t, t)``."""
     check_prediction(target, "target")
     if source == target:
         check_prediction(source, "source")
         return value
-    x0, eps = to_x0_eps(source, value, x_t, t, process, **cm_kw)
-    return from_x0_eps(target, x0, eps, x_t, t, process, **cm_kw)
+    x0, eps, c = _to_x0_eps(source, value, x_t, t, process, coefs, cm_kw)
+    return from_x0_eps(target, x0, eps, x_t, t, process, coefs=c, **cm_kw)
 
 
 def _trig_sd(process: Process) -> float:

@@ -133,7 +133,7 @@ def distill(generator_model: nn.Module, teacher, fake, generator_loss_fn: Callab
         lr_gen, lr_fake, betas: Adam settings (SIM Table 5: betas (0, 0.999)).
         batch_size: samples per update (both phases).
         t_sampler_gen, t_sampler_fake: ``(n, generator) -> (n,)`` times (e.g. ``p_sim(process)``,
-            ``p_edm(process)``) or a ``pretrain.sample_t`` kind name for the fake phase.
+            ``p_edm(process)``) or a ``times.sample_t`` kind name for the fake phase.
         generator: the ``torch.Generator`` for all randomness (default seed 0).
         callback: ``callback(step, generator_model) -> dict | None`` every ``callback_every`` generator steps
             (and after the last); returned dicts are stored in ``history["metrics"]`` with ``step`` and

@@ -3,7 +3,7 @@
 Used by both loops (``training.train`` / ``training_steps`` and ``distillation.distill``):
 
 * ``TrainingFailure`` (a ``FloatingPointError``) is what a loop raises when a loss or a gradient norm is
-  NaN/inf, or when a library loss raises on its own (e.g. ``objectives.pretrain._reduce`` finding a NaN).
+  NaN/inf, or when a library loss raises on its own (e.g. ``objectives.common.reduce_loss`` finding a NaN).
   Its message names the step, the phase and the loss; ``err.history`` holds the curves collected up to
   the failure (``train``: ``{"loss": [...]}``; ``distill``: its usual history dict), so the learning
   curve up to the failure can still be plotted.

@@ -251,13 +251,12 @@ class ExactScorePredictor(Predictor):
 class ExactGenerator(Generator):
     """A generator whose diffused density ``p_theta,t`` is known in closed form (differentiable in theta)."""
 
-    def _coef(self, t, x: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+    def _batch_coefficients(self, t, x: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+        """``(alpha, sigma)`` of ``process.at(t)`` as ``(batch,)`` vectors in x's dtype."""
         if not isinstance(process, Process):
             raise ValueError(f"process must be a dstar_edu Process, got {type(process).__name__}")
-        t = process.check_t(t, x)
-        a, s = process._alpha(t), process._sigma(t)
-        B = x.shape[0]
-        return a.to(x.dtype).expand(B), s.to(x.dtype).expand(B)
+        c, B = process.at(t, x), x.shape[0]
+        return c.alpha.reshape(-1).expand(B), c.sigma.reshape(-1).expand(B)
 
     def _check_x(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or tuple(x.shape[1:]) != self.event_shape:
@@ -332,7 +331,7 @@ class AffineGaussianGenerator(ExactGenerator):
         if x is None:
             tt = torch.as_tensor(t)
             x = torch.zeros(tt.shape[0] if tt.ndim == 1 else 1, *self.event_shape, dtype=self.mu.dtype)
-        a, s = self._coef(t, x, process)
+        a, s = self._batch_coefficients(t, x, process)
         mean = a[:, None] * self.mu
         if self.structure == "full":
             eye = torch.eye(self.D, dtype=self.mu.dtype, device=self.mu.device)
@@ -470,14 +469,14 @@ class DiracGenerator(ExactGenerator):
 
     def score(self, x_t: Tensor, t, process: Process) -> Tensor:
         x = self._check_x(x_t)
-        a, s = self._coef(t, x, process)
+        a, s = self._batch_coefficients(t, x, process)
         if (s <= 0).any():
             raise ValueError("the diffused Dirac has no density at sigma(t) = 0; use t with sigma(t) > 0")
         return -(x - expand_like(a, x) * self.point) / expand_like(s, x) ** 2
 
     def log_prob(self, x_t: Tensor, t, process: Process) -> Tensor:
         x = self._check_x(x_t)
-        a, s = self._coef(t, x, process)
+        a, s = self._batch_coefficients(t, x, process)
         diff = (x - expand_like(a, x) * self.point).reshape(x.shape[0], -1)
         D = diff.shape[1]
         return -0.5 * ((diff * diff).sum(1) / s ** 2 + 2 * D * torch.log(s) + D * math.log(2 * math.pi))

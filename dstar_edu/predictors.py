@@ -6,6 +6,7 @@ The model contract (DESIGN.md, block 2)::
     predictor.prediction                   # one of conversions.PREDICTIONS, e.g. "eps"
     predictor.process                      # the Process whose time t means
     predictor.predict("score", x_t, t)     # any other quantity, through conversions.convert
+    predictor.denoise(x_t, t, cond)        # (x0_hat, eps_hat): one evaluation (handbook Eq. 7, Sec. 2.6)
 
 Exact models (Gaussian mixtures, empirical point sets in ``toy_data.mixtures``), the 2D MLP below and
 wrapped diffusers networks all satisfy it, so a theorem check or a loss never knows which it holds.
@@ -17,8 +18,8 @@ import math
 import torch
 from torch import nn
 
-from .conversions import check_prediction, convert
-from .process import Process
+from .conversions import check_prediction, convert, to_x0_eps
+from .process import Coefficients, Process
 
 Tensor = torch.Tensor
 
@@ -39,6 +40,14 @@ class Predictor(nn.Module):
         """Ask for any quantity (``eps``, ``x0``, ``score``, ``velocity``, ``v``, ...)."""
         check_prediction(target, "target")
         return convert(self(x_t, t, cond), self.prediction, target, x_t, t, self.process)
+
+    def denoise(self, x_t: Tensor, t, cond=None, *, coefs: Coefficients | None = None) -> tuple[Tensor, Tensor]:
+        """``(x0_hat, eps_hat)`` from one evaluation (handbook Eq. 7 and the Sec. 2.6 conversions).
+
+        ``t`` is a scalar or one time per sample; ``coefs`` is ``process.at(t, x_t)`` when the caller has it.
+        Exact models override this with their closed forms (``toy_data.mixtures``).
+        """
+        return to_x0_eps(self.prediction, self(x_t, t, cond), x_t, t, self.process, coefs=coefs)
 
 
 class FunctionPredictor(Predictor):

@@ -1,7 +1,10 @@
 """Forward noising processes ``x_t = alpha(t) * x0 + sigma(t) * eps`` (handbook Def. 2.1).
 
 Every process gives ``alpha(t)``, ``sigma(t)``, their time derivatives, its time domain, its prior
-and the marginal sample. Nothing else in the library knows which process it is talking to.
+and the marginal sample. Nothing else in the library knows which process it is talking to: it asks
+``process.at(t, x)`` for one :class:`Coefficients` value (``alpha, sigma, d_alpha, d_sigma``, computed from
+float64 ``t`` and shaped to broadcast against ``x``). Each process owns its closed-form inverse time map
+``t_from_edm_sigma``; grids and time distributions built on it live in ``dstar_edu.times``.
 
 Notation map (handbook "Demystify notations", Sec. 2.2.1, 2.3, 2.4, 2.5, 2.7), written once here:
 
@@ -15,7 +18,11 @@ this library               other papers
                            DDPM ``sqrt(1 - alpha_bar_t)``; TrigFlow ``sigma_d sin t``; RF ``t``.
 ``alpha_bar(t)``           DDPM ``alpha_bar_t`` = DDIM ``alpha_t`` = (LCM ``alpha_t``)^2, for VP;
                            in general alpha^2 / (alpha^2 + sigma^2) (the VP process of x_t/|(a,s)|).
-``edm_sigma(t)``           EDM / SiD / SIM / VE noise level ``sigma = sigma(t) / alpha(t)``.
+``edm_sigma(t)``           EDM / SiD / SIM / VE noise level ``sigma = sigma(t) / alpha(t)``; inverse
+                           ``t_from_edm_sigma``.
+``log_snr(t)``             DPM-Solver ``lambda_t = log(alpha_t / sigma_t)`` (half the log-SNR; ``dstar_edu.times``);
+                           ``lambda = -log edm_sigma``, so its inverse is ``t_from_edm_sigma(exp(-lambda))``.
+``d_alpha``, ``d_sigma``   handbook Sec. 2.7 ``alpha_t'``, ``beta_t'``; flow matching ``d_alpha_t, d_sigma_t``.
 =========================  ======================================================================
 
 diffusers convention map: the handbook's discrete DDPM time ``t in {1..T}`` is diffusers'
@@ -34,7 +41,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "Process", "DDPM", "VP", "VE", "RectifiedFlow", "TrigFlow", "make_process", "PROCESSES",
-    "time_tensor", "expand_like",
+    "time_tensor", "expand_like", "Coefficients",
 ]
 
 
@@ -88,8 +95,73 @@ def expand_like(coef: Tensor, x: Tensor) -> Tensor:
     return coef.reshape(coef.shape[0], *([1] * (x.ndim - 1)))
 
 
+class Coefficients:
+    """The process at validated times ``t``: ``alpha, sigma`` and their time derivatives (handbook Def. 2.1).
+
+    Built by ``Process.at(t, x)``: computed from float64 ``t`` and cast once to one dtype, each shaped to
+    broadcast against ``x`` (``(batch, 1, ..., 1)`` for per-sample times, 0-d for a scalar; ``t``'s own shape
+    without ``x``). ``t`` is the validated float64 time. ``d_alpha``/``d_sigma`` are computed on first use
+    (``d_sigma = +inf`` where ``sigma = 0`` for the VP processes); ``alpha_bar`` and ``edm_sigma`` follow the
+    notation map above. ``to(dtype)`` casts; ``split()`` gives one value per time of a 1-d ``t`` (samplers
+    compute a whole grid at once).
+    """
+
+    __slots__ = ("process", "t", "alpha", "sigma", "_d")
+
+    def __init__(self, process: "Process", t: Tensor, alpha: Tensor, sigma: Tensor, derivatives):
+        self.process, self.t, self.alpha, self.sigma, self._d = process, t, alpha, sigma, derivatives
+
+    def _derivatives(self) -> tuple[Tensor, Tensor]:
+        if callable(self._d):
+            self._d = self._d()
+        return self._d
+
+    @property
+    def d_alpha(self) -> Tensor:
+        """``d alpha / dt``."""
+        return self._derivatives()[0]
+
+    @property
+    def d_sigma(self) -> Tensor:
+        """``d sigma / dt``."""
+        return self._derivatives()[1]
+
+    @property
+    def alpha_bar(self) -> Tensor:
+        """DDPM ``alpha_bar = alpha^2 / (alpha^2 + sigma^2)`` of the variance-normalised process."""
+        return self.process._alpha_bar(self.t).to(self.alpha.dtype).reshape(self.alpha.shape)
+
+    @property
+    def edm_sigma(self) -> Tensor:
+        """EDM noise level ``sigma / alpha``."""
+        return self.sigma / self.alpha
+
+    def to(self, dtype: torch.dtype) -> "Coefficients":
+        """The same coefficients cast to ``dtype`` (from their float64 values when they are float64)."""
+        da, ds = self._derivatives()
+        return Coefficients(self.process, self.t, self.alpha.to(dtype), self.sigma.to(dtype),
+                            (da.to(dtype), ds.to(dtype)))
+
+    def split(self) -> list["Coefficients"]:
+        """One scalar value per entry of a 1-d ``t`` (built without ``x``)."""
+        if self.t.ndim != 1 or self.alpha.shape != self.t.shape:
+            raise ValueError(f"split() needs coefficients of a 1-d t built without x, got t of shape "
+                             f"{tuple(self.t.shape)} and alpha of shape {tuple(self.alpha.shape)}")
+        da, ds = self._derivatives()
+        return [Coefficients(self.process, *v[:3], v[3:]) for v in
+                zip(self.t.unbind(), self.alpha.unbind(), self.sigma.unbind(), da.unbind(), ds.unbind())]
+
+    def __repr__(self) -> str:
+        t = self.t.tolist() if self.t.numel() <= 4 else f"shape {tuple(self.t.shape)}"
+        return f"Coefficients({self.process}, t={t}, dtype={self.alpha.dtype})"
+
+
 class Process:
-    """Base class: subclasses implement ``_alpha, _sigma, _d_alpha, _d_sigma`` on validated tensors."""
+    """Base class: subclasses implement ``_alpha, _sigma, _d_alpha, _d_sigma`` on validated float64 tensors.
+
+    Everything outside this module reads them through ``at(t, x)`` (a :class:`Coefficients` value) or the
+    public ``alpha``/``sigma``/``d_alpha``/``d_sigma``/``alpha_bar``/``edm_sigma`` methods.
+    """
 
     name = "process"
     t_min: float = 0.0
@@ -118,6 +190,21 @@ class Process:
             raise ValueError(f"t={bad:g} is outside the time domain [{self.t_min:g}, {self.t_max:g}] of {self}")
         return t.clamp(self.t_min, self.t_max) if slack else t
 
+    def at(self, t, x: Tensor | None = None, dtype: torch.dtype | None = None) -> Coefficients:
+        """The coefficients at ``t`` (validated, see ``check_t``) as one :class:`Coefficients` value.
+
+        ``x`` (optional, shape ``(batch, *shape)``): shape them to broadcast against it and check ``t``'s batch
+        size. ``dtype``: default x's floating dtype (else t's, else float64); time itself stays float64.
+        """
+        tt = self.check_t(t, x)
+        dt = _out_dtype(t, x) if dtype is None else dtype
+
+        def shaped(c: Tensor) -> Tensor:
+            c = c.to(dt)
+            return c if x is None else expand_like(c, x)
+        return Coefficients(self, tt, shaped(self._alpha(tt)), shaped(self._sigma(tt)),
+                            lambda: (shaped(self._d_alpha(tt)), shaped(self._d_sigma(tt))))
+
     def alpha(self, t, x: Tensor | None = None) -> Tensor:
         """alpha(t), computed from float64 t and returned in x's dtype (t's, or float64)."""
         return self._alpha(self.check_t(t, x)).to(_out_dtype(t, x))
@@ -136,9 +223,8 @@ class Process:
 
     def coefficients(self, t, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(alpha, sigma)`` shaped to broadcast against ``x``, computed in float64 and cast to x's dtype."""
-        tt = self.check_t(t, x)
-        dt = _out_dtype(t, x)
-        return expand_like(self._alpha(tt).to(dt), x), expand_like(self._sigma(tt).to(dt), x)
+        c = self.at(t, x)
+        return c.alpha, c.sigma
 
     def alpha_bar(self, t, x: Tensor | None = None) -> Tensor:
         """DDPM ``alpha_bar`` of the variance-normalised process (= alpha^2 for VP processes)."""

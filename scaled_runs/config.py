@@ -15,14 +15,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 Tensor = torch.Tensor
 
 __all__ = ["BaseConfig", "opt", "parse_config", "read_config_file", "setup_accelerator", "release_accelerator",
-           "weight_dtype", "seed_all", "step_generators", "sigma_range", "clamp_times", "read_prompts",
+           "weight_dtype", "seed_all", "step_generators", "sigma_range", "read_prompts",
            "draw_prompts", "TINY_PROMPTS", "RESUME_ALLOWED_CHANGES"]
 
 
@@ -271,27 +270,17 @@ def sigma_range(process, sigma_min: float = 0.0) -> tuple[float, float]:
     ``[max(0.002, edm_sigma(t_min)), edm_sigma(t_max)]`` (EDM's sigma_min = 0.002). ``sigma_min > 0`` raises the
     lower end.
     """
-    hi = float(process.edm_sigma(process.t_max))
+    from dstar_edu.times import edm_sigma_range
+    p_lo, hi = edm_sigma_range(process)
     if getattr(process, "discrete", False):
         lo = float(process.edm_sigma(1.0))
     else:
-        lo = max(float(process.edm_sigma(process.t_min)), 0.002)
+        lo = max(p_lo, 0.002)
     if sigma_min:
         lo = max(lo, float(sigma_min))
     if not 0 < lo < hi:
         raise ValueError(f"empty noise range [{lo:g}, {hi:g}] for {process} (sigma_min={sigma_min})")
     return lo, hi
-
-
-def clamp_times(sampler: Callable, process, lo: float, hi: float) -> Callable:
-    """``sampler`` with its times clamped to the times of EDM noise levels ``[lo, hi]`` of ``process``."""
-    from dstar_edu.objectives.pretrain import t_from_edm_sigma
-    t_lo = float(t_from_edm_sigma(process, lo))
-    t_hi = float(t_from_edm_sigma(process, hi))
-
-    def clamped(n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.as_tensor(sampler(n, generator)).clamp(t_lo, t_hi)
-    return clamped
 
 
 # ---- prompts ------------------------------------------------------------------------------------------------------

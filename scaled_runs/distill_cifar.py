@@ -179,7 +179,7 @@ def build(cfg: CifarConfig, device, dtype: torch.dtype = torch.float32) -> Parts
     kind = DEFAULT_GEN_TIME[cfg.method] if cfg.gen_time == "default" else cfg.gen_time
     t_gen = {"sim": lambda: p_sim(process, cfg.gen_P_mean, cfg.gen_P_std, sigma_min=lo, sigma_max=hi),
              "edm": lambda: p_edm(process, sigma_min=lo, sigma_max=hi),
-             "sid": lambda: common.clamp_times(p_sid(process, from_end="min"), process, lo, hi)}[kind]()
+             "sid": lambda: p_sid(process, from_end="min", clamp=(lo, hi))}[kind]()
     return Parts(teacher, generator, fake_net, fake, process, p_edm(process, sigma_min=lo, sigma_max=hi), t_gen)
 
 

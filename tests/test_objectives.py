@@ -11,7 +11,7 @@ import torch
 
 from dstar_edu.objectives import (consistency_distillation_loss, consistency_training_loss, ddim_denoise,
                                   denoising_loss, divergence, explicit_score_matching_loss, flow_matching_loss,
-                                  get_distance, implicit_score_matching_loss, l2, loss_weight, make_t_sampler,
+                                  get_pair_distance, implicit_score_matching_loss, l2, loss_weight, make_t_sampler,
                                   pseudo_huber, sample_t, t_from_edm_sigma, trigflow_ct_gradient_surrogate,
                                   trigflow_diffusion_loss)
 from dstar_edu.predictors import FunctionPredictor, MLPPredictor
@@ -313,9 +313,9 @@ def test_distances():
     with pytest.raises(ValueError, match="c=-1"):
         pseudo_huber(x, y, -1)
     with pytest.raises(ValueError, match="needs the constant c"):
-        get_distance("pseudo_huber")
+        get_pair_distance("pseudo_huber")
     with pytest.raises(ValueError, match="distance='l1'"):
-        get_distance("l1")
+        get_pair_distance("l1")
     with pytest.raises(ValueError, match="shape"):
         l2(x, y[:, :2])
 

@@ -139,15 +139,15 @@ class GaussianMixture(Predictor):
         return (x, k) if return_components else x
 
     # ---- diffused marginal -------------------------------------------------------------------------
-    def _coef(self, t, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _batch_coefficients(self, t, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, sigma)`` of ``process.at(t)`` as ``(batch,)`` vectors in x's dtype; ``t=None`` is the data."""
         B = x.shape[0]
         if t is None:
             return torch.ones(B, dtype=x.dtype), torch.zeros(B, dtype=x.dtype)
         if self.process is None:
             raise ValueError("this mixture has no process: build it with process=... or use .with_process(p)")
-        t = self.process.check_t(t, x)
-        a, s = self.process._alpha(t), self.process._sigma(t)
-        return a.expand(B).to(x.dtype), s.expand(B).to(x.dtype)
+        c = self.process.at(t, x)
+        return c.alpha.reshape(-1).expand(B), c.sigma.reshape(-1).expand(B)
 
     def _log_weights(self, cond, B: int) -> Tensor:
         logw = torch.log(self.weights).expand(B, self.K).clone()
@@ -173,7 +173,7 @@ class GaussianMixture(Predictor):
             raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (batch, *{self.event_shape})")
         dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
         x = x_t.reshape(x_t.shape[0], self.D).to(dtype)
-        a, s = self._coef(t, x)                                        # (B,)
+        a, s = self._batch_coefficients(t, x)                                        # (B,)
         mu, lam = self.means.to(dtype), self.eigvals.to(dtype)         # (K,D)
         if self.cov_type == "isotropic":
             return self._stats_isotropic(x, a, s, mu, lam[:, 0], cond, need_post)
@@ -240,6 +240,13 @@ class GaussianMixture(Predictor):
 
     def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
         return self.score(x_t, t, cond)
+
+    def denoise(self, x_t: Tensor, t, cond=None, *, coefs=None) -> tuple[Tensor, Tensor]:
+        """Exact ``(E[x0 | x_t], (x_t - alpha E[x0 | x_t]) / sigma)``: one evaluation, defined where alpha(t) = 0
+        (rectified flow at t = 1, TrigFlow at pi/2); needs sigma(t) > 0."""
+        c = self.process.at(t, x_t) if coefs is None else coefs
+        x0 = self.posterior_mean(x_t, t, cond)
+        return x0, (x_t - c.alpha * x0) / c.sigma
 
     def predict(self, target: str, x_t: Tensor, t, cond=None) -> Tensor:
         check_prediction(target, "target")
@@ -344,7 +351,7 @@ class EmpiricalDistribution(GaussianMixture):
         dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
         B = x_t.shape[0]
         x = x_t.reshape(B, self.D).to(dtype)
-        a, s = self._coef(t, x)                                          # (B,)
+        a, s = self._batch_coefficients(t, x)                                          # (B,)
         c = s * s
         _check_positive(c)
         logw = None if cond is None else self._log_weights(cond, B).to(dtype)
@@ -380,7 +387,7 @@ class EmpiricalDistribution(GaussianMixture):
         """``p(point i | x_t)``, shape (batch, N): the softmax of ``-|x_t - alpha x_i|^2 / (2 sigma^2)``."""
         dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
         x = x_t.reshape(x_t.shape[0], self.D).to(dtype)
-        a, s = self._coef(t, x)
+        a, s = self._batch_coefficients(t, x)
         _check_positive(s * s)
         step = self._chunk(x.shape[0], dtype)
         logits = torch.cat([

@@ -39,8 +39,9 @@ def ddpm_posterior_mean(x_t: Tensor, x0_hat: Tensor, alpha_t: Tensor, alpha_bar_
                         alpha_bar_prev: Tensor) -> Tensor:
     """Handbook Eq. 8/10: mean of ``q(x_{t-1} | x_t, x0)``,
     ``sqrt(ab_{t-1}) (1 - alpha_t) / (1 - ab_t) x0 + sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t) x_t``."""
-    return (torch.sqrt(alpha_bar_prev) * (1 - alpha_t) * x0_hat
-            + torch.sqrt(alpha_t) * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar_t)
+    from ..samplers.diffusion import ddpm_posterior
+    c_x0, c_xt, _ = ddpm_posterior(alpha_bar_t, alpha_bar_prev, alpha=alpha_t)
+    return c_x0 * x0_hat + c_xt * x_t
 
 
 # ---- random inputs ---------------------------------------------------------------------------------------
@@ -126,7 +127,8 @@ register(_basics(
 
 register(_basics(
     name="posterior_mean_ddpm",
-    guards=('dstar_edu.exercises.basics:ddpm_posterior_mean', 'dstar_edu.samplers.diffusion:_ddpm_update'),
+    guards=('dstar_edu.exercises.basics:ddpm_posterior_mean', 'dstar_edu.samplers.diffusion:_ddpm_update',
+            'dstar_edu.samplers.diffusion:ddpm_posterior'),
     source="handbook Eq. 8/10",
     prompt=("DDPM posterior mean (handbook Eq. 8, written with x0_hat in Eq. 10). Given x_t and a clean-sample "
             "prediction x0_hat, the forward posterior q(x_{t-1} | x_t, x0) is Gaussian; its mean is a weighted sum "

@@ -157,7 +157,8 @@ def _rf_loop(x_1, timesteps, velocity_model, *, sign=1.0, frozen=False):
 register(Exercise(
     name="ddim_sampler", area="samplers", source="handbook Eq. 14 with Eq. 7 (DDIM, eta = 0)",
     guards=("dstar_edu.samplers.diffusion:ddim", "dstar_edu.samplers.diffusion:ddim_step",
-            "dstar_edu.samplers.diffusion:_ddim_update", "dstar_edu.samplers.consistency:GaussianFlowMap.flow",
+            "dstar_edu.samplers.diffusion:_ddim_update", "dstar_edu.samplers.diffusion:ddim_update",
+            "dstar_edu.samplers.consistency:GaussianFlowMap.flow",
             "dstar_edu.samplers.common:run_loop"),
     prompt=("Write the deterministic DDIM sampler (handbook Eq. 14 with eta = 0): start from x_T and walk down the "
             "decreasing integer grid `timesteps` (it starts at T = 1000 and ends at 0, where alpha_bar = 1). At each "

@@ -164,7 +164,8 @@ register(Exercise(
           ("w", "guidance weight (float)")),
     returns="m DDIM steps with eps_w = (1 + w) eps_cond - w eps_uncond",
     reference=_ref_cd_target,
-    guards=("dstar_edu.objectives.pretrain:ddim_denoise", "dstar_edu.objectives.trajectory:teacher_two_steps",
+    guards=("dstar_edu.objectives.pretrain:ddim_denoise", "dstar_edu.samplers.diffusion:ddim_update",
+            "dstar_edu.objectives.trajectory:teacher_two_steps",
             "dstar_edu.samplers.diffusion:ddim", "dstar_edu.samplers.diffusion:ddim_step",
             "dstar_edu.samplers.diffusion:_ddim_update", "dstar_edu.samplers.diffusion:dpm_solver_step"),
     hint=("One loop over consecutive pairs of `times`; in each step form the guided noise eps_w of Eq. 23, read the "

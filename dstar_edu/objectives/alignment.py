@@ -40,7 +40,9 @@ import torch
 
 from ..predictors import Predictor
 from ..process import Process
-from .distill import _check_x0, _reduce, _weight, diff_instruct_loss, sim_generator_loss
+from ..validation import check_batch
+from .common import DISTILL_HINT, noisy_batch, reduce_loss, sample_weight
+from .distill import diff_instruct_loss, sim_generator_loss
 
 Tensor = torch.Tensor
 
@@ -164,21 +166,18 @@ def cfg_implicit_reward_loss(x0: Tensor, reference, t, *, cond, uncond=None, eps
     prints it with a ``+`` sign, which ascends ``-r_cfg`` (pushes samples *away* from the condition):
     erratum ``align.distar_cfg_sign``. Only the gradient is meaningful, not the value.
     """
-    x0 = _check_x0(x0)
+    x0 = check_batch(x0, "x0", nonempty=True)
     process = _process(reference, "reference")
     if cond is None:
         raise ValueError("cfg_implicit_reward_loss needs cond (the condition of the implicit reward); got None")
-    t = process.check_t(t, x0)
-    t = t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
-    if bool((process._sigma(t) <= 0).any()):
-        raise ValueError("t has values with sigma(t) = 0; the implicit CFG reward needs sigma(t) > 0")
-    x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t = nb.t, nb.x_t
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with torch.no_grad():
         xd = x_t.detach()
         g = reference.predict("score", xd, t, cond) - reference.predict("score", xd, t, uncond)
     per = -w * (g * x_t).reshape(x0.shape[0], -1).sum(1)
-    return _reduce(per, reduction, "cfg_implicit_reward_loss")
+    return reduce_loss(per, reduction, "cfg_implicit_reward_loss", DISTILL_HINT)
 
 
 def _reward_term(reward, x0: Tensor, reward_cond, alpha_rew: float) -> tuple[Tensor, Tensor | None]:
@@ -195,7 +194,7 @@ def _reward_term(reward, x0: Tensor, reward_cond, alpha_rew: float) -> tuple[Ten
 
 
 def _prepare(x0, reference, fake, t, eps, generator, cfg, alpha_rew, alpha_cfg, cond):
-    x0 = _check_x0(x0)
+    x0 = check_batch(x0, "x0", nonempty=True)
     _process(reference, "reference")
     _process(fake, "fake")
     if cfg not in CFG_MODES:

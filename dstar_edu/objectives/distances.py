@@ -1,4 +1,7 @@
-"""Per-sample distances ``d(x, y)`` used by consistency losses (handbook Sec. 2.3.1, Eq. 20 and 25).
+"""Per-sample distances ``d(x, y)`` between two batches, used by consistency losses (handbook Sec. 2.3.1, Eq. 20, 25).
+
+Not to be confused with ``divergences`` (``DISTANCES`` / ``get_distance``: SIM's score distances ``d(y)`` of one
+score difference); these are ``PAIR_DISTANCES`` / ``get_pair_distance``.
 
 Every function takes two tensors of the same shape ``(batch, *shape)`` and returns one value per
 sample, shape ``(batch,)``, reducing over all non-batch dimensions, so 2D points and 3x32x32 images
@@ -18,7 +21,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["l2", "pseudo_huber", "get_distance", "DISTANCES", "squared_norm"]
+__all__ = ["l2", "pseudo_huber", "get_pair_distance", "PAIR_DISTANCES", "squared_norm"]
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
@@ -53,12 +56,12 @@ def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
     return r / (torch.sqrt(r + c * c) + c)
 
 
-DISTANCES = {"l2": l2, "pseudo_huber": pseudo_huber}
+PAIR_DISTANCES = {"l2": l2, "pseudo_huber": pseudo_huber}
 
 
-def get_distance(distance: str | Callable[[Tensor, Tensor], Tensor], c: float | None = None
+def get_pair_distance(distance: str | Callable[[Tensor, Tensor], Tensor], c: float | None = None
                  ) -> Callable[[Tensor, Tensor], Tensor]:
-    """Resolve ``distance`` (a name in ``DISTANCES`` or a callable ``d(x, y) -> (batch,)``) to a function.
+    """Resolve ``distance`` (a name in ``PAIR_DISTANCES`` or a callable ``d(x, y) -> (batch,)``) to a function.
 
     ``pseudo_huber`` needs ``c``; for the other names ``c`` must be left as None.
     """
@@ -67,8 +70,8 @@ def get_distance(distance: str | Callable[[Tensor, Tensor], Tensor], c: float | 
             raise ValueError(f"c={c!r} was given together with a callable distance; "
                              "bind the constant inside the callable instead")
         return distance
-    if distance not in DISTANCES:
-        raise ValueError(f"distance={distance!r} is unknown; allowed: {sorted(DISTANCES)} or a callable d(x, y)")
+    if distance not in PAIR_DISTANCES:
+        raise ValueError(f"distance={distance!r} is unknown; allowed: {sorted(PAIR_DISTANCES)} or a callable d(x, y)")
     if distance == "pseudo_huber":
         if c is None:
             raise ValueError("distance='pseudo_huber' needs the constant c > 0 (e.g. c=0.03 for 2D data, "
@@ -76,4 +79,4 @@ def get_distance(distance: str | Callable[[Tensor, Tensor], Tensor], c: float | 
         return lambda x, y: pseudo_huber(x, y, c)
     if c is not None:
         raise ValueError(f"c={c!r} is only used by distance='pseudo_huber', got distance={distance!r}")
-    return DISTANCES[distance]
+    return PAIR_DISTANCES[distance]

@@ -26,21 +26,22 @@ run and restored afterwards): only the generator receives gradient. The detached
 DMD) run their predictors under ``torch.no_grad``.
 
 Time distributions of SIM App. B.2: ``p_edm`` (Eq. B.5-B.6), ``p_sim`` (Eq. B.9-B.10) and ``p_sid``
-(Eq. B.8), mapped to any process's time through its EDM noise level.
+(Eq. B.8), mapped to any process's time through its EDM noise level, live in ``dstar_edu.times``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..process import Process, expand_like
+from ..process import Process
+from ..times import karras_sigma_grid, p_edm, p_sid, p_sim  # noqa: F401  (re-exported)
 from ..validation import check_batch
+from .distances import get_pair_distance
 from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
-from .pretrain import _reduce as pretrain_reduce
+from .common import DISTILL_HINT, noisy_batch, reduce_loss, sample_weight
 
 Tensor = torch.Tensor
 
@@ -97,55 +98,20 @@ def _pair_process(teacher, fake) -> Process:
         q = _process_of(fake, "fake")
         grid = torch.linspace(max(p.t_min, q.t_min), min(p.t_max, q.t_max), 7, dtype=torch.float64)
         same = type(p) is type(q) and len(grid) and bool(
-            torch.allclose(p._alpha(grid), q._alpha(grid), rtol=1e-12, atol=1e-12)
-            and torch.allclose(p._sigma(grid), q._sigma(grid), rtol=1e-12, atol=1e-12))
+            torch.allclose(p.at(grid).alpha, q.at(grid).alpha, rtol=1e-12, atol=1e-12)
+            and torch.allclose(p.at(grid).sigma, q.at(grid).sigma, rtol=1e-12, atol=1e-12))
         if not same:
             raise ValueError(f"teacher.process={p} and fake.process={q} differ: the fake score must be trained on "
                              "the teacher's forward process (same alpha(t), sigma(t))")
     return p
 
 
-def _noisy(x0: Tensor, process: Process, t, eps, generator) -> tuple[Tensor, Tensor, Tensor]:
-    """``(t as (B,), x_t, eps)`` with ``x_t = alpha x0 + sigma eps`` carrying x0's gradient (handbook Eq. 6)."""
-    if t is None:
-        raise ValueError("t is required: pass the (batch,) times (e.g. from p_sim(process)(n, generator))")
-    t = process.check_t(t, x0)
-    t = t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
-    if bool((process._sigma(t) <= 0).any()):
-        raise ValueError(f"t has values where sigma(t) = 0 (t_min={process.t_min:g}); score distillation needs "
-                         "sigma(t) > 0: draw t strictly inside the domain")
-    if eps is not None and (not isinstance(eps, Tensor) or eps.shape != x0.shape):
-        raise ValueError(f"eps has shape {tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}; "
-                         f"it must match x0 {tuple(x0.shape)}")
-    x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
-    return t, x_t, eps
-
-
-def _weight(weight, t: Tensor, B: int, dtype, name: str = "weight") -> Tensor:
-    """Per-sample ``w(t)`` from None (1), a number, a ``(B,)`` tensor or a callable ``w(t)``."""
-    if weight is None:
-        return torch.ones(B, dtype=dtype, device=t.device)
-    if callable(weight):
-        weight = weight(t)
-    w = torch.as_tensor(weight, dtype=dtype, device=t.device)
-    if w.ndim == 0:
-        w = w.expand(B)
-    if tuple(w.shape) != (B,):
-        raise ValueError(f"{name} has shape {tuple(w.shape)}; allowed: None, a number, a ({B},) tensor or a "
-                         "callable w(t) -> (batch,)")
-    return w.detach()
-
-
 def _sum(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
-_DISTILL_HINT = ("check the time range (sigma(t) -> 0 blows scores up), the networks' outputs and the learning "
-                 "rate")
-
-
 def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
-    return pretrain_reduce(per_sample, reduction, what, _DISTILL_HINT)
+    return reduce_loss(per_sample, reduction, what, DISTILL_HINT)
 
 
 def _check_space(space: str) -> str:
@@ -195,13 +161,14 @@ def sim_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     process = _pair_process(teacher, fake)
     space = _check_space(space)
     d = _resolve_distance(distance, c, alpha, beta, delta, x0)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with frozen(teacher, fake):
         if space == "score":
             s_q = teacher.predict("score", x_t, t, cond)
             s_psi = fake.predict("score", x_t, t, cond)
-            sigma = expand_like(process._sigma(t).to(x0.dtype), x0)
+            sigma = process.at(t, x0).sigma
             per = -_sum(d.grad(s_psi - s_q) * (s_psi + eps / sigma))
         else:
             D_q = teacher.predict("x0", x_t, t, cond)
@@ -269,7 +236,8 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     process = _pair_process(teacher, fake)
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha={alpha!r} must be a finite number (SiD uses 1.2; 1.0 is SIM with squared L2)")
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
     with frozen(teacher, fake):
         D_q = teacher.predict("x0", x_t, t, cond)
         D_psi = fake.predict("x0", x_t, t, cond)
@@ -285,7 +253,7 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
             raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'sid', 'none', a number, a (batch,) "
                              "tensor or a callable w(t)")
     else:
-        w = _weight(weighting, t, x0.shape[0], x0.dtype, "weighting")
+        w = sample_weight(weighting, t, x0.shape[0], x0.dtype, "weighting")
     return _reduce(w * per, reduction, f"sid_generator_loss(alpha={alpha})")
 
 
@@ -304,8 +272,9 @@ def diff_instruct_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
     space = _check_space(space)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     target = "score" if space == "score" else "x0"
     with torch.no_grad():
         xd = x_t.detach()
@@ -327,8 +296,9 @@ def sds_loss(x0: Tensor, teacher, t, *, eps: Tensor | None = None, generator: to
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, None)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with torch.no_grad():
         eps_hat = teacher.predict("eps", x_t.detach(), t, cond)
     return _reduce(w * _sum((eps_hat - eps) * x0), reduction, "sds_loss")
@@ -345,8 +315,9 @@ def vsd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with torch.no_grad():
         xd = x_t.detach()
         g = fake.predict("score", xd, t, cond) - teacher.predict("score", xd, t, cond)
@@ -370,13 +341,14 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
     with torch.no_grad():
         xd = x_t.detach()
         D_q = teacher.predict("x0", xd, t, cond)
         delta = fake.predict("x0", xd, t, cond) - D_q
-    a = process._alpha(t).to(x0.dtype)
-    s = process._sigma(t).to(x0.dtype)
+    c = process.at(t, dtype=x0.dtype)
+    a, s = c.alpha, c.sigma
     if isinstance(weighting, str):
         if weighting == "dmd":
             k = x0[0].numel() / (x0 - D_q).detach().abs().reshape(x0.shape[0], -1).sum(1)
@@ -386,7 +358,7 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
             raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'dmd', 'none', a number, a (batch,) "
                              "tensor or a callable w(t)")
     else:
-        k = 0.5 * _weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)
+        k = 0.5 * sample_weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)
     per = k * _sum((x0 - (x0 - delta).detach()) ** 2)
     if discriminator is not None and gan_weight:
         if not (isinstance(gan_weight, (int, float)) and gan_weight > 0):
@@ -401,7 +373,6 @@ def dmd_regression_loss(x0: Tensor, target: Tensor, *, distance="l2", c: float |
     """DMD's regression loss ``E d(g_theta(z), y)`` on pairs ``(z, y)`` with ``y`` the teacher's ODE sample from
     the same noise (Yin et al. 2024; LPIPS there, any ``objectives.distances`` distance or callable here).
     """
-    from .distances import get_distance as get_pair_distance
     x0 = _check_x0(x0)
     if not isinstance(target, Tensor) or target.shape != x0.shape:
         raise ValueError(f"target has shape {tuple(target.shape) if isinstance(target, Tensor) else type(target)}; "
@@ -454,7 +425,8 @@ def dmd_gan_generator_loss(x0: Tensor, discriminator, t, process: Process, *, ep
                            generator: torch.Generator | None = None, cond=None, reduction: str = "mean") -> Tensor:
     """Generator side of ``L_adv``: ``softplus(-D(x_t^f, t))`` = ``-log D`` (non-saturating)."""
     x0 = _check_x0(x0)
-    t, x_t, _ = _noisy(x0, process, t, eps, generator)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, _ = nb.t, nb.x_t, nb.eps
     with frozen(discriminator, getattr(discriminator, "backbone", None)):
         return _reduce(F.softplus(-discriminator(x_t, t, cond)), reduction, "dmd_gan_generator_loss")
 
@@ -466,8 +438,10 @@ def dmd_gan_discriminator_loss(x0_fake: Tensor, x0_real: Tensor, discriminator, 
     x0_fake, x0_real = _check_x0(x0_fake, "x0_fake"), _check_x0(x0_real, "x0_real")
     if x0_fake.shape != x0_real.shape:
         raise ValueError(f"x0_fake {tuple(x0_fake.shape)} and x0_real {tuple(x0_real.shape)} must have the same shape")
-    t, xf, _ = _noisy(x0_fake.detach(), process, t, None, generator)
-    _, xr, _ = _noisy(x0_real.detach(), process, t, None, generator)
+    nb = noisy_batch(x0_fake.detach(), process, t, None, generator)
+    t, xf, _ = nb.t, nb.x_t, nb.eps
+    nb = noisy_batch(x0_real.detach(), process, t, None, generator)
+    _, xr, _ = nb.t, nb.x_t, nb.eps
     per = F.softplus(-discriminator(xr, t, cond)) + F.softplus(discriminator(xf, t, cond))
     return _reduce(per, reduction, "dmd_gan_discriminator_loss")
 
@@ -488,93 +462,13 @@ def fgm_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    t, x_t, eps = _noisy(x0, process, t, eps, generator)
-    w = _weight(weight, t, x0.shape[0], x0.dtype)
+    nb = noisy_batch(x0, process, t, eps, generator)
+    t, x_t, eps = nb.t, nb.x_t, nb.eps
+    w = sample_weight(weight, t, x0.shape[0], x0.dtype)
     with frozen(teacher, fake):
         u = teacher.predict("velocity", x_t, t, cond)
         v = fake.predict("velocity", x_t, t, cond)
-    da = expand_like(process._d_alpha(t).to(x0.dtype), x0)
-    ds = expand_like(process._d_sigma(t).to(x0.dtype), x0)
-    u_cond = da * x0 + ds * eps
+    c = process.at(t, x0)
+    u_cond = c.d_alpha * x0 + c.d_sigma * eps
     per = _sum((u - v) ** 2) + 2 * _sum((u - v) * (v - u_cond))
     return _reduce(w * per, reduction, "fgm_generator_loss")
-
-
-# ---- time distributions of SIM App. B.2 ---------------------------------------------------------------------------
-def _lognormal_sampler(process: Process, P_mean: float, P_std: float, sigma_min: float | None,
-                       sigma_max: float | None) -> Callable[[int, torch.Generator], Tensor]:
-    from .pretrain import t_from_edm_sigma
-    if not (isinstance(P_std, (int, float)) and P_std > 0):
-        raise ValueError(f"P_std={P_std!r} must be positive")
-    lo = process.edm_sigma(process.t_min).item() if sigma_min is None else float(sigma_min)
-    hi = process.edm_sigma(process.t_max).item() if sigma_max is None else float(sigma_max)
-    p_lo, p_hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    if not (p_lo <= lo < hi <= p_hi):
-        raise ValueError(f"need edm_sigma(t_min)={p_lo:g} <= sigma_min < sigma_max <= edm_sigma(t_max)={p_hi:g}, "
-                         f"got sigma_min={lo:g}, sigma_max={hi:g}")
-
-    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} must be a positive integer")
-        s = torch.exp(P_mean + P_std * torch.randn(n, generator=generator, dtype=torch.float64))
-        return t_from_edm_sigma(process, s.clamp(lo, hi))
-    return sampler
-
-
-def p_edm(process: Process, P_mean: float = -1.2, P_std: float = 1.2, *, sigma_min: float | None = None,
-          sigma_max: float | None = None) -> Callable[[int, torch.Generator], Tensor]:
-    """EDM's log-normal ``ln sigma ~ N(-1.2, 1.2^2)`` (SIM Eq. B.5-B.6), in ``process``'s time (for the fake score).
-
-    ``sigma`` is the EDM noise level ``sigma(t)/alpha(t)``, clamped to ``[sigma_min, sigma_max]`` (default:
-    the process's whole range), then mapped to the process's time with ``pretrain.t_from_edm_sigma``.
-    """
-    return _lognormal_sampler(process, P_mean, P_std, sigma_min, sigma_max)
-
-
-def p_sim(process: Process, P_mean: float = -3.5, P_std: float = 2.5, *, sigma_min: float | None = None,
-          sigma_max: float | None = None) -> Callable[[int, torch.Generator], Tensor]:
-    """SIM's generator time distribution ``ln sigma ~ N(-3.5, 2.5^2)`` (SIM Eq. B.9-B.10), in ``process``'s time.
-
-    Noise levels are clamped to ``[sigma_min, sigma_max]`` (default the process's range). Losses that divide
-    by a per-sample scale (SiD's ``mean |x0 - D_q|``) or work in score space (scores ~ 1/sigma^2) need a
-    positive ``sigma_min`` (EDM uses 0.002).
-    """
-    return _lognormal_sampler(process, P_mean, P_std, sigma_min, sigma_max)
-
-
-def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """``sigma_k = (sigma_max^(1/rho) + k/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, k = 0..K-1 (SIM Eq. B.8)."""
-    if not (isinstance(K, int) and K >= 2):
-        raise ValueError(f"K={K!r} must be an integer >= 2")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho={rho!r} must be a positive finite number (EDM uses 7)")
-    k = torch.arange(K, dtype=torch.float64)
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (a + k / (K - 1) * (b - a)) ** rho
-
-
-def p_sid(process: Process, k_max: int = 800, K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
-          rho: float = 7.0, from_end: str = "max") -> Callable[[int, torch.Generator], Tensor]:
-    """SiD's discrete generator time distribution (SIM Eq. B.8): ``k ~ U{0..k_max}``, ``t = sigma_k`` of the grid.
-
-    ``from_end="max"`` indexes the grid as printed (``k = 0`` is ``sigma_max``: sigma in [0.085, 80] for
-    the defaults); ``"min"`` counts from ``sigma_min`` (sigma in [0.002, 24.5]; the project's reference notes say
-    the public SiD code limits sigma to <= 24.4, i.e. this end of the grid). Levels beyond the process's range are clamped.
-    """
-    from .pretrain import t_from_edm_sigma
-    if from_end not in ("max", "min"):
-        raise ValueError(f"from_end={from_end!r}; allowed: 'max' (as printed in Eq. B.8) or 'min'")
-    if not (isinstance(k_max, int) and 0 <= k_max < K):
-        raise ValueError(f"k_max={k_max!r} must be an integer in 0..K-1={K - 1}")
-    grid = karras_sigma_grid(K, sigma_min, sigma_max, rho)
-    if from_end == "min":
-        grid = grid.flip(0)
-    lo, hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    times = t_from_edm_sigma(process, grid.clamp(lo, hi))
-
-    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        k = torch.randint(0, k_max + 1, (n,), generator=generator)
-        return times[k]
-    return sampler

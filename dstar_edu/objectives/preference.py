@@ -26,7 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .pretrain import _reduce, _draw_t, denoising_loss
+from .common import draw_times, reduce_loss
+from .pretrain import denoising_loss
 
 Tensor = torch.Tensor
 
@@ -116,7 +117,7 @@ def dpo_loss(logp_w: Tensor, logp_l: Tensor, ref_logp_w: Tensor, ref_logp_l: Ten
     drawn from a reward ``r``) exactly at ``pi* = pi_ref exp(r / beta) / Z``.
     """
     h = dpo_implicit_reward(logp_w, ref_logp_w, beta) - dpo_implicit_reward(logp_l, ref_logp_l, beta)
-    return _reduce(-F.logsigmoid(h), reduction, "dpo_loss")
+    return reduce_loss(-F.logsigmoid(h), reduction, "dpo_loss")
 
 
 def npo_swap(x_w, x_l):
@@ -157,14 +158,14 @@ def diffusion_dpo_loss(model, reference, x0_w: Tensor, x0_l: Tensor, *, beta: fl
                          f"{tuple(getattr(x0_w, 'shape', ()))} and {tuple(getattr(x0_l, 'shape', ()))}")
     if getattr(model, "process", None) is None:
         raise ValueError(f"model must be a dstar_edu predictor with a .process, got {type(model).__name__}")
-    t = _draw_t(model.process, x0_w, t, t_sampler, generator)
+    t = draw_times(model.process, x0_w, t, t_sampler, generator)
     if eps_w is None:
         eps_w = torch.randn(x0_w.shape, generator=generator, dtype=x0_w.dtype, device=x0_w.device)
     eps_l = eps_w if eps_l is None else eps_l
     kw = dict(t=t, cond=cond, weighting=weighting, normalize_dims=normalize_dims)
     h_w = diffusion_dpo_implicit_reward(model, reference, x0_w, beta, eps=eps_w, **kw)
     h_l = diffusion_dpo_implicit_reward(model, reference, x0_l, beta, eps=eps_l, **kw)
-    return _reduce(-F.logsigmoid(h_w - h_l), reduction, "diffusion_dpo_loss")
+    return reduce_loss(-F.logsigmoid(h_w - h_l), reduction, "diffusion_dpo_loss")
 
 
 def diffusion_npo_loss(model, reference, x0_w: Tensor, x0_l: Tensor, **kwargs) -> Tensor:

@@ -20,14 +20,16 @@ Score matching (Sec. 2.2.2): ``explicit_score_matching_loss`` (J_ESM), ``implici
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from ..conversions import check_prediction, from_x0_eps, to_x0_eps
 from ..process import Process, RectifiedFlow, TrigFlow, expand_like
-from .distances import get_distance, squared_norm
+from ..samplers.diffusion import ddim_update
+from ..times import T_SAMPLERS, make_t_sampler, sample_t, t_from_edm_sigma  # noqa: F401  (re-exported)
+from .common import batch_times, check_process, draw_times, reduce_loss
+from .distances import get_pair_distance, squared_norm
 
 Tensor = torch.Tensor
 
@@ -39,11 +41,8 @@ __all__ = [
     "trigflow_ct_gradient_surrogate",
 ]
 
-#: names accepted by ``sample_t`` / ``t_sampler``
-T_SAMPLERS = ("uniform", "discrete", "edm_lognormal", "lognormal", "logit_normal")
 #: names accepted by ``weighting``
 WEIGHTINGS = ("none", "snr", "min_snr", "edm")
-REDUCTIONS = ("mean", "sum", "none")
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
@@ -56,167 +55,11 @@ def _check_x0(x0, name: str = "x0") -> Tensor:
     return x0
 
 
-_PRETRAIN_HINT = ("check the predictor's output, the time range (e.g. sigma(t) = 0 or alpha(t) = 0 at an end of "
-                  "the domain) and the learning rate")
-
-
-def _reduce(per_sample: Tensor, reduction: str, what: str, hint: str = _PRETRAIN_HINT) -> Tensor:
-    """Mean / sum / per-sample reduction that raises ``FloatingPointError`` (with ``hint``) on NaN or inf."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
-    out = per_sample.mean() if reduction == "mean" else per_sample.sum() if reduction == "sum" else per_sample
-    if not bool(torch.isfinite(out.detach()).all()):
-        bad = per_sample.detach()
-        n_bad = int((~torch.isfinite(bad)).sum())
-        raise FloatingPointError(f"{what} is not finite ({n_bad} of {bad.numel()} per-sample values are NaN/inf); "
-                                 f"{hint}")
-    return out
-
-
 def _sq_err(a: Tensor, b: Tensor, normalize_dims: bool) -> Tensor:
     e = squared_norm(a - b)
     if normalize_dims:
         e = e / (a[0].numel() if a.ndim > 1 else 1)
     return e
-
-
-def _batch_t(process: Process, t, x0: Tensor) -> Tensor:
-    """Explicit times (scalar or (batch,)) validated against the process and expanded to (batch,)."""
-    t = process.check_t(t, x0)
-    return t.expand(x0.shape[0]).clone() if t.ndim == 0 else t
-
-
-def _check_process(predictor, kind, loss: str) -> Process:
-    process = getattr(predictor, "process", None)
-    if not isinstance(process, Process):
-        raise ValueError(f"{loss} needs a predictor with a .process (a dstar_edu Process), got "
-                         f"{type(predictor).__name__} with process={process!r}")
-    if kind is not None and not isinstance(process, kind):
-        raise ValueError(f"{loss} is defined for the {kind.__name__} process, but predictor.process={process}")
-    return process
-
-
-# ---- time samplers -----------------------------------------------------------------------------------------
-def _open_uniform(n: int, generator, dtype, device) -> Tensor:
-    """Uniform in the open interval (0, 1): (k + 1/2) / 2^53, so no end point is ever hit."""
-    k = torch.randint(0, 2 ** 53, (n,), generator=generator, dtype=torch.int64, device=device)
-    return ((k.to(torch.float64) + 0.5) / 2.0 ** 53).to(dtype)
-
-
-def t_from_edm_sigma(process: Process, s) -> Tensor:
-    """The time of ``process`` whose EDM noise level ``sigma(t)/alpha(t)`` is ``s`` (``Process.t_from_edm_sigma``)."""
-    return process.t_from_edm_sigma(s)
-
-
-def sample_t(process: Process, n: int, kind: str | None = None, *, generator: torch.Generator | None = None,
-             dtype: torch.dtype = torch.float64, device=None, **params) -> Tensor:
-    """``n`` training times of ``process`` (handbook Sec. 3.1: ``t ~ U[T]`` or a continuous proposal).
-
-    kinds (default: ``discrete`` for DDPM, ``uniform`` otherwise):
-
-    * ``uniform``: ``U(lo, hi)`` on the open interval, default the whole domain ``(t_min, t_max)``;
-    * ``discrete``: DDPM integers uniform in ``{lo, ..., hi}``, default ``{1, ..., T}`` (handbook ``t in [T]``);
-    * ``edm_lognormal``: ``ln sigma ~ N(P_mean, P_std^2)`` for the EDM noise level
-      ``sigma = sigma(t)/alpha(t)`` (Karras et al. 2022, default P_mean=-1.2, P_std=1.2), mapped to the
-      process's own time with ``t_from_edm_sigma`` and clamped to its range;
-    * ``lognormal``: the same mechanism with required ``P_mean``, ``P_std`` (e.g. the generator time
-      distribution of SIM / SiD experiments);
-    * ``logit_normal``: ``t = lo + (hi - lo) sigmoid(m + s z)`` (Esser et al. 2024 for rectified flow;
-      default m=0, s=1).
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be a positive integer number of times")
-    if kind is None:
-        kind = "discrete" if process.discrete else "uniform"
-    allowed = {"uniform": ("lo", "hi"), "discrete": ("lo", "hi"), "edm_lognormal": ("P_mean", "P_std"),
-               "lognormal": ("P_mean", "P_std"), "logit_normal": ("m", "s", "lo", "hi")}
-    if kind not in allowed:
-        raise ValueError(f"t_sampler kind={kind!r} is unknown; allowed: {', '.join(T_SAMPLERS)}")
-    extra = set(params) - set(allowed[kind])
-    if extra:
-        raise ValueError(f"t_sampler {kind!r} got unknown parameters {sorted(extra)}; allowed: {list(allowed[kind])}")
-    if kind == "discrete":
-        if not process.discrete:
-            raise ValueError(f"t_sampler 'discrete' needs a discrete process (DDPM), got {process}; "
-                             "use 'uniform' for continuous time")
-        lo, hi = int(params.get("lo", 1)), int(params.get("hi", process.T))
-        if not 0 <= lo <= hi <= process.T:
-            raise ValueError(f"discrete times need 0 <= lo <= hi <= T={process.T}, got lo={lo}, hi={hi}")
-        t = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
-        return t.to(dtype)
-    if kind in ("uniform", "logit_normal"):
-        lo = float(params.get("lo", process.t_min))
-        hi = float(params.get("hi", process.t_max))
-        if not process.t_min <= lo < hi <= process.t_max:
-            raise ValueError(f"need t_min={process.t_min:g} <= lo < hi <= t_max={process.t_max:g}, "
-                             f"got lo={lo:g}, hi={hi:g}")
-        if kind == "uniform":
-            u = _open_uniform(n, generator, torch.float64, device)
-        else:
-            m, s = float(params.get("m", 0.0)), float(params.get("s", 1.0))
-            if not s > 0:
-                raise ValueError(f"logit_normal s={s} must be positive")
-            u = torch.sigmoid(m + s * torch.randn(n, generator=generator, dtype=torch.float64, device=device))
-        return (lo + (hi - lo) * u).to(dtype)
-    # log-normal EDM noise levels
-    if kind == "edm_lognormal":
-        P_mean, P_std = float(params.get("P_mean", -1.2)), float(params.get("P_std", 1.2))
-    else:
-        if "P_mean" not in params or "P_std" not in params:
-            raise ValueError("t_sampler 'lognormal' needs P_mean and P_std (ln sigma ~ N(P_mean, P_std^2))")
-        P_mean, P_std = float(params["P_mean"]), float(params["P_std"])
-    if not P_std > 0:
-        raise ValueError(f"P_std={P_std} must be positive")
-    s = torch.exp(P_mean + P_std * torch.randn(n, generator=generator, dtype=torch.float64, device=device))
-    s_lo, s_hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
-    return t_from_edm_sigma(process, s.clamp(s_lo, s_hi).cpu()).to(dtype=dtype, device=device)
-
-
-def make_t_sampler(process: Process, kind: str | None = None, **params) -> Callable[[int, torch.Generator], Tensor]:
-    """A callable ``(n, generator) -> t`` of shape ``(n,)`` (float64) for ``sample_t(process, n, kind, **params)``."""
-    sample_t(process, 1, kind, generator=torch.Generator().manual_seed(0), **params)  # validate now, not mid-training
-
-    def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        return sample_t(process, n, kind, generator=generator, **params)
-    return sampler
-
-
-def _draw_t(process: Process, x0: Tensor, t, t_sampler, generator) -> Tensor:
-    if t is not None:
-        if t_sampler is not None:
-            raise ValueError("give either t (explicit times) or t_sampler, not both")
-        return _batch_t(process, t, x0)
-    B = x0.shape[0]
-    if t_sampler is None or isinstance(t_sampler, str):
-        kind = t_sampler or ("discrete" if process.discrete else "uniform")
-        t = sample_t(process, B, kind, generator=generator)
-        if kind != "discrete":
-            return _inside(process, t.to(device=x0.device), x0)
-    elif callable(t_sampler):
-        t = torch.as_tensor(t_sampler(B, generator))
-        if t.shape != (B,):
-            raise ValueError(f"t_sampler returned shape {tuple(t.shape)}; it must return ({B},) times")
-    else:
-        raise ValueError(f"t_sampler={t_sampler!r} must be None, one of {T_SAMPLERS} or a callable (n, generator) -> t")
-    return _batch_t(process, t.to(device=x0.device), x0)
-
-
-def _inside(process: Process, t: Tensor, x0: Tensor) -> Tensor:
-    """Continuous samples cast to x0's dtype, kept strictly inside the domain after rounding.
-
-    A float32 cast can round a time onto an end point (rectified flow's ``t = 1`` where alpha = 0) or
-    past it (float32(pi/2) > pi/2 for TrigFlow); such samples move to the nearest representable time
-    inside the open domain.
-    """
-    dtype = torch.float64                 # time stays float64 whatever x0's dtype (issue 13)
-    lo = torch.tensor(process.t_min, dtype=dtype)
-    hi = torch.tensor(process.t_max, dtype=dtype)
-    while float(lo) <= process.t_min:
-        lo = torch.nextafter(lo, torch.tensor(math.inf, dtype=dtype))
-    while float(hi) >= process.t_max:
-        hi = torch.nextafter(hi, torch.tensor(-math.inf, dtype=dtype))
-    t = t.to(dtype).clamp(lo.item(), hi.item())
-    return _batch_t(process, t, x0)
 
 
 # ---- loss weights --------------------------------------------------------------------------------------------
@@ -249,7 +92,8 @@ def loss_weight(weighting, target: str, t: Tensor, process: Process, *, min_snr_
         raise ValueError(f"weighting={weighting!r} is unknown; allowed: {', '.join(WEIGHTINGS)} or a callable w(t)")
     if weighting == "none":
         return torch.ones_like(t)
-    a, s = process._alpha(t), process._sigma(t)
+    c = process.at(t, dtype=t.dtype)
+    a, s = c.alpha, c.sigma
     snr = a * a / (s * s)
     if weighting == "snr":
         return snr
@@ -293,10 +137,10 @@ def denoising_loss(predictor, x0: Tensor, *, generator: torch.Generator | None =
             unconditional branch that classifier-free guidance, Eq. 23, needs). ``cond`` then has one entry
             per sample and ``uncond`` broadcasts against it (e.g. the MLP's null label ``num_classes``).
     """
-    process = _check_process(predictor, None, "denoising_loss")
+    process = check_process(predictor, None, "denoising_loss")
     x0 = _check_x0(x0)
     target = check_prediction(predictor.prediction if target is None else target)
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     if p_uncond:
         cond = _drop_condition(cond, uncond, p_uncond, x0.shape[0], generator)
@@ -304,7 +148,7 @@ def denoising_loss(predictor, x0: Tensor, *, generator: torch.Generator | None =
     pred = predictor.predict(target, x_t, t, cond)
     w = loss_weight(weighting, target, t, process, min_snr_gamma=min_snr_gamma, sigma_data=sigma_data,
                     dtype=x0.dtype)
-    return _reduce(w * _sq_err(pred, tgt, normalize_dims), reduction, f"denoising_loss(target={target!r})")
+    return reduce_loss(w * _sq_err(pred, tgt, normalize_dims), reduction, f"denoising_loss(target={target!r})")
 
 
 def _drop_condition(cond, uncond, p_uncond: float, B: int, generator):
@@ -336,14 +180,14 @@ def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generat
     ``denoising_loss(target="velocity")`` on the same ``(x0, s, eps)``. For ``sigma_min > 0`` the path is
     not the ``RectifiedFlow`` process, so the predictor must output ``velocity`` itself (no conversion).
     """
-    process = _check_process(predictor, RectifiedFlow, "flow_matching_loss")
+    process = check_process(predictor, RectifiedFlow, "flow_matching_loss")
     x0 = _check_x0(x0)
     if not (isinstance(sigma_min, (int, float)) and 0.0 <= sigma_min < 1.0):
         raise ValueError(f"sigma_min={sigma_min!r} must be a number in [0, 1)")
     if sigma_min > 0 and predictor.prediction != "velocity":
         raise ValueError(f"flow_matching_loss with sigma_min={sigma_min} > 0 needs a predictor whose prediction is "
                          f"'velocity' (got {predictor.prediction!r}): conversions assume the sigma_min = 0 path")
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     if eps is None:
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif eps.shape != x0.shape:
@@ -355,7 +199,7 @@ def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generat
         pred = predictor(x_s, t, cond)
     else:
         pred = predictor.predict("velocity", x_s, t, cond)
-    return _reduce(_sq_err(pred, u, normalize_dims), reduction, f"flow_matching_loss(sigma_min={sigma_min})")
+    return reduce_loss(_sq_err(pred, u, normalize_dims), reduction, f"flow_matching_loss(sigma_min={sigma_min})")
 
 
 def trigflow_diffusion_loss(predictor, x0: Tensor, *, generator: torch.Generator | None = None, t=None,
@@ -368,23 +212,23 @@ def trigflow_diffusion_loss(predictor, x0: Tensor, *, generator: torch.Generator
     ``x_t / sigma_d`` divides inside its wrapper) and ``sigma_d F`` is its ``velocity`` prediction.
     ``z`` is the TrigFlow noise (std sigma_d), i.e. ``sigma_d * eps`` in the library's notation.
     """
-    process = _check_process(predictor, TrigFlow, "trigflow_diffusion_loss")
+    process = check_process(predictor, TrigFlow, "trigflow_diffusion_loss")
     x0 = _check_x0(x0)
     sd = process.sigma_data
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     if z is None:
         z = sd * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif z.shape != x0.shape:
         raise ValueError(f"z has shape {tuple(z.shape)} but x0 has shape {tuple(x0.shape)}")
-    tt = expand_like(t, x0)                                  # float64 time; only coefficients are cast
-    c, s_ = process._alpha(tt).to(x0.dtype), (process._sigma(tt) / sd).to(x0.dtype)
+    co = process.at(t, x0, dtype=torch.float64)              # float64 time; only coefficients are cast
+    c, s_ = co.alpha.to(x0.dtype), (co.sigma / sd).to(x0.dtype)
     x_t = c * x0 + s_ * z
     v_t = c * z - s_ * x0
     if predictor.prediction == "trigflow_F":
         pred = sd * predictor(x_t, t, cond)
     else:
         pred = predictor.predict("velocity", x_t, t, cond)
-    return _reduce(_sq_err(pred, v_t, normalize_dims), reduction, "trigflow_diffusion_loss")
+    return reduce_loss(_sq_err(pred, v_t, normalize_dims), reduction, "trigflow_diffusion_loss")
 
 
 # ---- score matching (Sec. 2.2.2) -------------------------------------------------------------------------
@@ -434,7 +278,7 @@ def explicit_score_matching_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor
     s = true_score(x) if callable(true_score) else true_score
     if s.shape != x.shape:
         raise ValueError(f"true_score has shape {tuple(s.shape)} but x has shape {tuple(x.shape)}")
-    return _reduce(0.5 * squared_norm(score_fn(x) - s), reduction, "explicit_score_matching_loss")
+    return reduce_loss(0.5 * squared_norm(score_fn(x) - s), reduction, "explicit_score_matching_loss")
 
 
 def implicit_score_matching_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, *, divergence_method: str = "exact",
@@ -447,7 +291,7 @@ def implicit_score_matching_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor
     """
     x = _check_x0(x, "x")
     out, div = divergence(score_fn, x, method=divergence_method, generator=generator, n_probes=n_probes)
-    return _reduce(0.5 * squared_norm(out) + div, reduction, "implicit_score_matching_loss")
+    return reduce_loss(0.5 * squared_norm(out) + div, reduction, "implicit_score_matching_loss")
 
 
 # ---- consistency models (Sec. 2.3.1, 2.5.1, 3.2.6) --------------------------------------------------------------
@@ -511,17 +355,17 @@ def consistency_training_loss(model, ema_model, x0: Tensor, t_grid=None, *, t_pa
     ``distance``: ``"l2"`` (``||x - y||^2``), ``"pseudo_huber"`` with constant ``c``, or a callable.
     ``weighting``: None (lambda = 1) or ``lambda(t_n, t_n+1) -> (batch,)``.
     """
-    process = _check_process(model, None, "consistency_training_loss")
+    process = check_process(model, None, "consistency_training_loss")
     x0 = _check_x0(x0)
     ema_model = model if ema_model is None else ema_model
-    d = get_distance(distance, c)
+    d = get_pair_distance(distance, c)
     B = x0.shape[0]
     if (t_grid is None) == (t_pair is None):
         raise ValueError("give exactly one of t_grid (a schedule t_1 < ... < t_N) and t_pair=(t_lo, t_hi)")
     if t_pair is not None:
         if n is not None:
             raise ValueError("n indexes t_grid; it cannot be used with t_pair")
-        t_lo, t_hi = (_batch_t(process, tt, x0) for tt in t_pair)
+        t_lo, t_hi = (batch_times(process, tt, x0) for tt in t_pair)
         if not bool((t_hi > t_lo).all()):
             raise ValueError("t_pair=(t_lo, t_hi) needs t_hi > t_lo for every sample")
     else:
@@ -535,7 +379,7 @@ def consistency_training_loss(model, ema_model, x0: Tensor, t_grid=None, *, t_pa
     with torch.no_grad():
         f_target = consistency_function(ema_model, x_lo, t_lo, cond, parameterization)
     per = _weights_pair(weighting, t_lo, t_hi) * d(f_online, f_target)
-    return _reduce(per, reduction, "consistency_training_loss")
+    return reduce_loss(per, reduction, "consistency_training_loss")
 
 
 def ddim_denoise(teacher, x: Tensor, t_from: Tensor, t_to: Tensor, cond=None, cfg_scale: float | None = None,
@@ -555,7 +399,7 @@ def ddim_denoise(teacher, x: Tensor, t_from: Tensor, t_to: Tensor, cond=None, cf
             x0_c = x0_c + cfg_scale * (x0_c - x0_u)
             eps_c = eps_c + cfg_scale * (eps_c - eps_u)
         a, s = process.coefficients(t_to, x)
-        return a * x0_c + s * eps_c
+        return ddim_update(x0_c, eps_c, a, s * s)
 
 
 def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid, m: int = 1,
@@ -575,8 +419,8 @@ def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid,
     The student and teacher must share the process (aligned timesteps, Sec. 2.3.1 "Reparameterization").
     ``n`` (0-based, ``0..N-1-m``) picks ``t_n = t_grid[n]``; drawn uniformly when None.
     """
-    process = _check_process(model, None, "consistency_distillation_loss")
-    _check_process(teacher, None, "consistency_distillation_loss (teacher)")
+    process = check_process(model, None, "consistency_distillation_loss")
+    check_process(teacher, None, "consistency_distillation_loss (teacher)")
     x0 = _check_x0(x0)
     if repr(teacher.process) != repr(process):
         raise ValueError(f"teacher.process={teacher.process} differs from model.process={process}; "
@@ -586,7 +430,7 @@ def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid,
     if denoise is not None and cfg_scale is not None:
         raise ValueError("cfg_scale applies to the default DDIM Denoise; a custom denoise must guide itself")
     ema_model = model if ema_model is None else ema_model
-    d = get_distance(distance, c)
+    d = get_pair_distance(distance, c)
     grid = _check_grid(t_grid, process, x0.dtype, x0.device)
     n, t_lo, t_hi = _grid_pair(grid, x0.shape[0], m, n, generator)
     x_hi, _ = process.q_sample(x0, t_hi, eps=eps, generator=generator)
@@ -599,7 +443,7 @@ def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid,
         f_target = consistency_function(ema_model, x_hat, t_lo, cond, parameterization)
     f_online = consistency_function(model, x_hi, t_hi, cond, parameterization)
     per = _weights_pair(weighting, t_lo, t_hi) * d(f_online, f_target)
-    return _reduce(per, reduction, "consistency_distillation_loss")
+    return reduce_loss(per, reduction, "consistency_distillation_loss")
 
 
 def trigflow_ct_gradient_surrogate(model, x0: Tensor, *, ema_model=None, teacher=None,
@@ -622,10 +466,10 @@ def trigflow_ct_gradient_surrogate(model, x0: Tensor, *, ema_model=None, teacher
     the handbook states the limit up to this constant). Checked in ``training.trigflow_ct_gradient``.
     The value itself has no meaning, only its gradient.
     """
-    process = _check_process(model, None, "trigflow_ct_gradient_surrogate")
+    process = check_process(model, None, "trigflow_ct_gradient_surrogate")
     x0 = _check_x0(x0)
     ema_model = model if ema_model is None else ema_model
-    t = _draw_t(process, x0, t, t_sampler, generator)
+    t = draw_times(process, x0, t, t_sampler, generator)
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     with torch.no_grad():
         if teacher is None:
@@ -639,4 +483,4 @@ def trigflow_ct_gradient_surrogate(model, x0: Tensor, *, ema_model=None, teacher
     f_online = consistency_function(model, x_t, t, cond, parameterization)
     lam = torch.ones_like(t) if weighting is None else torch.as_tensor(weighting(t), dtype=t.dtype).expand(t.shape[0])
     per = lam * (f_online * dfdt.detach()).reshape(x0.shape[0], -1).sum(1)
-    return _reduce(per, reduction, "trigflow_ct_gradient_surrogate")
+    return reduce_loss(per, reduction, "trigflow_ct_gradient_surrogate")

@@ -37,7 +37,8 @@ import torch
 from ..process import Process
 from ..samplers.common import check_timesteps
 from ..samplers.diffusion import ddim_sigma, ddim_step, denoise
-from .pretrain import _reduce, denoising_loss
+from .common import reduce_loss
+from .pretrain import denoising_loss
 
 Tensor = torch.Tensor
 
@@ -109,7 +110,7 @@ def refl_loss(predictor, x_t: Tensor, t, reward, *, cond=None, reward_cond=None)
     _check_reward(reward, "refl_loss")
     x_t = _check_x(x_t, "x_t").detach()
     x0_hat, _ = denoise(predictor, x_t, t, cond)
-    return _reduce(-_rewards(reward, x0_hat, reward_cond), "mean", "refl_loss")
+    return reduce_loss(-_rewards(reward, x0_hat, reward_cond), "mean", "refl_loss")
 
 
 # ---- DRaFT / DRaFT-K ---------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def draft_loss(predictor, timesteps, x_init: Tensor, reward, *, K: int | None = 
                 x = ddim_step(predictor, x, ts[i], ts[i + 1], eta=eta, cond=cond, generator=generator)
         else:
             x = ddim_step(predictor, x, ts[i], ts[i + 1], eta=eta, cond=cond, generator=generator)
-    loss = _reduce(-_rewards(reward, x, reward_cond), "mean", f"draft_loss(K={K})")
+    loss = reduce_loss(-_rewards(reward, x, reward_cond), "mean", f"draft_loss(K={K})")
     return (loss, x) if return_sample else loss
 
 
@@ -164,7 +165,7 @@ def qsm_loss(predictor, x_t: Tensor, t, reward, *, scale: float = 1.0, cond=None
         (g,) = torch.autograd.grad(_rewards(reward, xr, reward_cond).sum(), xr)
     s = predictor.predict("score", x_t, t, cond)
     per = ((s - scale * g.detach()) ** 2).reshape(x_t.shape[0], -1).sum(1)
-    return _reduce(per, reduction, "qsm_loss")
+    return reduce_loss(per, reduction, "qsm_loss")
 
 
 # ---- DDPO (Sec. 3.3.2) ---------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def ddpo_sf_loss(predictor, trajectory, timesteps, rewards, *, eta: float = 1.0,
     ts = _check_chain(process, timesteps, eta)
     logp = _traj_log_probs(predictor, trajectory, ts, eta, cond)
     adv = _check_adv(rewards, logp.shape[0]).to(logp.dtype)
-    return _reduce(-(logp.sum(1) * adv), "mean", "ddpo_sf_loss")
+    return reduce_loss(-(logp.sum(1) * adv), "mean", "ddpo_sf_loss")
 
 
 def ddpo_is_loss(predictor, trajectory, timesteps, advantages, old_log_probs: Tensor, *, clip_range: float = 1e-4,
@@ -298,7 +299,7 @@ def ddpo_is_loss(predictor, trajectory, timesteps, advantages, old_log_probs: Te
     adv = _check_adv(advantages, logp.shape[0]).to(logp.dtype)[:, None]
     ratio = torch.exp(logp - old)
     per = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
-    return _reduce(per.mean(1), "mean", "ddpo_is_loss")
+    return reduce_loss(per.mean(1), "mean", "ddpo_is_loss")
 
 
 # ---- DRWR ------------------------------------------------------------------------------------------------------
@@ -351,4 +352,4 @@ def drwr_loss(predictor, x0: Tensor, weights: Tensor, *, generator: torch.Genera
                          f"{tuple(w.shape)}")
     per = denoising_loss(predictor, x0, generator=generator, t=t, t_sampler=t_sampler, eps=eps, target="eps",
                          weighting=weighting, cond=cond, reduction="none")
-    return _reduce(w.to(per.dtype) * per, reduction, "drwr_loss")
+    return reduce_loss(w.to(per.dtype) * per, reduction, "drwr_loss")

@@ -26,10 +26,13 @@ import torch.nn.functional as F
 
 from ..conversions import from_x0_eps
 from ..process import Process, expand_like
+from ..samplers.diffusion import ddim_update
+from ..times import lognormal_edm_sigma
 from ..validation import check_batch
-from .distances import get_distance, squared_norm
-from .pretrain import (_batch_t, _check_process, _reduce, consistency_distillation_loss,
-                       consistency_training_loss, ddim_denoise, denoising_loss, flow_matching_loss)
+from .distances import get_pair_distance, squared_norm
+from .common import batch_times, check_process, draw_times, reduce_loss
+from .pretrain import (consistency_distillation_loss, consistency_training_loss, ddim_denoise, denoising_loss,
+                       flow_matching_loss)
 
 Tensor = torch.Tensor
 
@@ -59,9 +62,9 @@ def teacher_two_steps(teacher, x_t: Tensor, t, t_mid, t_next, cond=None, cfg_sca
     Each step is the library's deterministic DDIM step (Eq. 40 with ``sigma = 0`` = Eq. 21); with ``cfg_scale = w``
     the teacher's prediction is guided by Eq. 23 (guided PD, Meng et al.). Times are scalars or ``(batch,)``.
     """
-    process = _check_process(teacher, None, "teacher_two_steps")
+    process = check_process(teacher, None, "teacher_two_steps")
     x_t = check_batch(x_t, "x_t")
-    t, t_mid, t_next = (_batch_t(process, v, x_t) for v in (t, t_mid, t_next))
+    t, t_mid, t_next = (batch_times(process, v, x_t) for v in (t, t_mid, t_next))
     if not bool(((t > t_mid) & (t_mid > t_next)).all()):
         raise ValueError("teacher_two_steps needs t > t_mid > t_next for every sample")
     x_mid = ddim_denoise(teacher, x_t, t, t_mid, cond, cfg_scale, uncond)
@@ -79,8 +82,8 @@ def pd_target(x_t: Tensor, x_next: Tensor, t, t_next, process: Process) -> Tenso
     x_t, x_next = check_batch(x_t, "x_t"), check_batch(x_next, "x_next")
     if x_t.shape != x_next.shape:
         raise ValueError(f"x_next has shape {tuple(x_next.shape)} but x_t has shape {tuple(x_t.shape)}")
-    a, s = process.coefficients(_batch_t(process, t, x_t), x_t)
-    a2, s2 = process.coefficients(_batch_t(process, t_next, x_t), x_t)
+    a, s = process.coefficients(batch_times(process, t, x_t), x_t)
+    a2, s2 = process.coefficients(batch_times(process, t_next, x_t), x_t)
     if bool((s == 0).any()):
         raise ValueError("pd_target needs sigma(t) > 0 (t is the noisier time of the student step)")
     r = s2 / s
@@ -135,8 +138,8 @@ def progressive_distillation_loss(student, teacher, x0: Tensor, teacher_timestep
     ``student_cond`` (default ``cond``) is what the student receives, e.g. a (label, w) pair for a w-conditioned
     guided-PD student. The teacher runs without gradient.
     """
-    process = _check_process(student, None, "progressive_distillation_loss")
-    _check_process(teacher, None, "progressive_distillation_loss (teacher)")
+    process = check_process(student, None, "progressive_distillation_loss")
+    check_process(teacher, None, "progressive_distillation_loss (teacher)")
     if repr(teacher.process) != repr(process):
         raise ValueError(f"teacher.process={teacher.process} differs from student.process={process}")
     x0 = check_batch(x0, "x0", nonempty=True)
@@ -165,14 +168,15 @@ def progressive_distillation_loss(student, teacher, x0: Tensor, teacher_timestep
     if space == "x":
         a2, s2 = process.coefficients(t_next, z_t)
         a, s = process.coefficients(t, z_t)
-        x_hat = a2 * x0_theta + s2 * (z_t - a * x0_theta) / s      # one student DDIM step (Eq. 40, sigma = 0)
+        x_hat = ddim_update(x0_theta, (z_t - a * x0_theta) / s, a2, s2 * s2)  # one student DDIM step (Eq. 40, sigma = 0)
         per = squared_norm(z_next - x_hat)
     else:
         target = pd_target(z_t, z_next, t, t_next, process)
-        snr = (process._alpha(t) / process._sigma(t)) ** 2
+        c = process.at(t)
+        snr = (c.alpha / c.sigma) ** 2
         w = snr.clamp_min(1.0) if weighting == "snr_trunc" else snr if weighting == "snr" else torch.ones_like(snr)
         per = w.to(x0.dtype) * squared_norm(target - x0_theta)
-    return _reduce(per, reduction, "progressive_distillation_loss")
+    return reduce_loss(per, reduction, "progressive_distillation_loss")
 
 
 # ---- ECT (Luo talk, Alg. 1, Eq. 15) ----------------------------------------------------------------------------
@@ -211,14 +215,14 @@ def ect_loss(model, x0: Tensor, iters: int, *, generator: torch.Generator | None
     at ``r_min`` (EDM level; the consistency boundary epsilon = 0.002 of Eq. 19, where ``f`` is the identity: the
     talk's ``r = 0``, moved to where the cm_f parameterisation is defined), and ``t`` at ``2 r_min``.
     """
-    process = _check_process(model, None, "ect_loss")
+    process = check_process(model, None, "ect_loss")
     x0 = check_batch(x0, "x0", nonempty=True)
     if weighting not in ("inv_dt", "none"):
         raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'inv_dt', 'none'")
     r_min = max(float(r_min), process.edm_sigma(process.t_min).item())
     lo, hi = 2 * r_min, process.edm_sigma(process.t_max).item()
     if t is None:
-        s = torch.exp(P_mean + P_std * torch.randn(x0.shape[0], generator=generator, dtype=torch.float64))
+        s = lognormal_edm_sigma(x0.shape[0], P_mean, P_std, generator)
         s = s.clamp(lo, hi)
     else:
         s = torch.as_tensor(t, dtype=torch.float64).expand(x0.shape[0]).clone()
@@ -243,7 +247,7 @@ def ect_loss(model, x0: Tensor, iters: int, *, generator: torch.Generator | None
 # ---- SCT (Wang talk, "Ground truth of score estimation: Stable Consistency Tuning") -----------------------------
 def ct_score_target(x_t: Tensor, x0: Tensor, t, process: Process) -> Tensor:
     """CT's single-sample score estimate ``grad log p(x_t | x0) = -(x_t - alpha x0) / sigma^2`` (Luo talk Eq. 7)."""
-    a, s = process.coefficients(_batch_t(process, t, x_t), x_t)
+    a, s = process.coefficients(batch_times(process, t, x_t), x_t)
     return -(x_t - a * x0) / (s * s)
 
 
@@ -264,8 +268,9 @@ def sct_score_target(x_t: Tensor, t, process: Process, reference: Tensor, *, inc
     if reference.shape[1:] != x_t.shape[1:]:
         raise ValueError(f"reference has shape {tuple(reference.shape)}; its points must have x_t's shape "
                          f"{tuple(x_t.shape[1:])}")
-    tt = _batch_t(process, t, x_t)
-    a, s = process._alpha(tt).to(x_t.dtype), process._sigma(tt).to(x_t.dtype)
+    tt = batch_times(process, t, x_t)
+    c = process.at(tt, dtype=x_t.dtype)
+    a, s = c.alpha, c.sigma
     B = x_t.shape[0]
     X = x_t.reshape(B, -1)
     R = reference.reshape(reference.shape[0], -1).to(x_t.dtype)
@@ -318,7 +323,7 @@ def phased_consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, 
     ``(1 + w) Psi(c) - w Psi(0)`` for the deterministic DDIM solver), where ``t_{n+m}`` and ``t_n`` lie in the same
     phase (n is drawn among such indices). The adversarial ReLU term of the slide is not included.
     """
-    process = _check_process(model, None, "phased_consistency_distillation_loss")
+    process = check_process(model, None, "phased_consistency_distillation_loss")
     x0 = check_batch(x0, "x0", nonempty=True)
     g = torch.as_tensor(t_grid, dtype=torch.float64).flatten()
     edges = phase_edges(g, n_phases)
@@ -381,8 +386,8 @@ class PhasedPredictor(torch.nn.Module):
     def forward(self, x_t: Tensor, t, cond=None):
         if not isinstance(cond, dict) or "s" not in cond:
             raise ValueError("a PhasedPredictor needs cond={'cond': c, 's': s_m} (the lower phase edge)")
-        t = _batch_t(self.process, t, x_t)
-        s = _batch_t(self.process, cond["s"], x_t)
+        t = batch_times(self.process, t, x_t)
+        s = batch_times(self.process, cond["s"], x_t)
         return x_t + expand_like((t - s).to(x_t.dtype), x_t) * self.net(x_t, t, cond.get("cond"))
 
 
@@ -443,16 +448,15 @@ def velocity_mapped_loss(model, x0: Tensor, *, generator: torch.Generator | None
     ``(1 + alpha/sigma)(x0_hat - x0)``: a weighted x0 regression with weight ``(1 + alpha/sigma)^2`` (checked in
     ``distill.traj.velocity_mapped_weight``; the handbook's weights are corrected in ``basics.weighted_regression``).
     """
-    process = _check_process(model, None, "velocity_mapped_loss")
+    process = check_process(model, None, "velocity_mapped_loss")
     x0 = check_batch(x0, "x0", nonempty=True)
     if t is None:
-        from .pretrain import _draw_t
-        t = _draw_t(process, x0, None, None, generator)
-    t = _batch_t(process, t, x0)
+        t = draw_times(process, x0, None, None, generator)
+    t = batch_times(process, t, x0)
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     v_y = model.predict("instaflow_v", x_t, t, cond)
     per = squared_norm(v_y - (x0 - eps))
-    return _reduce(per, reduction, "velocity_mapped_loss")
+    return reduce_loss(per, reduction, "velocity_mapped_loss")
 
 
 def straightness(predictor, z: Tensor, timesteps, cond=None) -> float:
@@ -485,9 +489,9 @@ def add_generator_loss(x0_student: Tensor, teacher, discriminator, t, *, distill
     same game, D relabelled.) ``discriminator=None`` leaves only the distillation term.
     """
     x0 = check_batch(x0_student, "x0_student", nonempty=True)
-    process = _check_process(teacher, None, "add_generator_loss (teacher)")
-    d = get_distance(distance, c)
-    t = _batch_t(process, t, x0)
+    process = check_process(teacher, None, "add_generator_loss (teacher)")
+    d = get_pair_distance(distance, c)
+    t = batch_times(process, t, x0)
     x_t, _ = process.q_sample(x0, t, eps=eps, generator=generator)
     with torch.no_grad():
         target = teacher.predict("x0", x_t.detach(), t, cond)
@@ -501,7 +505,7 @@ def add_generator_loss(x0_student: Tensor, teacher, discriminator, t, *, distill
         finally:
             for p in discriminator.parameters():
                 p.requires_grad_(True)
-    return _reduce(per, reduction, "add_generator_loss")
+    return reduce_loss(per, reduction, "add_generator_loss")
 
 
 def add_discriminator_loss(x0_student: Tensor, x0_real: Tensor, discriminator, reduction: str = "mean") -> Tensor:
@@ -509,7 +513,7 @@ def add_discriminator_loss(x0_student: Tensor, x0_real: Tensor, discriminator, r
     handbook Sec. 3.2.5 with D relabelled to score real data high); the student samples are detached."""
     xf, xr = check_batch(x0_student, "x0_student", nonempty=True), check_batch(x0_real, "x0_real", nonempty=True)
     per = F.softplus(-discriminator(xr)).reshape(-1).mean() + F.softplus(discriminator(xf.detach())).reshape(-1).mean()
-    return _reduce(per.reshape(1), reduction, "add_discriminator_loss")
+    return reduce_loss(per.reshape(1), reduction, "add_discriminator_loss")
 
 
 def dmd2_backward_simulation(student, timesteps, z: Tensor, *, generator: torch.Generator | None = None, cond=None,
@@ -523,7 +527,7 @@ def dmd2_backward_simulation(student, timesteps, z: Tensor, *, generator: torch.
     ``(x_{t_stop}, t_stop)`` detached: feed them to ``G`` with gradient and apply ``dmd_loss`` to ``G``'s output.
     """
     from ..samplers.consistency import renoise
-    process = _check_process(student, None, "dmd2_backward_simulation")
+    process = check_process(student, None, "dmd2_backward_simulation")
     ts = _check_timesteps_dec(timesteps, process)
     K = ts.numel() - 1
     if stop is None:

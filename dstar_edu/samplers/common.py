@@ -1,4 +1,4 @@
-"""What every sampler shares: validated time grids and one loop with a progress bar and a trajectory.
+"""What every sampler shares: one loop with a progress bar and a trajectory.
 
 A sampler is ``fn(predictor, timesteps, x_init, *, generator=None, cond=None, return_trajectory=False,
 progress=False, **options)``: ``timesteps`` is a strictly decreasing sequence of times of the
@@ -9,14 +9,12 @@ share (the batch check, shared with the objectives, is ``dstar_edu.validation.ch
 """
 from __future__ import annotations
 
-import math
-
-
 from typing import Callable
 
 import torch
 
 from ..process import Process
+from ..times import check_timesteps, karras_sigmas, subsequence, uniform_grid  # noqa: F401  (re-exported)
 
 Tensor = torch.Tensor
 
@@ -66,17 +64,6 @@ def _draw_noise(noise, x: Tensor, generator, noise_dtype=None) -> Tensor:
 
 
 # ---- time grids and the sampling loop ---------------------------------------------------------------------
-def check_timesteps(timesteps, process: Process, dtype=torch.float64) -> Tensor:
-    """Validate a strictly decreasing 1-d time grid inside the process domain."""
-    ts = torch.as_tensor(timesteps, dtype=dtype).flatten()
-    if torch.isnan(ts).any():
-        raise ValueError(f"timesteps contains NaN: {ts.tolist()[:6]}")
-    if ts.numel() < 2:
-        raise ValueError(f"timesteps needs at least 2 entries (start and end), got {ts.tolist()}")
-    if not (ts[1:] < ts[:-1]).all():
-        raise ValueError(f"timesteps must be strictly decreasing (noise -> data), got {ts.tolist()[:6]}...")
-    process.check_t(ts)
-    return ts
 
 
 def run_loop(step: Callable[[Tensor, Tensor, Tensor, int], Tensor], timesteps: Tensor, x_init: Tensor,
@@ -95,70 +82,3 @@ def run_loop(step: Callable[[Tensor, Tensor, Tensor, int], Tensor], timesteps: T
         if return_trajectory:
             traj.append(x)
     return (x, traj) if return_trajectory else x
-
-
-def uniform_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None,
-                 dtype=torch.float64) -> Tensor:
-    """``n_steps + 1`` equally spaced times from ``t_start`` (default t_max) down to ``t_end`` (default t_min)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    t0 = process.t_max if t_start is None else t_start
-    t1 = process.t_min if t_end is None else t_end
-    return check_timesteps(torch.linspace(t0, t1, n_steps + 1, dtype=dtype), process)
-
-
-def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: int = 0) -> Tensor:
-    """DDIM sub-sequence ``{t_N > ... > t_1 > t_0 = 0}`` of the discrete grid {0..T} (handbook Eq. 14).
-
-    The entries ``t_N..t_1`` are exactly diffusers' ``DDIMScheduler.set_timesteps(n_steps)`` timesteps
-    ``k`` for ``timestep_spacing=spacing`` (and ``steps_offset``), shifted to the handbook's time
-    ``t = k + 1``; ``t_0 = 0`` is clean data (diffusers' ``set_alpha_to_one=True``):
-
-    * ``linspace``: ``k = round(linspace(0, T - 1, n))`` reversed (e.g. T=1000, n=10: t = 1000, 889, ..., 1, 0);
-    * ``leading``:  ``k = (T // n) * arange(n) + steps_offset`` reversed (t = 901, 801, ..., 1, 0);
-    * ``trailing``: ``k = round(arange(T, 0, -T / n)) - 1`` (t = 1000, 900, ..., 100, 0).
-
-    diffusers' DDIM *step* goes from ``k`` to ``k - T // n`` whatever the spacing, which is the next
-    entry of this list only for ``leading`` (and ``trailing`` when n divides T); see
-    ``dstar_edu.diffusers_interop.diffusers_ddim_transitions`` for the pairs diffusers really uses.
-    Rounding follows numpy (half to even), as diffusers does.
-    """
-    import numpy as np
-
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T={T!r} must be a positive integer (number of DDPM steps)")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= T:
-        raise ValueError(f"n_steps={n_steps!r} must be an integer in 1..T={T}")
-    if spacing == "linspace":
-        k = np.linspace(0, T - 1, n_steps).round()[::-1].astype(np.int64)
-    elif spacing == "leading":
-        k = (np.arange(0, n_steps) * (T // n_steps)).round()[::-1].astype(np.int64) + int(steps_offset)
-    elif spacing == "trailing":
-        k = np.round(np.arange(T, 0, -T / n_steps)).astype(np.int64) - 1
-    else:
-        raise ValueError(f"spacing={spacing!r} is unknown; allowed: 'linspace', 'leading', 'trailing'")
-    if k.max() > T - 1 or k.min() < 0:
-        raise ValueError(f"steps_offset={steps_offset!r} puts timesteps outside 0..T-1={T - 1}")
-    ts = torch.cat([torch.as_tensor(k.copy() + 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    return torch.unique_consecutive(ts)
-
-
-def karras_sigmas(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                  append_zero: bool = True, dtype=torch.float64) -> Tensor:
-    """EDM (Karras et al. 2022) noise levels ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
-        raise ValueError(f"n_steps={n_steps!r} must be an integer >= 2")
-    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}={v!r} must be a positive finite number (EDM: sigma_min=0.002, sigma_max=80, "
-                             "rho=7)")
-    if not sigma_min < sigma_max:
-        raise ValueError(f"need sigma_min < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r} "
-                         "(the grid runs from sigma_max down to sigma_min)")
-    ramp = torch.linspace(0, 1, n_steps, dtype=dtype)
-    inv = 1.0 / rho
-    s = (sigma_max ** inv + ramp * (sigma_min ** inv - sigma_max ** inv)) ** rho
-    s[0], s[-1] = sigma_max, sigma_min  # exact end points (the power can land one ulp outside)
-    return torch.cat([s, torch.zeros(1, dtype=dtype)]) if append_zero else s
-
-

@@ -53,8 +53,10 @@ import torch
 
 from ..predictors import Predictor
 from ..process import DDPM, Process, time_tensor
+from ..times import lcm_timesteps, rho_grid  # noqa: F401  (lcm_timesteps re-exported)
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
+from .diffusion import ddim_update
 
 Tensor = torch.Tensor
 
@@ -178,26 +180,6 @@ def lcm_boundary_scalings(t, timestep_scaling: float = 10.0, sigma_data: float =
     return sigma_data ** 2 / (s * s + sigma_data ** 2), s / torch.sqrt(s * s + sigma_data ** 2)
 
 
-def lcm_timesteps(n_steps: int, original_steps: int = 50, T: int = 1000) -> Tensor:
-    """LCM's inference grid in handbook time, ending at 0 (diffusers ``LCMScheduler.set_timesteps`` + 1).
-
-    LCM distils on the ``original_steps`` grid ``k = (T // original_steps) * j - 1`` (j = 1..original_steps);
-    ``n_steps`` entries are taken at indices ``floor(linspace(0, original_steps, n_steps, endpoint=False))``
-    of that grid reversed. E.g. ``n_steps=4``: diffusers ``[999, 759, 499, 259]`` -> ``[1000, 760, 500, 260, 0]``.
-    """
-    for name, v in (("n_steps", n_steps), ("original_steps", original_steps), ("T", T)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
-    if original_steps > T:
-        raise ValueError(f"original_steps={original_steps} must be <= T={T}")
-    if n_steps > original_steps:
-        raise ValueError(f"n_steps={n_steps} must be <= original_steps={original_steps}")
-    k = T // original_steps
-    origin = (torch.arange(1, original_steps + 1, dtype=torch.float64) * k - 1).flip(0)
-    idx = torch.floor(torch.arange(n_steps, dtype=torch.float64) * (original_steps / n_steps)).long()
-    return torch.cat([origin[idx] + 1, torch.zeros(1, dtype=torch.float64)])
-
-
 _LCM_NOISE = ("fresh", "predicted")
 
 
@@ -303,7 +285,8 @@ class GaussianFlowMap(Predictor):
         s = p.check_t(s, x_t)
         B = x_t.shape[0]
         col = lambda c: c.expand(B).to(x_t.dtype)[:, None]  # noqa: E731
-        at, st, as_, ss = col(p._alpha(t)), col(p._sigma(t)), col(p._alpha(s)), col(p._sigma(s))
+        ct, cs = p.at(t), p.at(s)
+        at, st, as_, ss = col(ct.alpha), col(ct.sigma), col(cs.alpha), col(cs.sigma)
         mu, lam = self.mu.to(x_t.dtype), self.lam.to(x_t.dtype)
         x = x_t.reshape(B, -1)
         gain = torch.sqrt(as_ ** 2 * lam + ss ** 2) / torch.sqrt(at ** 2 * lam + st ** 2)
@@ -345,11 +328,7 @@ class ODEFlowMap(Predictor):
         process.check_t(self.t_end)
 
     def grid(self, t: float) -> Tensor:
-        r = torch.linspace(0, 1, self.n_steps + 1, dtype=torch.float64)
-        a, b = t ** (1 / self.rho), self.t_end ** (1 / self.rho)
-        g = (a + r * (b - a)) ** self.rho
-        g[0], g[-1] = t, self.t_end
-        return g
+        return rho_grid(t, self.t_end, self.n_steps, self.rho)
 
     def forward(self, x_t: Tensor, t, cond=None) -> Tensor:
         t = _scalar_t(t)
@@ -365,5 +344,5 @@ class ODEFlowMap(Predictor):
             a, s = p.coefficients(ts[i], x)
             eps = (x - a * x0) / s
             a2, s2 = p.coefficients(ts[i + 1], x)
-            x = a2 * x0 + s2 * eps
+            x = ddim_update(x0, eps, a2, s2 * s2)                         # Eq. 14 with sigma = 0
         return x

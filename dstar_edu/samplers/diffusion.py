@@ -32,17 +32,17 @@ import math
 
 import torch
 
-from .. import conversions as cv
 from ..conversions import convert, to_x0_eps
 from ..predictors import Predictor
-from ..process import DDPM, Process, expand_like
+from ..process import Process
+from ..times import ddpm_grid, log_snr, logsnr_grid, time_from_log_snr  # noqa: F401  (re-exported)
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, check_timesteps, run_loop
 
 Tensor = torch.Tensor
 
 __all__ = [
-    "denoise", "velocity", "ddpm_step", "ddim_step", "langevin_step", "reverse_sde_step", "pf_ode_step",
+    "ddpm_posterior", "ddim_update", "ddim_sigma", "denoise", "velocity", "ddpm_step", "ddim_step", "langevin_step", "reverse_sde_step", "pf_ode_step",
     "dpm_solver_step", "ddpm", "ddim", "smld", "reverse_sde", "pf_ode", "dpm_solver",
     "ddpm_grid", "logsnr_grid", "log_snr", "time_from_log_snr", "smld_step_sizes",
 ]
@@ -60,27 +60,29 @@ def _noise_arg(noise, x: Tensor, generator) -> Tensor:
 
 
 class _Coefs:
-    """Process coefficients at validated scalar times, as Python floats (float64), computed once.
+    """``process.at(ts)`` for a whole grid of validated scalar times, computed once (float64).
 
-    ``a, s, da, ds``: alpha, sigma and their time derivatives; ``ab = a^2/(a^2 + s^2)`` is DDPM's alpha_bar
-    of the variance-normalised process and ``r = sqrt(a^2 + s^2)`` its scale (``ab = alpha_bar``, ``r = 1``
-    for DDPM/VP). Samplers build one for the whole grid (one vectorised call instead of several per step).
+    As Python floats: ``a, s, da, ds`` (alpha, sigma and their time derivatives), ``ab = a^2/(a^2 + s^2)``
+    (DDPM's alpha_bar of the variance-normalised process) and ``r = sqrt(a^2 + s^2)`` its scale (``ab =
+    alpha_bar``, ``r = 1`` for DDPM/VP). ``at[i]``: the ``Coefficients`` of time i in the sample's ``dtype``
+    (what ``Predictor.denoise`` takes). One vectorised evaluation instead of several per step.
     """
 
-    def __init__(self, process: Process, ts):
-        t = process.check_t(torch.as_tensor(ts, dtype=torch.float64))
-        t1 = t.reshape(-1)
-        a, s = process._alpha(t1), process._sigma(t1)
+    def __init__(self, process: Process, ts, dtype: torch.dtype = torch.float64):
+        c = process.at(torch.as_tensor(ts, dtype=torch.float64).reshape(-1))
+        a, s = c.alpha, c.sigma
         self.a, self.s = a.tolist(), s.tolist()
-        self.da, self.ds = process._d_alpha(t1).tolist(), process._d_sigma(t1).tolist()
+        self.da, self.ds = c.d_alpha.tolist(), c.d_sigma.tolist()
         r2 = a * a + s * s
         self.ab, self.r = (a * a / r2).tolist(), torch.sqrt(r2).tolist()
+        self.at = c.to(dtype).split()
 
     def __getitem__(self, i):
         return self.a[i], self.s[i], self.da[i], self.ds[i]
 
 
-def _scalar_t(process: Process, t, name: str = "t") -> Tensor:
+def _step_time(process: Process, t, name: str = "t") -> Tensor:
+    """One time for a whole-batch step, validated against ``process`` (a 0-d float64 tensor)."""
     t = process.check_t(torch.as_tensor(t, dtype=torch.float64))
     if t.ndim:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; the sampler steps take one scalar time for the whole batch")
@@ -96,40 +98,25 @@ def _times_for(process: Process, t, x: Tensor) -> Tensor:
     return tt
 
 
-def _is_exact(predictor) -> bool:
-    return predictor.prediction == "score" and hasattr(predictor, "posterior_mean")
-
-
-def _denoise(predictor, x: Tensor, t, a: float, s: float, cond) -> tuple[Tensor, Tensor]:
-    """``(x0_hat, eps_hat)`` at scalar t with alpha = a, sigma = s given (one predictor evaluation)."""
-    if _is_exact(predictor):
-        x0 = predictor.posterior_mean(x, t, cond)
-        return x0, (x - a * x0) / s
-    out = predictor(x, t, cond)
-    if predictor.prediction == "eps" and a != 0:
-        return cv.x0_from_eps(x, out, a, s), out
-    if predictor.prediction == "x0" and s != 0:
-        return out, cv.eps_from_x0(x, out, a, s)
-    return to_x0_eps(predictor.prediction, out, x, t, predictor.process)
+def _denoise(predictor, x: Tensor, t, cond, coefs=None) -> tuple[Tensor, Tensor]:
+    """``predictor.denoise`` (exact models use their closed forms); a duck-typed predictor without it converts
+    its raw output (``conversions.to_x0_eps``)."""
+    if isinstance(predictor, Predictor):
+        return predictor.denoise(x, t, cond, coefs=coefs)
+    return to_x0_eps(predictor.prediction, predictor(x, t, cond), x, t, predictor.process, coefs=coefs)
 
 
 def denoise(predictor: Predictor, x_t: Tensor, t, cond=None) -> tuple[Tensor, Tensor]:
     """One predictor evaluation -> ``(x0_hat, eps_hat)`` (handbook Eq. 7 and Sec. 2.6 conversions).
 
-    Exact models (score predictors exposing ``posterior_mean``, e.g. ``toy_data.mixtures``) give
-    ``x0_hat`` by Gaussian conditioning and ``eps_hat = (x_t - alpha x0_hat) / sigma`` (one evaluation,
-    and defined where ``alpha(t) = 0``: rectified flow at t = 1, TrigFlow at pi/2; needs sigma(t) > 0).
+    ``Predictor.denoise`` after the sampler's argument checks: exact models (``toy_data.mixtures``) give
+    ``x0_hat`` by Gaussian conditioning and ``eps_hat = (x_t - alpha x0_hat) / sigma`` (defined where
+    ``alpha(t) = 0``: rectified flow at t = 1, TrigFlow at pi/2; needs sigma(t) > 0).
     ``t`` is a scalar or one time per sample ``(batch,)``.
     """
     process = _check_predictor(predictor)
-    tt = _times_for(process, t, x_t)
-    if tt.ndim == 0:
-        return _denoise(predictor, x_t, t, float(process._alpha(tt)), float(process._sigma(tt)), cond)
-    if _is_exact(predictor):
-        a, s = process.coefficients(t, x_t)
-        x0 = predictor.posterior_mean(x_t, t, cond)
-        return x0, (x_t - a * x0) / s
-    return to_x0_eps(predictor.prediction, predictor(x_t, t, cond), x_t, t, process)
+    _times_for(process, t, x_t)
+    return _denoise(predictor, x_t, t, cond)
 
 
 def velocity(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
@@ -139,9 +126,8 @@ def velocity(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
     """
     process = _check_predictor(predictor)
     x0, eps = denoise(predictor, x_t, t, cond)
-    tt = _times_for(process, t, x_t)
-    return (expand_like(process._d_alpha(tt), x_t).to(x_t.dtype) * x0
-            + expand_like(process._d_sigma(tt), x_t).to(x_t.dtype) * eps)
+    c = process.at(_times_for(process, t, x_t), x_t)
+    return c.d_alpha * x0 + c.d_sigma * eps
 
 
 def _score(predictor: Predictor, x_t: Tensor, t, cond=None) -> Tensor:
@@ -156,18 +142,51 @@ _VARIANCES = ("posterior", "beta")
 _FORMS = ("eq10", "eq9")
 
 
+def ddpm_posterior(ab_t, ab_prev, alpha=None):
+    """The DDPM posterior ``q(x_{t_prev} | x_t, x0)`` (handbook Eq. 8, Eq. 10) as ``(c_x0, c_xt, var)``::
+
+        mean = c_x0 x0 + c_xt x_t,  c_x0 = sqrt(ab_prev) (1 - alpha) / (1 - ab_t),  c_xt = sqrt(alpha) (1 - ab_prev) / (1 - ab_t),
+        var  = (1 - alpha) (1 - ab_prev) / (1 - ab_t),  alpha = ab_t / ab_prev
+
+    (the effective per-step alpha: Eq. 5's ``alpha_t`` on the full grid, and on a sub-sequence the only choice
+    for which this is the posterior, handbook Sec. 2.2.3); pass ``alpha`` to use another (Eq. 8 as printed, with
+    the per-step ``alpha_t`` given). Python floats or tensors (broadcasting).
+    """
+    alpha = ab_t / ab_prev if alpha is None else alpha
+    sqrt = torch.sqrt if isinstance(alpha, Tensor) else math.sqrt
+    return (sqrt(ab_prev) * (1 - alpha) / (1 - ab_t), sqrt(alpha) * (1 - ab_prev) / (1 - ab_t),
+            (1 - alpha) * (1 - ab_prev) / (1 - ab_t))
+
+
+def ddim_update(x0: Tensor, eps: Tensor, alpha_prev, sigma2_prev, sigma=0.0, noise: Tensor | None = None) -> Tensor:
+    """The DDIM recombination, handbook Eq. 14: ``alpha_prev x0_hat + sqrt(sigma2_prev - sigma^2) eps_hat + sigma z``.
+
+    ``alpha_prev``, ``sigma2_prev``: the process's ``alpha`` and ``sigma^2`` at the new time (DDPM/VP:
+    ``sqrt(ab_prev)`` and ``1 - ab_prev``); ``sigma``: the step's noise scale (``ddim_sigma``; 0: deterministic,
+    Eq. 21, the first-order PF-ODE step of any process); ``z = noise`` is added when given. Python floats or
+    tensors broadcasting against ``x0``; the square root is clamped at 0 (round-off at ``sigma^2 = sigma2_prev``).
+    """
+    if isinstance(sigma2_prev, Tensor) or isinstance(sigma, Tensor):
+        c_eps = torch.sqrt(torch.clamp(sigma2_prev - sigma * sigma, min=0.0))
+    else:
+        c_eps = math.sqrt(max(sigma2_prev - sigma * sigma, 0.0))
+    out = alpha_prev * x0 + c_eps * eps
+    return out if noise is None else out + sigma * noise
+
+
 def _ddpm_update(x, x0, eps, ab_t, ab_p, r_t, r_p, s_p, variance, form, noise, generator):
     """Eq. 10 (or Eq. 9) + sigma z in the variance-normalised coordinates, with alpha = ab_t / ab_p."""
     alpha = ab_t / ab_p                                                     # effective per-step alpha
     xv = x / r_t if r_t != 1.0 else x
+    c_x0, c_xt, var = ddpm_posterior(ab_t, ab_p)
     if form == "eq10":
-        mu = (math.sqrt(ab_p) * (1 - alpha) / (1 - ab_t)) * x0 + (math.sqrt(alpha) * (1 - ab_p) / (1 - ab_t)) * xv
+        mu = c_x0 * x0 + c_xt * xv
     else:
         if alpha == 0:
             raise ValueError("form='eq9' divides by sqrt(alpha_t) and alpha_bar(t) = 0 here (alpha(t) = 0); "
                              "allowed: form='eq10' (Eq. 10 needs no division by alpha_t)")
         mu = (xv - (1 - alpha) / math.sqrt(1 - ab_t) * eps) / math.sqrt(alpha)
-    var = (1 - alpha) * (1 - ab_p) / (1 - ab_t) if variance == "posterior" else (1 - alpha)
+    var = var if variance == "posterior" else (1 - alpha)
     if s_p > 0:
         mu = mu + math.sqrt(max(var, 0.0)) * _noise_arg(noise, x, generator)
     return r_p * mu if r_p != 1.0 else mu
@@ -193,12 +212,12 @@ def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str 
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
     _check_ddpm_options(variance, form)
-    tt = _scalar_t(process, t)
-    tp = _scalar_t(process, tt - 1 if t_prev is None else t_prev, "t_prev")
+    tt = _step_time(process, t)
+    tp = _step_time(process, tt - 1 if t_prev is None else t_prev, "t_prev")
     if not tp < tt:
         raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
-    c = _Coefs(process, torch.stack([tt, tp]))
-    x0, eps = _denoise(predictor, x, t, c.a[0], c.s[0], cond)
+    c = _Coefs(process, torch.stack([tt, tp]), x.dtype)
+    x0, eps = _denoise(predictor, x, t, cond, c.at[0])
     return _ddpm_update(x, x0, eps, c.ab[0], c.ab[1], c.r[0], c.r[1], c.s[1], variance, form, noise, generator)
 
 
@@ -212,15 +231,14 @@ def _check_ddpm_options(variance, form):
 def ddim_sigma(ab_t, ab_prev, eta: float):
     """DDIM noise scale (handbook Sec. 2.2.1 (ii)) on a sub-sequence, with ``alpha = ab_t / ab_prev``:
     ``sigma_{t_n}(eta) = eta sqrt((1 - alpha)(1 - ab_{t_{n-1}}) / (1 - ab_{t_n}))`` (tensors or floats)."""
-    var = (1 - ab_t / ab_prev) * (1 - ab_prev) / (1 - ab_t)
+    var = ddpm_posterior(ab_t, ab_prev)[2]
     return eta * (torch.sqrt(var) if isinstance(var, Tensor) else math.sqrt(max(var, 0.0)))
 
 
 def _ddim_update(x, x0, eps, ab_t, ab_p, r_p, eta, noise, generator):
     sig = ddim_sigma(ab_t, ab_p, eta)
-    out = math.sqrt(ab_p) * x0 + math.sqrt(max(1 - ab_p - sig * sig, 0.0)) * eps
-    if eta > 0:
-        out = out + sig * _noise_arg(noise, x, generator)
+    z = _noise_arg(noise, x, generator) if eta > 0 else None      # drawn whenever eta > 0, as diffusers does
+    out = ddim_update(x0, eps, math.sqrt(ab_p), 1 - ab_p, sig, z)
     return r_p * out if r_p != 1.0 else out
 
 
@@ -239,11 +257,11 @@ def ddim_step(predictor: Predictor, x: Tensor, t, t_prev, eta: float = 0.0, nois
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
     eta = _check_eta(eta)
-    tt, tp = _scalar_t(process, t), _scalar_t(process, t_prev, "t_prev")
+    tt, tp = _step_time(process, t), _step_time(process, t_prev, "t_prev")
     if not tp < tt:
         raise ValueError(f"t_prev={float(tp):g} must be smaller than t={float(tt):g}")
-    c = _Coefs(process, torch.stack([tt, tp]))
-    x0, eps = _denoise(predictor, x, t, c.a[0], c.s[0], cond)
+    c = _Coefs(process, torch.stack([tt, tp]), x.dtype)
+    x0, eps = _denoise(predictor, x, t, cond, c.at[0])
     return _ddim_update(x, x0, eps, c.ab[0], c.ab[1], c.r[1], eta, noise, generator)
 
 
@@ -277,10 +295,10 @@ def _g2(t, a, s, da, ds) -> float:
     return 2 * s * (ds - da / a * s)
 
 
-def _sde_update(predictor, x, t, dt, coefs, cond, noise, generator):
-    a, s, da, ds = coefs
+def _sde_update(predictor, x, t, dt, c: _Coefs, i: int, cond, noise, generator):
+    a, s, da, ds = c[i]
     g2 = _g2(t, a, s, da, ds)
-    x0, eps = _denoise(predictor, x, t, a, s, cond)
+    x0, eps = _denoise(predictor, x, t, cond, c.at[i])
     drift = da * x0 + (2 * ds - da * s / a) * eps
     return x + drift * dt + math.sqrt(max(g2, 0.0) * (-dt)) * _noise_arg(noise, x, generator)
 
@@ -297,25 +315,25 @@ def reverse_sde_step(predictor: Predictor, x: Tensor, t, t_next, noise: Tensor |
     """
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
-    tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
+    tt, tn = _step_time(process, t), _step_time(process, t_next, "t_next")
     if not tn < tt:
         raise ValueError(f"t_next={float(tn):g} must be smaller than t={float(tt):g}")
-    return _sde_update(predictor, x, t, float(tn - tt), _Coefs(process, tt)[0], cond, noise, generator)
+    return _sde_update(predictor, x, t, float(tn - tt), _Coefs(process, tt, x.dtype), 0, cond, noise, generator)
 
 
 _ODE_METHODS = ("euler", "heun")
 
 
-def _ode_update(predictor, x, t, t_next, c0, c1, method, cond):
-    a, s, da, ds = c0
-    x0, eps = _denoise(predictor, x, t, a, s, cond)
+def _ode_update(predictor, x, t, t_next, c: _Coefs, i: int, method, cond):
+    a, s, da, ds = c[i]
+    x0, eps = _denoise(predictor, x, t, cond, c.at[i])
     dt = float(t_next) - float(t)
     v = da * x0 + ds * eps
     x_e = x + v * dt
-    a1, s1, da1, ds1 = c1
+    a1, s1, da1, ds1 = c[i + 1]
     if method == "euler" or s1 == 0.0:
         return x_e
-    x0e, epse = _denoise(predictor, x_e, t_next, a1, s1, cond)
+    x0e, epse = _denoise(predictor, x_e, t_next, cond, c.at[i + 1])
     return x + 0.5 * (v + da1 * x0e + ds1 * epse) * dt
 
 
@@ -330,54 +348,12 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
     x = check_batch(x, "x")
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
-    tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
-    c = _Coefs(process, torch.stack([tt, tn]))
-    return _ode_update(predictor, x, t, t_next, c[0], c[1], method, cond)
+    tt, tn = _step_time(process, t), _step_time(process, t_next, "t_next")
+    c = _Coefs(process, torch.stack([tt, tn]), x.dtype)
+    return _ode_update(predictor, x, t, t_next, c, 0, method, cond)
 
 
 # ---- DPM-Solver (Lu et al. 2022; Wang talk "DPM-Solver") -----------------------------------------------
-def log_snr(process: Process, t) -> Tensor:
-    """``lambda(t) = log(alpha(t) / sigma(t))`` (half the log-SNR), decreasing in t."""
-    t = process.check_t(t)
-    return torch.log(process.alpha(t)) - torch.log(process.sigma(t))
-
-
-def time_from_log_snr(process: Process, lam, t_lo, t_hi, max_iter: int = 100) -> Tensor:
-    """Inverse ``t_lambda``: the t in [t_lo, t_hi] with ``lambda(t) = lam`` (float64).
-
-    Safeguarded Newton iteration with ``d lambda/dt = alpha'/alpha - sigma'/sigma``, falling back to
-    bisection whenever Newton leaves the bracket; stops when the bracket or the Newton step is below
-    4 float64 ulps of t (quadratic convergence: ~5-8 iterations; works on DDPM's piecewise interpolant).
-    """
-    lo, hi, target = float(t_lo), float(t_hi), float(lam)
-    if not lo <= hi:
-        raise ValueError(f"t_lo={lo:g} must not exceed t_hi={hi:g}")
-    f64 = torch.float64
-
-    def lam_and_slope(t: float) -> tuple[float, float]:
-        tt = torch.tensor(t, dtype=f64)
-        a, s = process._alpha(tt), process._sigma(tt)
-        da, ds = process._d_alpha(tt), process._d_sigma(tt)
-        return float(torch.log(a) - torch.log(s)), float(da / a - ds / s)
-
-    t = 0.5 * (lo + hi)
-    for _ in range(max_iter):
-        f, slope = lam_and_slope(t)
-        f -= target
-        if f == 0.0:
-            break
-        if f > 0:          # lambda decreases in t: the root is later
-            lo = t
-        else:
-            hi = t
-        t_new = t - f / slope if slope != 0.0 and math.isfinite(slope) else 0.5 * (lo + hi)
-        if not lo < t_new < hi:
-            t_new = 0.5 * (lo + hi)
-        done = abs(t_new - t) <= 4 * math.ulp(max(abs(t), 1e-300)) or hi - lo <= 4 * math.ulp(max(abs(hi), 1e-300))
-        t = t_new
-        if done:
-            break
-    return torch.tensor(t, dtype=f64)
 
 
 def _eps(predictor, x, t, cond):
@@ -436,33 +412,7 @@ def dpm_solver_step(predictor: Predictor, x: Tensor, t, t_next, order: int = 2, 
     return (a_t / a_s) * x - s_t * torch.expm1(h) * eps_s - s_t / r2 * (torch.expm1(h) / h - 1) * d2
 
 
-# ---- time grids ----------------------------------------------------------------------------------------
-def ddpm_grid(process: DDPM) -> Tensor:
-    """The full DDPM grid ``T, T-1, ..., 1, 0`` (handbook Alg. 1)."""
-    if not isinstance(process, DDPM):
-        raise ValueError(f"process={process!r} must be a DDPM process for the full discrete grid")
-    return torch.arange(process.T, -1, -1, dtype=torch.float64)
-
-
-def logsnr_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None) -> Tensor:
-    """``n_steps + 1`` times uniform in ``lambda = log(alpha/sigma)`` (Lu et al.'s DPM-Solver grid).
-
-    ``t_start`` defaults to t_max and ``t_end`` to t_min; both must have alpha > 0 and sigma > 0.
-    """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    t0 = process.t_max if t_start is None else float(t_start)
-    t1 = process.t_min if t_end is None else float(t_end)
-    l0, l1 = log_snr(process, t0), log_snr(process, t1)
-    if not (torch.isfinite(l0) and torch.isfinite(l1)):
-        raise ValueError(f"t_start={t0:g}, t_end={t1:g}: lambda must be finite at both ends (alpha > 0 and sigma > 0); "
-                         f"got lambda = {float(l0):g}, {float(l1):g}")
-    lams = torch.linspace(float(l0), float(l1), n_steps + 1, dtype=torch.float64)
-    ts = torch.stack([time_from_log_snr(process, lam, t1, t0) for lam in lams])
-    ts[0], ts[-1] = t0, t1
-    return check_timesteps(ts, process)
-
-
+# ---- SMLD step sizes (time grids: ``dstar_edu.times``) ----------------------------------------------------
 def smld_step_sizes(process: Process, levels: Tensor, step_size: float) -> Tensor:
     """Song & Ermon (2019) Alg. 1 step sizes ``delta_i = step_size * sigma_i^2 / sigma_L^2``.
 
@@ -497,10 +447,10 @@ def ddpm(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
     _check_ddpm_options(variance, form)
-    c = _Coefs(process, ts)
+    c = _Coefs(process, ts, x_init.dtype)
 
     def step(x, t, tn, i):
-        x0, eps = _denoise(predictor, x, t, c.a[i], c.s[i], cond)
+        x0, eps = _denoise(predictor, x, t, cond, c.at[i])
         return _ddpm_update(x, x0, eps, c.ab[i], c.ab[i + 1], c.r[i], c.r[i + 1], c.s[i + 1], variance, form,
                             None, generator)
     return run_loop(step, ts, x_init, return_trajectory, progress, desc="ddpm")
@@ -514,10 +464,10 @@ def ddim(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
     eta = _check_eta(eta)
-    c = _Coefs(process, ts)
+    c = _Coefs(process, ts, x_init.dtype)
 
     def step(x, t, tn, i):
-        x0, eps = _denoise(predictor, x, t, c.a[i], c.s[i], cond)
+        x0, eps = _denoise(predictor, x, t, cond, c.at[i])
         return _ddim_update(x, x0, eps, c.ab[i], c.ab[i + 1], c.r[i + 1], eta, None, generator)
     return run_loop(step, ts, x_init, return_trajectory, progress, desc="ddim")
 
@@ -564,8 +514,8 @@ def reverse_sde(predictor: Predictor, timesteps, x_init: Tensor, *, generator: t
     TrigFlow, the last two starting where alpha > 0). Its marginals equal those of ``pf_ode`` (Sec. 2.1).
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
-    c = _Coefs(process, ts)
-    return run_loop(lambda x, t, tn, i: _sde_update(predictor, x, t, float(tn - t), c[i], cond, None, generator),
+    c = _Coefs(process, ts, x_init.dtype)
+    return run_loop(lambda x, t, tn, i: _sde_update(predictor, x, t, float(tn - t), c, i, cond, None, generator),
                     ts, x_init, return_trajectory, progress, desc="reverse_sde")
 
 
@@ -578,8 +528,8 @@ def pf_ode(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.
     process, ts = _prepare(predictor, timesteps, x_init, generator)
     if method not in _ODE_METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
-    c = _Coefs(process, ts)
-    return run_loop(lambda x, t, tn, i: _ode_update(predictor, x, t, tn, c[i], c[i + 1], method, cond),
+    c = _Coefs(process, ts, x_init.dtype)
+    return run_loop(lambda x, t, tn, i: _ode_update(predictor, x, t, tn, c, i, method, cond),
                     ts, x_init, return_trajectory, progress, desc=f"pf_ode[{method}]")
 
 

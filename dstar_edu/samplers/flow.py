@@ -55,9 +55,11 @@ import torch
 
 from ..predictors import Predictor
 from ..process import DDPM, VP, Process, TrigFlow
+from ..times import flow_match_timesteps, trigflow_timesteps  # noqa: F401  (re-exported)
 from ..validation import check_batch
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
 from .consistency import consistency_multistep
+from .diffusion import ddim_sigma, ddim_update, ddpm_posterior
 
 Tensor = torch.Tensor
 
@@ -117,29 +119,6 @@ def rectified_flow_euler(predictor: Predictor, timesteps, x_init: Tensor, *, dir
     return run_loop(step, ts, x_init, return_trajectory, progress, desc=f"rectified flow Euler ({direction})")
 
 
-def flow_match_timesteps(n_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:
-    """diffusers' ``FlowMatchEulerDiscreteScheduler`` sigmas (= rectified-flow times), float64, ending at 0.
-
-    ``sigma_min = shift(1 / T)`` (the scheduler shifts its training grid once at construction), then
-    ``shift(linspace(1, sigma_min, n_steps))`` with ``shift(s) = k s / (1 + (k - 1) s)``, then 0. diffusers
-    stores these in float32; its timesteps are ``T * sigma``.
-    """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer")
-    if not float(shift) > 0:
-        raise ValueError(f"shift={shift!r} must be positive")
-    k = float(shift)
-
-    def shifted(s):
-        return k * s / (1 + (k - 1) * s)
-
-    s_min = shifted(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64))
-    s = shifted(torch.linspace(1.0, float(s_min), n_steps, dtype=torch.float64))
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
-
-
 # ---- InstaFlow (Sec. 2.4.3, Alg. 6-8) --------------------------------------------------------------------
 INSTAFLOW_METHODS = ("posterior", "simplified", "ddim")
 
@@ -188,10 +167,8 @@ def instaflow_posterior_step(predictor: Predictor, y: Tensor, t, t_prev, *, nois
     """Alg. 6 (corrected line 5): the DDPM posterior step (Eq. 10) written in the InstaFlow space y."""
     p, t, t_prev, ab_t, ab_p = _step_times(predictor, t, t_prev)
     x0_hat, _, beta_t = _instaflow_terms(predictor, y, t, ab_t, cond)
-    alpha = ab_t / ab_p
-    c1 = math.sqrt(ab_p) * (1 - alpha) / (1 - ab_t)
-    c2 = math.sqrt(alpha) * (1 - ab_p) / (1 - ab_t)
-    sigma = math.sqrt((1 - alpha) * (1 - ab_p) / (1 - ab_t))
+    c1, c2, var = ddpm_posterior(ab_t, ab_p)                          # Eq. 10 with alpha = ab_t / ab_prev
+    sigma = math.sqrt(var)
     beta_p = math.sqrt(ab_p) + math.sqrt(1 - ab_p)
     mean = c1 * x0_hat + c2 * beta_t * y
     if sigma == 0.0:
@@ -221,15 +198,13 @@ def instaflow_ddim_step(predictor: Predictor, y: Tensor, t, t_prev, *, eta: floa
         raise ValueError(f"eta={eta!r} must be a finite number >= 0")
     p, t, t_prev, ab_t, ab_p = _step_times(predictor, t, t_prev)
     x0_hat, eps_hat, _ = _instaflow_terms(predictor, y, t, ab_t, cond)
-    sigma = eta * math.sqrt((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p))
+    sigma = ddim_sigma(ab_t, ab_p, eta)
     rest = 1 - ab_p - sigma * sigma
     if rest < -1e-12:
         raise ValueError(f"eta={eta:g} is too large: sigma^2={sigma * sigma:.4g} exceeds 1 - ab_prev={1 - ab_p:.4g}")
     beta_p = math.sqrt(ab_p) + math.sqrt(1 - ab_p)
-    x_prev = math.sqrt(ab_p) * x0_hat + math.sqrt(max(rest, 0.0)) * eps_hat
-    if sigma > 0:
-        x_prev = x_prev + sigma * _draw_noise(noise, y, generator)
-    return x_prev / beta_p
+    z = _draw_noise(noise, y, generator) if sigma > 0 else None
+    return ddim_update(x0_hat, eps_hat, math.sqrt(ab_p), 1 - ab_p, sigma, z) / beta_p
 
 
 def instaflow(predictor: Predictor, timesteps, y_init: Tensor, *, method: str = "posterior", eta: float = 0.0,
@@ -280,17 +255,6 @@ def trigflow_step(predictor: Predictor, x: Tensor, s, t, cond=None) -> Tensor:
     p.check_t(torch.tensor([s, t], dtype=torch.float64))
     F = predictor.predict("trigflow_F", x, s, cond)
     return math.cos(s - t) * x - math.sin(s - t) * p.sigma_data * F
-
-
-def trigflow_timesteps(n_steps: int, t_max: float = math.pi / 2) -> Tensor:
-    """``linspace(t_max, 0, n_steps + 1)`` in float64 (diffusers' SCMScheduler grid, with ``t_max = pi/2``)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    if not 0 < t_max <= math.pi / 2:
-        raise ValueError(f"t_max={t_max!r} must lie in (0, pi/2]")
-    ts = torch.linspace(t_max, 0.0, n_steps + 1, dtype=torch.float64).clamp(0.0, t_max)
-    ts[0], ts[-1] = t_max, 0.0          # linspace may round the end points by one ulp (outside the domain)
-    return ts
 
 
 _TRIG_SAMPLERS = ("ddim", "consistency")

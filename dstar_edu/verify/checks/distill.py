@@ -326,12 +326,14 @@ def score_projection(dim):
 def _sim_variant(variant: str):
     """SIM loss with one *wrong* gradient-flow choice (for the pitfall check and the notebook)."""
     def loss(x0, teacher, fake, t, *, eps, distance, space="score", reduction="none", **params):
-        from dstar_edu.objectives.distill import _noisy, frozen
+        from dstar_edu.objectives.common import noisy_batch
+        from dstar_edu.objectives.distill import frozen
         d = get_distance(distance, **params)
         process = teacher.process
-        t, x_t, eps = _noisy(x0, process, t, eps, None)
+        nb = noisy_batch(x0, process, t, eps, None)
+        t, x_t, eps = nb.t, nb.x_t, nb.eps
         xd = x_t.detach()
-        sig = process._sigma(t).reshape(-1, *[1] * (x0.ndim - 1))
+        sig = process.at(t, x0, dtype=t.dtype).sigma
         with frozen(teacher, fake):
             if variant == "detach_y":            # d'(y_t) treated as a constant (x_t stopped inside y)
                 y = (fake.predict("score", xd, t) - teacher.predict("score", xd, t)).detach()
