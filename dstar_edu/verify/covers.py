@@ -76,11 +76,11 @@ COVERS: dict[str, tuple[str, ...]] = {
     ),
     "samplers.ddim_eta0_ode_order": ("dstar_edu.samplers.diffusion.ddim_step",),
     "samplers.dpm_solver1_is_ddim": (
-        "dstar_edu.samplers.common.subsequence", "dstar_edu.samplers.diffusion.ddim",
+        "dstar_edu.times.subsequence", "dstar_edu.samplers.diffusion.ddim",
         "dstar_edu.samplers.diffusion.dpm_solver"
     ),
     "samplers.dpm_solver_orders": (
-        "dstar_edu.samplers.diffusion.dpm_solver", "dstar_edu.samplers.diffusion.logsnr_grid"
+        "dstar_edu.samplers.diffusion.dpm_solver", "dstar_edu.times.logsnr_grid"
     ),
     "samplers.subsequence_eq10": ("dstar_edu.samplers.diffusion.ddim_step",),
     "samplers.subsequence_claim_value": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
@@ -98,7 +98,7 @@ COVERS: dict[str, tuple[str, ...]] = {
         "dstar_edu.samplers.diffusion.pf_ode", "dstar_edu.samplers.diffusion.reverse_sde"
     ),
     "samplers.sde_ode_marginals_ve": (
-        "dstar_edu.samplers.common.karras_sigmas", "dstar_edu.samplers.diffusion.pf_ode",
+        "dstar_edu.times.karras_sigmas", "dstar_edu.samplers.diffusion.pf_ode",
         "dstar_edu.samplers.diffusion.reverse_sde"
     ),
     "samplers.smld_convergence": ("dstar_edu.samplers.diffusion.smld",),
@@ -108,12 +108,12 @@ COVERS: dict[str, tuple[str, ...]] = {
     ),
     "samplers.diffusers_edm_euler_step": (
         "dstar_edu.diffusers_interop.edm_preconditioning", "dstar_edu.samplers.diffusion.pf_ode_step",
-        "dstar_edu.samplers.common.karras_sigmas"
+        "dstar_edu.times.karras_sigmas"
     ),
     "samplers.prop23_lcm_is_ddim": ("dstar_edu.samplers.consistency.lcm",),
     "samplers.lcm_fresh_noise": ("dstar_edu.samplers.consistency.lcm_step",),
     "samplers.lcm_plugin_index": (
-        "dstar_edu.samplers.consistency.lcm_timesteps", "dstar_edu.process.Process.alpha_bar"
+        "dstar_edu.times.lcm_timesteps", "dstar_edu.process.Process.alpha_bar"
     ),
     "samplers.consistency_exact_f": (
         "dstar_edu.samplers.consistency.consistency_multistep_step", "dstar_edu.samplers.consistency.lcm_step"
@@ -151,20 +151,20 @@ COVERS: dict[str, tuple[str, ...]] = {
     ),
     "samplers.rf_euler_rate": ("dstar_edu.conversions.from_x0_eps", "dstar_edu.samplers.flow.rectified_flow_euler"),
     "samplers.rf_diffusers": (
-        "dstar_edu.samplers.flow.rectified_flow_euler_step", "dstar_edu.samplers.flow.flow_match_timesteps",
+        "dstar_edu.samplers.flow.rectified_flow_euler_step", "dstar_edu.times.flow_match_timesteps",
         "dstar_edu.samplers.flow.rectified_flow_euler"
     ),
     "samplers.lcm_diffusers": (
-        "dstar_edu.samplers.consistency.lcm", "dstar_edu.samplers.consistency.lcm_timesteps",
+        "dstar_edu.samplers.consistency.lcm", "dstar_edu.times.lcm_timesteps",
         "dstar_edu.process.DDPM.from_diffusers_config"
     ),
     "samplers.scm_diffusers": (
-        "dstar_edu.samplers.consistency.consistency_multistep_step", "dstar_edu.samplers.flow.trigflow_timesteps"
+        "dstar_edu.samplers.consistency.consistency_multistep_step", "dstar_edu.times.trigflow_timesteps"
     ),
     "samplers.trigflow_step_is_ddim": ("dstar_edu.samplers.flow.trigflow_step",),
     "samplers.trigflow_convergence": ("dstar_edu.conversions.from_x0_eps", "dstar_edu.samplers.flow.trigflow_step"),
     "samplers.trigflow_prior": (
-        "dstar_edu.samplers.consistency.consistency_multistep_step", "dstar_edu.samplers.flow.trigflow_timesteps"
+        "dstar_edu.samplers.consistency.consistency_multistep_step", "dstar_edu.times.trigflow_timesteps"
     ),
     # ---- training.*
     "training.esm_ism": (
@@ -182,7 +182,7 @@ COVERS: dict[str, tuple[str, ...]] = {
         "dstar_edu.objectives.pretrain.denoising_loss", "dstar_edu.objectives.pretrain.explicit_score_matching_loss"
     ),
     "training.denoising_minimum": (
-        "dstar_edu.objectives.pretrain.denoising_loss", "dstar_edu.objectives.pretrain.sample_t"
+        "dstar_edu.objectives.pretrain.denoising_loss", "dstar_edu.times.sample_t"
     ),
     "training.cd_ct_gap": (
         "dstar_edu.objectives.pretrain.consistency_distillation_loss",
@@ -336,7 +336,7 @@ COVERS: dict[str, tuple[str, ...]] = {
     "distill.traj.pd_target": (
         "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.objectives.trajectory.pd_target",
         "dstar_edu.objectives.trajectory.teacher_two_steps", "dstar_edu.objectives.trajectory.halve_timesteps",
-        "dstar_edu.samplers.common.subsequence"
+        "dstar_edu.times.subsequence"
     ),
     "distill.traj.pd_halving": (
         "dstar_edu.objectives.trajectory.halve_timesteps", "dstar_edu.objectives.trajectory.pd_halving_schedule"
