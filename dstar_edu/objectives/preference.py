@@ -17,7 +17,7 @@ ELBO, giving ``h(x0) = -beta w(t) (||eps - eps_theta(x_t, t)||^2 - ||eps - eps_r
 ``rewards.NegatedReward``), then guide with ``(omega + 1) eps_pos(x, c) - omega eps_neg(x, c)``.
 
 Distributions over a finite set are given by log-probabilities on the last axis; Gaussian helpers
-give closed forms for the exact checks (``dstar_edu/verify/checks/align.py``).
+give closed forms for the exact checks (``dstar_edu/verify/checks/alignment.py``).
 """
 from __future__ import annotations
 

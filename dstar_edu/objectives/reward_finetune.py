@@ -22,7 +22,7 @@ Gradient-free (Sec. 3.3.2):
 * ``drwr_weights`` and ``drwr_loss``: reward-weighted denoising regression with weights
   ``min(exp(beta A), w_max)``, ``A = R`` or ``A = R - baseline`` (advantage-weighted).
 
-Errata (checks in ``dstar_edu/verify/checks/align.py``): Sec. 3.3 prints the DRWR weight as
+Errata (checks in ``dstar_edu/verify/checks/alignment.py``): Sec. 3.3 prints the DRWR weight as
 ``min(e^beta R(x), w_max)``; reward-weighted regression needs ``exp(beta R(x))``, whose optimum is the
 KL-regularised ``p_ref exp(beta R) / Z``. Eq. 51's gradient is printed ``(mu - x_{t-1}) / sigma^2 grad mu``;
 the gradient of the Gaussian log-density is ``(x_{t-1} - mu) / sigma^2 grad mu``. The restatement of

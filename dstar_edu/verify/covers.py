@@ -6,9 +6,9 @@ answer from it, through the static index. How the lists were made: each check wa
 calls directly; of those, kept are the functions implementing the tested statement, dropped are fixtures and
 plumbing (``q_sample`` drawing the inputs, ``Generator.noise``, exact teachers' ``predict``, metrics), unless the
 statement is about them. An erratum check covers the library functions that compute its corrected side
-(``registry.Erratum``). Checks whose formula is still written out in the check (Eq. 8-13 in ``checks/process.py``,
-the Eq. 10 sub-sequence remark) name the coefficient tables they read (``DDPM.alpha_bars``, ``DDPM.step_alpha``)
-until they call the library's one DDPM posterior function. ``tests/test_verify_covers.py`` fails when
+(``registry.Erratum``). The Eq. 8-13 checks in ``checks/process.py`` compute
+their posterior through the library's one ``ddpm_posterior`` and ``ddim_update`` and also name the coefficient
+tables they read (``DDPM.alpha_bars``, ``DDPM.step_alpha``). ``tests/test_verify_covers.py`` fails when
 a check covers nothing, names something that is not a ``dstar_edu`` callable, or (on a sample) does not call it.
 """
 from __future__ import annotations
@@ -24,10 +24,19 @@ COVERS: dict[str, tuple[str, ...]] = {
         "dstar_edu.process.ddpm_betas", "dstar_edu.process.DDPM.alphas", "dstar_edu.process.DDPM.alpha_bars"
     ),
     "basics.tweedie": ("dstar_edu.conversions.eps_from_score", "dstar_edu.conversions.x0_from_eps"),
-    "basics.posterior_eq8": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "basics.posterior_forms": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "basics.eq12_denominator": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
-    "basics.eq13_coefficient": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
+    "basics.posterior_eq8": (
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"
+    ),
+    "basics.posterior_forms": (
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.samplers.diffusion.ddim_update",
+        "dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"
+    ),
+    "basics.eq12_denominator": (
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"
+    ),
+    "basics.eq13_coefficient": (
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"
+    ),
     "basics.conditional_score": ("dstar_edu.conversions.eps_from_x0", "dstar_edu.conversions.score_from_eps"),
     "basics.eq15_marginal_score": ("dstar_edu.conversions.convert",),
     "basics.triangular_diffusion": (

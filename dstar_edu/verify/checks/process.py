@@ -15,6 +15,7 @@ import torch
 
 from dstar_edu import conversions as cv
 from dstar_edu.process import DDPM, VE, VP, Process, RectifiedFlow, TrigFlow
+from dstar_edu.samplers.diffusion import ddim_update, ddpm_posterior
 from dstar_edu.verify.fixtures import exact_data, noisy_batch, autograd_score
 from dstar_edu.verify.registry import DIMS, POINTWISE, check_generator, erratum, identity, monte_carlo, mutate, register
 
@@ -94,17 +95,13 @@ def tweedie(dim):
 
 
 # ---- Eq. 8 (posterior q(x_{t-1} | x_t, x0)) ---------------------------------------------------------------
-def ddpm_posterior(p: DDPM, t: Tensor, x_t, x0):
-    """Handbook Eq. 8: mean and variance of q(x_{t-1} | x_t, x0) (integer t >= 1)."""
+def ddpm_posterior_at(p: DDPM, t: Tensor, x_t, x0):
+    """Mean and variance of q(x_{t-1} | x_t, x0) from the library's one Eq. 8 (``ddpm_posterior``), integer t >= 1."""
     a_t = p.step_alpha(t)
     ab_t, ab_prev = p.alpha_bars[t.long()], p.alpha_bars[t.long() - 1]
     a_t, ab_t, ab_prev = (c.reshape(-1, *[1] * (x_t.ndim - 1)) for c in (a_t, ab_t, ab_prev))
-    mean = (a_t.sqrt() * (1 - ab_prev) * x_t + ab_prev.sqrt() * (1 - a_t) * x0) / (1 - ab_t)
-    var = (1 - a_t) * (1 - ab_prev) / (1 - ab_t)
-    return mean, var
-
-
-
+    c_x0, c_xt, var = ddpm_posterior(ab_t, ab_prev, alpha=a_t)
+    return c_x0 * x0 + c_xt * x_t, var
 
 
 @register("basics.posterior_eq8", "Posterior q(x_{t-1}|x_t,x0) of Eq. 8 equals a numerical Bayes computation",
@@ -117,7 +114,7 @@ def posterior_eq8(dim):
     """
     p = DDPM(1000)
     ts, x0, x_t, lhs, what = _posterior_eq8_numerical(dim)
-    mean, var = ddpm_posterior(p, ts, x_t, x0)
+    mean, var = ddpm_posterior_at(p, ts, x_t, x0)
     var = mutate(var, 1 - p.step_alpha(ts)[:, None])      # counterfactual: beta_t for the posterior variance
     rhs = torch.cat([mean.flatten(), var.expand(len(ts), x0.shape[1]).flatten()])
     return identity(lhs, rhs, rtol=1e-9, data=what)
@@ -160,7 +157,7 @@ def _step_inputs(dim):
     col = lambda v: v.reshape(-1, 1)  # noqa: E731
     a_t = col(p.step_alpha(t))
     ab_t, ab_prev = col(p.alpha_bars[t.long()]), col(p.alpha_bars[t.long() - 1])
-    sig = ((1 - a_t) * (1 - ab_prev) / (1 - ab_t)).sqrt()
+    sig = ddpm_posterior(ab_t, ab_prev, alpha=a_t)[2].sqrt()                  # Eq. 8's posterior std
     x0_hat = (x_t - (1 - ab_t).sqrt() * eps_theta) / ab_t.sqrt()             # Eq. 7
     return dict(x_t=x_t, e=eps_theta, z=noise, a=a_t, ab=ab_t, abp=ab_prev, sig=sig, x0=x0_hat)
 
@@ -170,11 +167,12 @@ def eq9(x_t, e, z, a, ab, sig, **_):
 
 
 def eq10(x_t, x0, z, a, ab, abp, sig, **_):
-    return abp.sqrt() * (1 - a) / (1 - ab) * x0 + a.sqrt() * (1 - abp) / (1 - ab) * x_t + sig * z
+    c_x0, c_xt, _ = ddpm_posterior(ab, abp, alpha=a)     # Eq. 10 is Eq. 8's mean with Tweedie's x0_hat
+    return c_x0 * x0 + c_xt * x_t + sig * z
 
 
 def eq11(x0, e, z, abp, sig, **_):
-    return abp.sqrt() * x0 + (1 - abp - sig ** 2).sqrt() * e + sig * z
+    return ddim_update(x0, e, abp.sqrt(), 1 - abp, sig, z)      # Eq. 11 is the DDIM recombination (Eq. 14)
 
 
 def eq12(x_t, e, z, ab, abp, sig, a, printed=False, **_):
@@ -194,7 +192,8 @@ def posterior_forms(dim):
     d = _step_inputs(dim)
     ab_boxed = mutate(d["ab"], d["abp"])                 # counterfactual: ab_{t-1} for ab_t in the boxed mean
     boxed_mu = d["x_t"] / d["a"].sqrt() - (1 - d["a"]) / ((1 - ab_boxed).sqrt() * d["a"].sqrt()) * d["e"]
-    eq8_mu = (d["a"].sqrt() * (1 - d["abp"]) * d["x_t"] + d["abp"].sqrt() * (1 - d["a"]) * d["x0"]) / (1 - d["ab"])
+    c_x0, c_xt, _ = ddpm_posterior(d["ab"], d["abp"], alpha=d["a"])
+    eq8_mu = c_x0 * d["x0"] + c_xt * d["x_t"]
     ref = eq9(**d)
     sigma_identity = (1 - d["abp"] - d["sig"] ** 2).sqrt() - (1 - d["abp"]) * (d["a"] / (1 - d["ab"])).sqrt()
     lhs = torch.stack([eq10(**d), eq11(**d), boxed_mu + d["sig"] * d["z"], eq8_mu + d["sig"] * d["z"],
@@ -471,7 +470,7 @@ def vlb_term(dim):
     x0, eps = torch.randn(B, dim, generator=g, dtype=F64), torch.randn(B, dim, generator=g, dtype=F64)
     eps_theta = eps + 0.5 * torch.randn(B, dim, generator=g, dtype=F64)
     x_t, _ = p.q_sample(x0, t, eps=eps)
-    mu_q, var = ddpm_posterior(p, t, x_t, x0)
+    mu_q, var = ddpm_posterior_at(p, t, x_t, x0)
     a_t, ab_t = p.step_alpha(t)[:, None], p.alpha_bars[t.long()][:, None]
     mu_theta = x_t / a_t.sqrt() - (1 - a_t) / ((1 - ab_t).sqrt() * a_t.sqrt()) * eps_theta
     std = var.sqrt().expand(B, dim)
