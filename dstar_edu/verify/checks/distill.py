@@ -160,6 +160,22 @@ TABLE4 = {"l2": {}, "alpha_power": {"alpha": 4}, "exp_power": {"alpha": 2, "beta
           "huber": {"delta": 0.5}, "pseudo_huber": {"c": 0.5}}
 
 
+#: noise levels (VE sigma = t) of the 3x32x32 SIM problem. Measured at n = 900 (per-sample paired differences, seeds 0,
+#: 14, 23; bootstrap of the t-statistic from pools of 1800-3600 samples): with t in [0.5, 5] the per-sample terms had
+#: kurtosis 600-2600 and P(max_dir |t| > 5) ~ 1e-3 (Gaussian: 3.4e-6), which is why `verify --seed` failed at seeds 14
+#: and 23. Two rare, large kinds of sample cause it: (i) below t ~ 1.5 the teacher posterior is split between two images
+#: (the generator's means sit between image pairs) for ~0.2% of the samples, and their terms scale like
+#: ||x_i - x_j||^2 / t^4 (up to 55 s.d. of the rest); (ii) above t ~ 3 the generator's two components overlap for ~0.1%
+#: (up to 42 s.d.). A sample of 900 usually has none of them, so its mean misses their share and its standard error is
+#: too small. On [2, 3] the split-teacher samples are frequent (~5%) and moderate and the components never overlap:
+#: kurtosis 20-370, bootstrap P(max |t| > 4) 4.5e-4..1.4e-3 (Gaussian 3.8e-4), P(max |t| > 5) <= 1e-4.
+SIM_T_3072 = (2.0, 3.0)
+#: 3x32x32 overrides of TABLE4: on t in [2, 3] the score differences are |y_i| ~ 0.005-0.15 (median 0.03), so Huber's
+#: delta = 0.5 would never leave its quadratic branch (the check would repeat l2); delta = 0.05 puts 25-30% of the
+#: coordinates on the linear branch
+SIM_3072_PARAMS = {"huber": {"delta": 0.05}}
+
+
 def sim_problem(dim: int, n: int | None = None, seed: int = 0):
     """``(process, teacher, generator, directions, direction names, z, eps, t, data label)`` for SIM checks."""
     process = VE(80.0)
@@ -176,7 +192,7 @@ def sim_problem(dim: int, n: int | None = None, seed: int = 0):
         dirs = random_directions(gen, 2, seed + 1, only="log_scales") + random_directions(gen, 4, seed + 2)
         names = ["scale_dir0", "scale_dir1", "rand0", "rand1", "rand2", "rand3"]
         n = n or 300
-        t = _loguniform(n, 0.5, 5.0, g)
+        t = _loguniform(n, *SIM_T_3072, g)
         label = f"empirical teacher of 32 images ({source}), 2-component mixture generator with learnable scales"
     else:
         raise ValueError(f"dim={dim} is not supported by the distill checks; allowed: {DIMS}")
@@ -218,11 +234,12 @@ SIM_POWER = {2: {"l2": (80000, 2.0), "huber": (80000, 2.0), "pseudo_huber": (800
 def _sim_thm31(dim: int, name: str, space: str = "score") -> CheckResult:
     n, factor = SIM_POWER[dim][name if space == "score" else name + "_x0"]
     process, teacher, gen, dirs, names, z, eps, t, label = sim_problem(dim, n=n)
-    dist = {"distance": name, **TABLE4[name]}
+    params = {**TABLE4[name], **(SIM_3072_PARAMS.get(name, {}) if dim == 3072 else {})}
+    dist = {"distance": name, **params}
     lhs = intractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, space, **dist)
     rhs = tractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, space, **dist)
     rhs = mutate(rhs, factor * rhs)       # counterfactual: the tractable gradient off by a factor 2 or its sign
-    return _paired(rhs, lhs, data=label, distance=str(get_distance(name, **TABLE4[name])), space=space,
+    return _paired(rhs, lhs, data=label, distance=str(get_distance(name, **params)), space=space,
                    directions=names)
 
 
