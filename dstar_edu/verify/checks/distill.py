@@ -224,8 +224,8 @@ def tractable_sim_gradient(process, teacher, gen, z, eps, t, dirs, space="score"
 #: Monte-Carlo sizes and counterfactuals of the SIM Thm 3.1 checks. With 4000 paired samples in 2D the
 #: tractable gradient's sign flipped sat only 3.4-4.6 s.e. away (alpha-, exp-power) and a factor 2 5.8-7.4 s.e.
 #: (l2, Huber, pseudo-Huber), and at 3x32x32 (n = 300) a factor 2 6.7-9.5 s.e. Now: a factor 2 for l2, Huber and
-#: pseudo-Huber (n = 80000 in 2D, 900 at 3x32x32: >= 11 s.e.), the sign flip for the heavy-tailed alpha- and
-#: exp-power rows (2D only, n = 32768: >= 11 s.e.).
+#: pseudo-Huber (n = 80000 in 2D, 900 at 3x32x32: >= 11 s.e.; 16-23 s.e. on t in [2, 3], SIM_T_3072), the sign flip
+#: for the heavy-tailed alpha- and exp-power rows (2D only, n = 32768: >= 11 s.e.).
 SIM_POWER = {2: {"l2": (80000, 2.0), "huber": (80000, 2.0), "pseudo_huber": (80000, 2.0),
                  "alpha_power": (32768, -1.0), "exp_power": (32768, -1.0), "pseudo_huber_x0": (20000, 2.0)},
              3072: {"l2": (900, 2.0), "huber": (900, 2.0), "pseudo_huber": (900, 2.0), "pseudo_huber_x0": (None, 2.0)}}
