@@ -170,7 +170,7 @@ TABLE4 = {"l2": {}, "alpha_power": {"alpha": 4}, "exp_power": {"alpha": 2, "beta
 #: of the samples, all at t > 3; one at 42 s.d.). A sample of 900 holds few of them, so its standard error, set by the
 #: rest, is too small. On [2, 3] the split-teacher samples are common (15-33%) but moderate and the components never
 #: overlap: kurtosis 20-370, bootstrap P(max |t| > 4) 4.5e-4..1.4e-3 (Gaussian 3.8e-4), P(max |t| > 5) <= 1e-4;
-#: bench_mc_flakes over seeds 1..50: 0 failures, max z 3.85 (before: 2 failures and ten runs above 4).
+#: bench_mc_flakes over seeds 1..50: 0 failures in 200 runs, max z 3.85 (before: 2 failures in 200).
 SIM_T_3072 = (2.0, 3.0)
 #: 3x32x32 overrides of TABLE4: on t in [2, 3] the score differences are |y_i| ~ 0.005-0.15 (median 0.03), so Huber's
 #: delta = 0.5 would never leave its quadratic branch (the check would repeat l2); delta = 0.05 puts 25-30% of the
