@@ -1,6 +1,6 @@
 """How often do the Monte Carlo checks fail by chance? Run them over many seeds and compare with their tolerances.
 
-    python bench/bench_mc_flakes.py [--seeds 50] [--json out.json] [-k SUBSTRING]
+    python bench/bench_mc_flakes.py [--seeds 50] [--json out.json] [-k SUBSTRING [-k SUBSTRING ...]]
 
 Every Monte Carlo check (and every erratum whose corrected side is a Monte Carlo statement) is re-run with
 ``verify --seed s`` for s = 1..N: each seed re-draws every sample. A check compares ``n_compared``
@@ -40,12 +40,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=50)
     ap.add_argument("--first-seed", type=int, default=1, help="seeds run from here (to split a long run)")
-    ap.add_argument("-k", dest="pattern", default=None)
+    ap.add_argument("-k", dest="patterns", action="append", default=None,
+                    help="run the checks whose id contains this substring (repeat for a union; default: all)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     start = time.perf_counter()
-    base = [r for r in run_checks(args.pattern) if is_monte_carlo(r)]
+    seen, base = set(), []
+    for pattern in args.patterns or [None]:
+        for r in run_checks(pattern):
+            if is_monte_carlo(r) and r["id"] not in seen:
+                seen.add(r["id"])
+                base.append(r)
     ids = [r["id"] for r in base]
     rows = {r["id"]: {"failures": 0, "runs": 0, "max_z": [], "n_compared": r["details"].get("n_compared", 1),
                       "n_sigma": r["details"].get("n_sigma", 5.0)} for r in base}
