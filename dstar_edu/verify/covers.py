@@ -159,6 +159,7 @@ COVERS: dict[str, tuple[str, ...]] = {
         "dstar_edu.samplers.flow.instaflow_beta", "dstar_edu.samplers.flow.instaflow_ddim_step"
     ),
     "samplers.rf_euler_rate": ("dstar_edu.conversions.from_x0_eps", "dstar_edu.samplers.flow.rectified_flow_euler"),
+    "samplers.rf_euler_rate_empirical": ("dstar_edu.samplers.flow.rectified_flow_euler",),
     "samplers.rf_diffusers": (
         "dstar_edu.samplers.flow.rectified_flow_euler_step", "dstar_edu.times.flow_match_timesteps",
         "dstar_edu.samplers.flow.rectified_flow_euler"

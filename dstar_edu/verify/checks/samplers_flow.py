@@ -636,7 +636,7 @@ def rf_euler_rate_empirical(dim):
     """Real data: the empirical distribution of 32 CIFAR images (``exact_data``) with its exact velocity
     ``E[eps - x0 | x_t]``; 8 queries from N(0, I) at t = 1, Euler to t = 15/16 with n = 8, 16, 32, 64 uniform steps.
     Time window: [1, 15/16] is where the posterior over the images is still spread (after it trajectories are straight
-    lines Euler follows exactly; comment above). Reference: classical RK4 (``samplers_diffusion._rk4_flow``, the drift
+    lines Euler follows exactly; comment above). Reference: classical RK4 (``measure.pf_ode_flow_rk4``, the drift
     from the posterior mean, not the velocity conversion) with 64 steps; its error is estimated by Richardson against 32
     steps (/15). Error = Euclidean norm of the whole batch's difference. Passes when the errors shrink at every doubling,
     the Aitken-extrapolated order is 1 within the size of the extrapolation (``dstar_edu.verify.rates``), and the
@@ -645,7 +645,7 @@ def rf_euler_rate_empirical(dim):
     of Sec. 2.4.2 used with the library's signed step): Euler then converges to another curve and the errors stop
     shrinking. (Evaluating v at t_next instead of t would be no counterfactual: that is another first-order method
     with the same limit.)"""
-    from dstar_edu.verify.checks.samplers_diffusion import _rk4_flow
+    from dstar_edu.verify.measure import pf_ode_flow_rk4 as _rk4_flow
     from dstar_edu.verify.rates import extrapolated_order
     rf = RectifiedFlow()
     dist, what = exact_data(dim, rf)
