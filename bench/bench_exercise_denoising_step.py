@@ -27,16 +27,22 @@ def ratios(step_fn, seeds):
         model, _, problem = tr.train_with(step_fn, mix, seed)
         secs.append(time.perf_counter() - t0)
         if problem is not None:
-            out.append(float("inf"))
+            out.append((float("inf"), float("inf")))
             continue
-        _, _, sw, floor = tr.sample_distance(model.eval(), mix, torch.Generator().manual_seed(seed + 5))
-        out.append(sw / floor if sw == sw else float("inf"))
+        gen = torch.Generator().manual_seed(seed + 5)
+        _, _, sw, floor = tr.sample_distance(model.eval(), mix, gen)
+        if sw != sw:
+            out.append((float("inf"), float("inf")))
+            continue
+        errs = tr.denoiser_errors(model, mix, gen)
+        out.append((sw / floor, max(errs[t] for t in tr.GRADED_TIMES)))
     return out, secs
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=40)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--mistake-seeds", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated mistake indices (default: all, and the reference)")
     a = ap.parse_args()
@@ -44,16 +50,19 @@ def main():
     ex = EXERCISES["denoising_step"]
     only = [int(k) for k in a.only.split(",") if k]
     if not only:
-        ref, secs = ratios(ex.reference, range(a.seeds))
-        finite = sorted(r for r in ref if r == r)
-        print(f"reference over {a.seeds} seeds: min {finite[0]:.3g} median {statistics.median(finite):.3g} "
-              f"max {finite[-1]:.3g}; training {statistics.median(secs):.2f} s median (threshold {tr.THRESHOLD})",
-              flush=True)
+        ref, secs = ratios(ex.reference, range(a.first_seed, a.first_seed + a.seeds))
+        sw, den = sorted(r[0] for r in ref), sorted(r[1] for r in ref)
+        print(f"reference over {a.seeds} seeds: SW ratio min {sw[0]:.3g} median {statistics.median(sw):.3g} max "
+              f"{sw[-1]:.3g} (threshold {tr.THRESHOLD}); denoiser error min {den[0]:.3g} median "
+              f"{statistics.median(den):.3g} max {den[-1]:.3g} (threshold {tr.DENOISER_THRESHOLD}); training "
+              f"{statistics.median(secs):.2f} s median", flush=True)
     for i, (wrong, why) in enumerate(ex.mistakes):
         if only and i not in only:
             continue
         rs, _ = ratios(wrong, range(1000, 1000 + a.mistake_seeds))
-        print(f"mistake {i} ({why[:50]}...): min {min(rs):.3g} max {max(rs):.3g}", flush=True)
+        print(f"mistake {i} ({why[:50]}...): SW ratio {min(r[0] for r in rs):.3g}-{max(r[0] for r in rs):.3g}, "
+              f"denoiser error {min(r[1] for r in rs):.3g}-{max(r[1] for r in rs):.3g}; fails on "
+              f"{sum(r[0] > tr.THRESHOLD or r[1] > tr.DENOISER_THRESHOLD for r in rs)}/{len(rs)}", flush=True)
 
 
 if __name__ == "__main__":
