@@ -53,7 +53,7 @@ def test_non_catalogued_mistake_gets_property_feedback(capsys):
         return ((eps_model(alpha(t) * x0 + sigma(t) * eps, t) - eps) ** 2).sum(1).mean()
     assert ex.check("denoising_step", late_times_only, seed=SEED) is False
     out = capsys.readouterr().out
-    assert "times the noise floor" in out and "Likely mistake" not in out
+    assert "Not yet:" in out and "Likely mistake" not in out
     assert "noise prediction is far from the exact one at t = [0.02" in out     # the time region that fails
     assert "0.6" not in out.split("far from the exact one at t = ")[1].split("]")[0]
 
