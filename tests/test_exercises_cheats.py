@@ -110,8 +110,8 @@ def test_every_exercise_guards_a_swappable_library_function():
 
 def test_cheats_fail_on_the_outcome_graded_training_step(capsys):
     """The training-step exercise of notebook 03 (graded by the model it trains) resists the same cheats: the
-    reference and the library loss refuse while graded, and a patched threshold does not survive the hidden test's
-    re-import. A lookup table is moot: the grader calls the loss on batches it draws during training."""
+    reference and the library loss refuse while graded, and patched thresholds (both) do not survive the hidden
+    test's re-import. A lookup table is moot: the grader calls the loss on batches it draws during training."""
     from dstar_edu.course import fresh_grader, hidden_test_source
     from dstar_edu.exercises import training
 
@@ -132,8 +132,8 @@ def test_cheats_fail_on_the_outcome_graded_training_step(capsys):
         return ((eps_model(alpha(t) * x0 + sigma(t) * eps, t) - x0) ** 2).sum(1).mean()
 
     saved = {k: v for k, v in sys.modules.items() if k.startswith("dstar_edu.exercises")}
-    original = training.THRESHOLD
-    training.THRESHOLD = float("inf")                                                             # cheat 4
+    original = training.THRESHOLD, training.DENOISER_THRESHOLD
+    training.THRESHOLD = training.DENOISER_THRESHOLD = float("inf")                               # cheat 4
     try:
         assert ex.check("denoising_step", regress_x0) is True          # fools the grader it patched...
         namespace = {"regress_x0": regress_x0}
@@ -142,9 +142,9 @@ def test_cheats_fail_on_the_outcome_graded_training_step(capsys):
         except AssertionError as failed:
             assert "exercise denoising_step is not solved yet" in str(failed)
         else:
-            raise AssertionError("the hidden test passed a wrong training step under a patched threshold")
+            raise AssertionError("the hidden test passed a wrong training step under patched thresholds")
     finally:
-        training.THRESHOLD = original
+        training.THRESHOLD, training.DENOISER_THRESHOLD = original
         fresh_grader()
         sys.modules.update(saved)
         import dstar_edu

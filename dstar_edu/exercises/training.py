@@ -112,14 +112,14 @@ def train_with(step_fn, mix, seed: int):
             loss = step_fn(lambda x, t: model(x, t), x0, _alpha, _sigma, gen)
             problem = _scalar_problem(loss)
             if problem is None and not bool(torch.isfinite(loss)):
-                problem = f"your loss became {float(loss)} at training step {k}."
+                problem = f"your loss became {float(loss.detach())} at training step {k}."
             if problem is not None:
                 return model, losses, problem
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return model, losses, None
 
 
