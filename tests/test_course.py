@@ -83,6 +83,7 @@ def test_autograde_full_marks_and_a_catalogued_mistake_loses_its_points(built, t
     names = [p.name for p in SOURCES]
     mistake = "01_forward_process_and_tweedie.ipynb"
     trajectory = "07_trajectory_distillation.ipynb"
+    training = "03_score_matching.ipynb"
 
     def plant(name, nb):
         for cell in _cells(nb, "solution"):
@@ -95,10 +96,14 @@ def test_autograde_full_marks_and_a_catalogued_mistake_loses_its_points(built, t
                 # the catalogued "other CFG convention" mistake of cd_cfg_target (w = 1: no guidance)
                 assert "eps_w = e_c + w * (e_c - e_u)" in text
                 text = text.replace("eps_w = e_c + w * (e_c - e_u)", "eps_w = e_u + w * (e_c - e_u)")
+            if name == training and "def my_denoising_step" in text:
+                # the catalogued "noise without its coefficient" mistake of the outcome-graded training step
+                assert "x_t = alpha(t) * x0 + sigma(t) * eps" in text
+                text = text.replace("x_t = alpha(t) * x0 + sigma(t) * eps", "x_t = alpha(t) * x0 + eps")
             cell["source"] = text
     subs = tmp_path / "submissions"
     _light_submission(subs / "ada", names)
-    _light_submission(subs / "bob", [mistake, trajectory], plant)
+    _light_submission(subs / "bob", [mistake, trajectory, training], plant)
     scores = course.autograde(subs, root / "course")
     points = {p.name: sum(c["metadata"]["nbgrader"]["points"] for c in _cells(json.loads(p.read_text()), "grade"))
               for p in SOURCES}
@@ -112,5 +117,8 @@ def test_autograde_full_marks_and_a_catalogued_mistake_loses_its_points(built, t
     lost = worth(trajectory, "cd_cfg_target_test")
     assert 0 < lost < points[trajectory]                     # the other exercises of 07 keep their points
     assert scores["bob"][trajectory] == (points[trajectory] - lost, points[trajectory])
+    lost = worth(training, "denoising_step_test")
+    assert 0 < lost < points[training]
+    assert scores["bob"][training] == (points[training] - lost, points[training])
     assert (root / "course" / "scores.csv").exists()
     shutil.rmtree(subs)

@@ -106,3 +106,46 @@ def test_every_exercise_guards_a_swappable_library_function():
         for target in exercise.guards:
             fn = core._resolve(target)
             assert callable(fn) and fn.__code__.co_freevars == (), (name, target)
+
+
+def test_cheats_fail_on_the_outcome_graded_training_step(capsys):
+    """The training-step exercise of notebook 03 (graded by the model it trains) resists the same cheats: the
+    reference and the library loss refuse while graded, and patched thresholds (both) do not survive the hidden
+    test's re-import. A lookup table is moot: the grader calls the loss on batches it draws during training."""
+    from dstar_edu.course import fresh_grader, hidden_test_source
+    from dstar_edu.exercises import training
+
+    assert ex.check("denoising_step", ex.reference("denoising_step")) is False                    # cheat 1
+    assert "the reference solution refuses to run while exercise 'denoising_step'" in capsys.readouterr().out
+
+    def via_library(eps_model, x0, alpha, sigma, generator):                                       # cheat 2
+        from dstar_edu.objectives import denoising_loss
+        from dstar_edu.predictors import FunctionPredictor
+        pred = FunctionPredictor(lambda x, t, c: eps_model(x, t), training.PROCESS, "eps")
+        return denoising_loss(pred, x0, generator=generator)
+    assert ex.check("denoising_step", via_library) is False
+    assert "denoising_loss refuses to run while exercise 'denoising_step'" in capsys.readouterr().out
+
+    def regress_x0(eps_model, x0, alpha, sigma, generator):                                        # a wrong answer
+        t = torch.rand(x0.shape[0], generator=generator, dtype=x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return ((eps_model(alpha(t) * x0 + sigma(t) * eps, t) - x0) ** 2).sum(1).mean()
+
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("dstar_edu.exercises")}
+    original = training.THRESHOLD, training.DENOISER_THRESHOLD
+    training.THRESHOLD = training.DENOISER_THRESHOLD = float("inf")                               # cheat 4
+    try:
+        assert ex.check("denoising_step", regress_x0) is True          # fools the grader it patched...
+        namespace = {"regress_x0": regress_x0}
+        try:                                                           # ... not the autograder's hidden test
+            exec(hidden_test_source("denoising_step", "regress_x0"), namespace)  # noqa: S102
+        except AssertionError as failed:
+            assert "exercise denoising_step is not solved yet" in str(failed)
+        else:
+            raise AssertionError("the hidden test passed a wrong training step under patched thresholds")
+    finally:
+        training.THRESHOLD, training.DENOISER_THRESHOLD = original
+        fresh_grader()
+        sys.modules.update(saved)
+        import dstar_edu
+        dstar_edu.exercises = saved["dstar_edu.exercises"]

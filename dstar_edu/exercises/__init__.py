@@ -9,7 +9,9 @@ One registry for every area, each area a module that only defines and registers 
 * ``formulas``: Sec. 2.7's unified velocity, consistency / LCM / TrigFlow parameterisations, InstaFlow's y-space,
   the DSM target, DDPO's log-density and advantages, by value;
 * ``trajectory``: trajectory distillation (notebook 07): the PD target, the m-step CD target with a CFG teacher
-  (handbook Eq. 21-23, 47) and ECT's mapping function r(t, iters), by value.
+  (handbook Eq. 21-23, 47) and ECT's mapping function r(t, iters), by value;
+* ``training``: one step of the 2D denoising loss (notebook 03), graded by the outcome of training with it (the
+  sliced Wasserstein distance of the trained model's samples to the data against its noise floor).
 
 Grading draws fresh problems from a printed OS seed, and while a student's function runs the library functions
 that implement its answer (``Exercise.guards``) and ``reference`` refuse to run (see ``core``).
@@ -34,6 +36,7 @@ from . import align  # noqa: E402, F401
 from . import samplers  # noqa: E402, F401
 from . import formulas  # noqa: E402, F401
 from . import trajectory  # noqa: E402, F401
+from . import training  # noqa: E402, F401
 from .basics import ddpm_posterior_mean  # noqa: E402
 
 __all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL",

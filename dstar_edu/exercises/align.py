@@ -146,6 +146,7 @@ register(_align(
           ("cond", "the condition (a class label)"),
           ("weight", "w(t) per sample, shape (batch,)")),
     returns="L = -mean_i w_i < sg[ s(x_t|c) - s(x_t|None) ], x_t >   (scalar)",
+    return_note="a scalar tensor whose gradient is that of the batch-mean negative implicit reward",
     reference=_ref_cfg_loss,
     hint=("the gradient of -log p(x_t|c)/p(x_t) in x_t is -(s(x_t|c) - s(x_t|None)); a loss <sg[g], x_t> has the "
           "gradient g dx_t/dtheta, so put the minus sign in front and detach the scores (x_t.detach() inside "
@@ -181,6 +182,7 @@ register(_align(
     args=(("score_cond", "s_ref(x_t|t,c), shape (batch, *shape)"), ("score_uncond", "s_ref(x_t|t,None), same shape"),
           ("alpha_cfg", "the guidance scale (a float)")),
     returns="s_c + alpha_cfg (s_c - s_u)",
+    return_note="the guided score, a torch.Tensor shaped like score_cond",
     reference=_ref_guided,
     hint=("the CFG direction is the gradient of the implicit reward, s_c - s_u; add alpha_cfg times it to s_c. "
           "Equivalently s_u + (1 + alpha_cfg)(s_c - s_u)."),
@@ -202,13 +204,17 @@ register(_align(
     source="Wang talk (DPO: implicit reward beta log pi/pi_ref, Bradley-Terry)",
     prompt=("Direct preference optimisation. For a preferred sample y_w and a rejected y_l you get the policy's "
             "log-probabilities logp_w, logp_l and the reference's ref_logp_w, ref_logp_l (tensors of shape (batch,)). "
-            "The implicit reward is h = beta (log pi - log pi_ref); the Bradley-Terry likelihood of 'w beats l' is "
-            "sigmoid(h_w - h_l). Return the batch mean of the negative log-likelihood (a scalar)."),
+            "DPO's implicit reward is beta times the log-ratio of policy to reference (Wang talk); the "
+            "Bradley-Terry model turns the two rewards into the likelihood that w beats l. Return the batch mean "
+            "of the negative log-likelihood (a scalar)."),
     args=(("logp_w", "(batch,)"), ("logp_l", "(batch,)"), ("ref_logp_w", "(batch,)"), ("ref_logp_l", "(batch,)"),
           ("beta", "the KL weight (a float)")),
     returns="mean( -log sigmoid( beta (logp_w - ref_logp_w) - beta (logp_l - ref_logp_l) ) )",
+    return_note="a scalar tensor: the batch-mean negative log-likelihood",
     reference=_ref_dpo,
-    hint="use torch.nn.functional.logsigmoid (stable) of beta[(logp_w - ref_logp_w) - (logp_l - ref_logp_l)].",
+    hint=("the Bradley-Terry likelihood of 'w beats l' is the sigmoid of the reward difference h_w - h_l; take "
+          "its log with torch.nn.functional.logsigmoid (stable)."),
+    hints=("h = beta (logp - ref_logp) for each of w and l; the loss is -logsigmoid(h_w - h_l), averaged.",),
     graded_by="value",
     mistakes=(
         (lambda lw, ll, rw, rl, b: -torch.nn.functional.logsigmoid(b * ((ll - rl) - (lw - rw))).mean(),
@@ -234,6 +240,7 @@ register(_align(
     args=(("rewards", "R(x) per sample, shape (batch,)"), ("beta", "inverse temperature (a float)"),
           ("w_max", "clipping value (a float)")),
     returns="min(exp(beta R), w_max)",
+    return_note="the weights, a tensor of shape (batch,)",
     reference=_ref_drwr,
     hint="exponentiate beta * R (torch.exp), then clip from above with torch.clamp(..., max=w_max).",
     graded_by="value",

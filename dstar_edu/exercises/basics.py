@@ -236,14 +236,16 @@ register(_basics(
             'dstar_edu.conversions:convert'),
     source="handbook Eq. 18",
     prompt=("Score from noise prediction (handbook Eq. 16-18). The conditional score of q(x_t | x0) = "
-            "N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) is -(x_t - sqrt(alpha_bar_t) x0) / (1 - alpha_bar_t) "
-            "= -eps / sqrt(1 - alpha_bar_t); replacing eps by the network's eps_hat gives the model score "
-            "s_theta(x_t, t) of Eq. 18. Given eps_hat and alpha_bar, return s_theta (same shape as eps_hat)."),
+            "N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) can be written with the noise eps alone (Eq. 17); "
+            "replacing eps by the network's eps_hat gives the model score s_theta(x_t, t) of Eq. 18. Given eps_hat "
+            "and alpha_bar, return s_theta (same shape as eps_hat)."),
     args=(("eps_hat", "predicted noise, shape (batch, *shape)"), ("alpha_bar", _AB)),
     returns="s = -eps_hat / sqrt(1 - alpha_bar)",
     reference=lambda eps_hat, alpha_bar: cv.score_from_eps(eps_hat, torch.sqrt(1 - alpha_bar)),
-    hint=("for x ~ N(mu, sigma^2 I) the score is -(x - mu) / sigma^2 = -eps / sigma; here sigma = "
-          "sqrt(1 - alpha_bar_t), the noise standard deviation of Eq. 6. The score points *against* the noise."),
+    hint=("for x ~ N(mu, sigma^2 I) the score is -(x - mu) / sigma^2; write x - mu with the noise. The score "
+          "points *against* the noise."),
+    hints=("x_t - sqrt(alpha_bar) x0 = sigma eps with sigma = sqrt(1 - alpha_bar_t), the noise standard deviation "
+           "of Eq. 6.",),
     mistakes=(
         (lambda eps_hat, alpha_bar: eps_hat / torch.sqrt(1 - alpha_bar),
          "sign error: the score is -eps_hat / sqrt(1 - alpha_bar) (it points back towards the data)."),

@@ -76,6 +76,10 @@ class OutcomeTrial:
     label: str
     inputs: dict[str, Any]
     judge: Callable[[Tensor], str | None]
+    run: Callable[[Callable], Any] | None = None    # if set, got = run(student_fn) (e.g. a training loop that
+    #                                                 calls it many times) instead of student_fn(*inputs)
+    probe: Callable[[Callable], Any] | None = None  # if set, catalogued mistakes match when probe(mistake) equals
+    #                                                 probe(student_fn) (a cheap deterministic evaluation)
 
 
 def over_dims(dims: tuple[int, ...], make: Callable[[int, torch.Generator], Trial | GradientTrial]):
@@ -469,11 +473,14 @@ def _grade_gradient(ex: Exercise, student_fn: Callable, fn_name: str, trial: Gra
 
 
 def _grade_outcome(ex: Exercise, student_fn: Callable, fn_name: str, trial: OutcomeTrial, where: str) -> None:
-    got = _call(ex, fn_name, where, lambda: student_fn(*_copies(trial.inputs)))
-    x = next(iter(trial.inputs.values()))
-    if isinstance(x, Tensor) and tuple(got.shape) != tuple(x.shape):
-        raise _Rejected(f"Wrong shape on {where}: expected {tuple(x.shape)} (the shape of the first argument), "
-                        f"got {tuple(got.shape)}.")
+    if trial.run is not None:
+        got = _call(ex, fn_name, where, lambda: trial.run(student_fn))
+    else:
+        got = _call(ex, fn_name, where, lambda: student_fn(*_copies(trial.inputs)))
+        x = next(iter(trial.inputs.values()))
+        if isinstance(x, Tensor) and tuple(got.shape) != tuple(x.shape):
+            raise _Rejected(f"Wrong shape on {where}: expected {tuple(x.shape)} (the shape of the first argument), "
+                            f"got {tuple(got.shape)}.")
     failure = trial.judge(got.detach().to(torch.float64))
     if failure is None:
         return
@@ -481,13 +488,20 @@ def _grade_outcome(ex: Exercise, student_fn: Callable, fn_name: str, trial: Outc
     if not torch.isfinite(got).all():
         lines.append("  Your result contains NaN or inf: check for a division by zero "
                      "or the sqrt of a negative number.")
-    for wrong, why in ex.mistakes:
+    mine = got
+    if trial.probe is not None:
         try:
-            answer = torch.as_tensor(wrong(*_copies(trial.inputs)))
+            mine = _call(ex, fn_name, where, lambda: trial.probe(student_fn))
+        except _Rejected:
+            mine = None
+    for wrong, why in ex.mistakes if mine is not None else ():
+        try:
+            answer = torch.as_tensor(trial.probe(wrong) if trial.probe is not None
+                                     else wrong(*_copies(trial.inputs)))
         except Exception:  # noqa: BLE001 - a mistake that cannot be evaluated here cannot match
             continue
-        if answer.shape == got.shape and torch.allclose(got.detach().to(torch.float64), answer.to(torch.float64),
-                                                        rtol=RTOL, atol=ATOL, equal_nan=True):
+        if answer.shape == mine.shape and torch.allclose(mine.detach().to(torch.float64), answer.to(torch.float64),
+                                                         rtol=RTOL, atol=ATOL, equal_nan=True):
             lines.append(f"  Likely mistake: {why}")
             break
     lines += _hint_lines(ex)

@@ -174,6 +174,7 @@ register(_distill(
             "return d'(y) (same shape as y), one sample at a time."),
     args=(("y", "score differences s_psi - s_q, shape (batch, *shape)"), ("c", "the pseudo-Huber constant, c > 0")),
     returns="d'(y) = y / sqrt(||y||_2^2 + c^2), the norm per sample",
+    return_note="d'(y), a torch.Tensor shaped like y",
     reference=_ref_pseudo_huber_grad,
     hint=("differentiate sqrt(r + c^2) with r = ||y||^2: d/dy = (1/2)(r + c^2)^(-1/2) * 2y. Compute r per sample "
           "with y.reshape(y.shape[0], -1) and reshape it so that it broadcasts against y."),
@@ -202,6 +203,7 @@ register(_distill(
             "Careful: SIM App. A.3 prints the two branches the other way round."),
     args=(("y", "score differences, shape (batch, *shape)"), ("delta", "the Huber threshold, delta > 0")),
     returns="d'(y) = y where |y| <= delta, delta * sign(y) elsewhere (i.e. clamp(y, -delta, delta))",
+    return_note="d'(y), a torch.Tensor shaped like y",
     reference=_ref_huber_grad,
     hint="quadratic near 0 (slope u), linear far away (slope +-delta): the gradient is y clipped to [-delta, delta].",
     graded_by="value",
@@ -219,21 +221,25 @@ register(_distill(
     name="sim_loss",
     guards=('dstar_edu.objectives.distill:sim_generator_loss',),
     source="SIM Eq. 3.7-3.8, Thm 3.1",
-    prompt=("Write SIM's generator loss with the pseudo-Huber distance (Eq. 3.8), batch mean:\n"
-            "  x_t = alpha x0 + sigma eps,   y = s_psi(x_t) - s_q(x_t),\n"
-            "  L = mean_i  -( y_i / sqrt(||y_i||^2 + c^2) )^T ( s_psi(x_t,i) - grad log q(x_t,i | x0,i) ),\n"
-            "with grad log q(x_t | x0) = -eps / sigma. x0 carries the gradient to the generator's parameters. The "
-            "two score functions are frozen networks: do not stop the gradient anywhere -- Thm 3.1 needs it to flow "
-            "through x_t into BOTH score evaluations and into y. Your loss is graded by its gradient."),
+    prompt=("Write SIM's generator loss with the pseudo-Huber distance (SIM Eq. 3.7-3.8), as a batch mean: noise "
+            "the generator output x0 to x_t with alpha and sigma, evaluate the two scores there, form their "
+            "difference y and the pseudo-Huber d'(y) of Table 4 (the previous exercise, one norm per sample), and "
+            "pair it with the fake score minus the conditional score of the forward kernel, as Eq. 3.7 does. x0 "
+            "carries the gradient to the generator's parameters. The two score functions are frozen networks: do "
+            "not stop the gradient anywhere -- Thm 3.1 needs it to flow through x_t into BOTH score evaluations "
+            "and into y. Your loss is graded by its gradient."),
     args=(("x0", "generator output (batch, *shape), carrying gradient"), ("eps", "forward noise, same shape"),
           ("alpha", "alpha(t), shape (batch, 1, ...) broadcasting against x0"), ("sigma", "sigma(t), same"),
           ("teacher_score", "callable x_t -> s_q(x_t) (frozen pre-trained score at this t)"),
           ("fake_score", "callable x_t -> s_psi(x_t) (frozen online score at this t)"),
           ("c", "pseudo-Huber constant")),
     returns="the scalar loss of SIM Eq. 3.8 (its theta-gradient is graded)",
+    return_note="the scalar loss of SIM Eq. 3.8 (its theta-gradient is graded)",
     reference=_ref_sim_loss,
-    hint=("build x_t from x0 (no detach), evaluate both scores at that x_t, form d'(y) = y / sqrt(||y||^2 + c^2) "
-          "per sample, and return mean_i of -d'(y_i) . (s_psi + eps/sigma)_i. Every quantity keeps its graph."),
+    hint=("build x_t from x0 (no detach) and evaluate both scores at that x_t; the conditional score of "
+          "q(x_t | x0) is the one of the previous notebooks (Eq. 16-17), written with eps and sigma. Every quantity "
+          "keeps its graph."),
+    hints=("form d'(y) = y / sqrt(||y||^2 + c^2) per sample and return mean_i of -d'(y_i) . (s_psi + eps/sigma)_i.",),
     graded_by="gradient",
     mistakes=(
         (_sim_variant("detach_y"),

@@ -83,15 +83,18 @@ def _cm_inputs(shape, g):
 
 register(_value(
     "consistency_f", "handbook Eq. 19 (sigma_data = 0.5, eps = 0.002)",
-    ("The consistency function of handbook Eq. 19: f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat with "
-     "c_skip = sigma_data^2 / ((t - eps)^2 + sigma_data^2) and c_out = sigma_data (t - eps) / sqrt(t^2 + "
-     "sigma_data^2), sigma_data = 0.5, eps = 0.002 (t is the EDM noise level). At t = eps, f must be x_t."),
+    ("The consistency function of handbook Eq. 19: a skip connection that mixes the noisy sample x_t and the "
+     "network's clean-sample output x0_hat with the two time-dependent scalings c_skip(t) and c_out(t) printed "
+     "there, with sigma_data = 0.5 and eps = 0.002 (t is the EDM noise level). At t = eps, f must be x_t."),
     (("x_t", "noisy sample, shape (batch, *shape)"), ("x0_hat", "network output, same shape"),
      ("t", "EDM noise level in [0.002, 80], broadcasts against x_t")),
     "f = c_skip(t) x_t + c_out(t) x0_hat",
     lambda x_t, x0_hat, t: cv.consistency_f(x_t, x0_hat, t),
     "c_skip and c_out are chosen so that f(x, eps) = x exactly (the boundary condition of Eq. 19).",
     _cm_inputs, ("dstar_edu.conversions:consistency_f", "dstar_edu.conversions:cm_c_skip_c_out"),
+    hints=("c_skip multiplies x_t and c_out multiplies x0_hat; both use the shifted time t - eps.",
+           "c_skip = sigma_data^2 / ((t - eps)^2 + sigma_data^2), c_out = sigma_data (t - eps) / sqrt(t^2 + "
+           "sigma_data^2)."),
     mistakes=(
         (lambda x_t, x0, t: 0.25 / (t ** 2 + 0.25) * x_t + 0.5 * t / torch.sqrt(t ** 2 + 0.25) * x0,
          "the shift by eps = 0.002 is missing: use (t - eps) in c_skip and c_out, so that f(x, eps) = x."),
@@ -156,9 +159,9 @@ def _instaflow_inputs(shape, g):
 
 register(_value(
     "instaflow_y", "handbook Eq. 30-33 (InstaFlow y-space)",
-    ("InstaFlow (handbook Eq. 30-33) rescales the DDPM state x_t = sqrt(ab) x0 + sqrt(1 - ab) eps into the "
-     "rectified-flow interpolation y_t = (1 - gamma) x0 + gamma eps: divide x_t by the sum of its two "
-     "coefficients, so the weights of x0 and eps add up to one. Return y_t."),
+    ("InstaFlow (handbook Eq. 30-33) rescales the DDPM state x_t of Eq. 6 into the rectified-flow "
+     "interpolation y_t = (1 - gamma) x0 + gamma eps, whose weights of x0 and eps add up to one. Find the "
+     "rescaling from Eq. 6 and return y_t."),
     (("x_t", "DDPM sample, shape (batch, *shape)"), ("alpha_bar", "alpha_bar_t, broadcasts against x_t")),
     "y = x_t / (sqrt(ab) + sqrt(1 - ab))",
     cv.instaflow_y,
@@ -178,15 +181,16 @@ def _trig_inputs(shape, g):
 
 register(_value(
     "trigflow_f", "handbook Eq. 38 (TrigFlow, sigma_d = 0.5)",
-    ("TrigFlow (handbook Eq. 38) writes the consistency function with the network output F as a rotation: "
-     "f(x_t, t) = cos(t) x_t - sin(t) sigma_d F with sigma_d = 0.5, t in [0, pi/2]. At t = 0 it returns x_t "
-     "(the boundary condition holds by construction). Return f."),
+    ("TrigFlow (handbook Eq. 38) writes the consistency function with the network output F as a rotation of "
+     "x_t by the angle t (sigma_d = 0.5, t in [0, pi/2]). At t = 0 it returns x_t (the boundary condition holds "
+     "by construction). Return f as Eq. 38 defines it."),
     (("x_t", "sample, shape (batch, *shape)"), ("t", "time in [0, pi/2], broadcasts against x_t"),
      ("F", "network output, same shape as x_t")),
     "f = cos(t) x_t - sin(t) sigma_d F",
     lambda x_t, t, F: cv.trigflow_f(x_t, t, F, 0.5),
     "x_t is rotated by the angle t towards -sigma_d F.",
     _trig_inputs, ("dstar_edu.conversions:trigflow_f",),
+    hints=("cos(t) multiplies x_t; the F term carries sin(t) and sigma_d.",),
     mistakes=((lambda x_t, t, F: torch.cos(t) * x_t + torch.sin(t) * 0.5 * F, "sign: the F term is subtracted."),
               (lambda x_t, t, F: torch.cos(t) * x_t - torch.sin(t) * F, "the F term carries sigma_d = 0.5."),
               (lambda x_t, t, F: torch.sin(t) * x_t - torch.cos(t) * 0.5 * F,
@@ -233,8 +237,9 @@ def _ref_adv(rewards):
 
 register(Exercise(**{**_value(
     "ddpo_advantages", "DDPO per-batch advantages (handbook Sec. 3.3)",
-    ("DDPO turns the rewards of a batch into advantages by centring them on the batch mean and dividing by the "
-     "batch standard deviation (the unbiased one, torch's default) plus 1e-8. Return the advantages."),
+    ("DDPO (handbook Sec. 3.3) turns the rewards of a batch into advantages by standardising them over the "
+     "batch, as its reference code does: use torch's default (unbiased) standard deviation and guard its "
+     "division with 1e-8 added to it. Return the advantages."),
     (("rewards", "1-d tensor of rewards, one per sample"),),
     "(R - mean R) / (std R + 1e-8)",
     _ref_adv, "centre, then scale: the result has mean 0 and standard deviation ~1.",
@@ -279,16 +284,17 @@ register(_value(
 
 register(_value(
     "x0_from_score", "handbook Eq. 15 (Tweedie's formula in score form)",
-    ("Tweedie's formula (handbook Eq. 15) in score form: the posterior mean E[x0 | x_t] of x_t = alpha x0 + "
-     "sigma eps is x_t plus sigma^2 times the score, rescaled by alpha. Given x_t, the score and the "
-     "coefficients, return E[x0 | x_t]."),
+    ("Tweedie's formula (handbook Eq. 15) in score form: for x_t = alpha x0 + sigma eps, the posterior mean "
+     "E[x0 | x_t] is a function of x_t and the score of p_t at x_t alone. Given x_t, the score and the "
+     "coefficients, return E[x0 | x_t] as Eq. 15 gives it."),
     (("x_t", "noisy sample, shape (batch, *shape)"), ("score", "grad log p_t(x_t), same shape"),
      ("alpha", "alpha(t), broadcasts against x_t"), ("sigma", "sigma(t), broadcasts against x_t")),
     "(x_t + sigma^2 score) / alpha",
     cv.x0_from_score,
-    "E[alpha x0 | x_t] = x_t + sigma^2 grad log p_t(x_t); then divide by alpha.",
+    "Eq. 15 gives E[alpha x0 | x_t] first (the noise variance times the score corrects x_t); divide by alpha.",
     _score_inputs, ("dstar_edu.conversions:x0_from_score", "dstar_edu.conversions:to_x0_eps",
                     "dstar_edu.conversions:convert"),
+    hints=("E[alpha x0 | x_t] = x_t + sigma^2 grad log p_t(x_t).",),
     mistakes=((lambda x_t, sc, a, s: (x_t + s * sc) / a, "the score is multiplied by the variance sigma^2."),
               (lambda x_t, sc, a, s: x_t + s ** 2 * sc, "the result must be divided by alpha (E[alpha x0 | x_t] "
                "is what x_t + sigma^2 s gives)."),
@@ -309,16 +315,18 @@ def _ref_lcm_f(x_t, x0_hat, t):
 
 register(_value(
     "lcm_f", "handbook Eq. 24 / Alg. 5 (LCM boundary scalings as in LCM's code)",
-    ("LCM (handbook Alg. 5) parameterises its consistency function at DDPM time t with the boundary scalings of "
-     "LCM's code: with s = 10 (t - 1) (diffusers' timestep t - 1 times timestep_scaling = 10) and sigma_data = "
-     "0.5, c_skip = sigma_data^2 / (s^2 + sigma_data^2) and c_out = s / sqrt(s^2 + sigma_data^2). Return "
-     "f = c_skip x_t + c_out x0_hat; at t = 1 it is x_t exactly."),
+    ("LCM (handbook Alg. 5) parameterises its consistency function at DDPM time t like Eq. 19 (a skip scaling "
+     "of x_t plus an output scaling of x0_hat), with the boundary scalings of LCM's code: they are written in "
+     "s = 10 (t - 1) (diffusers' timestep t - 1 times timestep_scaling = 10) instead of Eq. 19's t - eps, with "
+     "sigma_data = 0.5, and LCM's c_out omits Eq. 19's sigma_data factor in front. Return f; at t = 1 it is "
+     "x_t exactly."),
     (("x_t", "noisy sample, shape (batch, *shape)"), ("x0_hat", "the network's clean-sample estimate"),
      ("t", "DDPM time in 1..999, broadcasts against x_t")),
     "c_skip(t) x_t + c_out(t) x0_hat",
     _ref_lcm_f,
     "c_skip -> 1 and c_out -> 0 at t = 1: f(x, 1) = x is the boundary condition.",
     _lcm_inputs, ("dstar_edu.samplers.consistency:lcm_boundary_scalings",),
+    hints=("c_skip = sigma_data^2 / (s^2 + sigma_data^2) and c_out = s / sqrt(s^2 + sigma_data^2).",),
     mistakes=((lambda x_t, x0, t: 0.25 / ((10 * t) ** 2 + 0.25) * x_t + 10 * t / torch.sqrt((10 * t) ** 2 + 0.25) * x0,
                "s uses diffusers' timestep t - 1, not t: at t = 1 the boundary f = x_t must hold."),
               (lambda x_t, x0, t: 0.25 / ((10 * (t - 1)) ** 2 + 0.25) * x_t
@@ -335,14 +343,15 @@ def _trig_x0_inputs(shape, g):
 
 register(_value(
     "trigflow_x_t", "handbook Sec. 2.5 (TrigFlow forward process, sigma_d = 0.5)",
-    ("TrigFlow (handbook Sec. 2.5) mixes data and noise on a quarter circle: x_t = cos(t) x0 + sin(t) z with "
-     "z ~ N(0, sigma_d^2 I), sigma_d = 0.5. You get a standard normal eps (so z = sigma_d eps). Return x_t."),
+    ("TrigFlow (handbook Sec. 2.5) mixes data and noise z ~ N(0, sigma_d^2 I), sigma_d = 0.5, on a quarter "
+     "circle: t = 0 is the data, t = pi/2 pure noise. You get a standard normal eps. Return x_t of Sec. 2.5."),
     (("x0", "data, shape (batch, *shape)"), ("eps", "standard normal noise, same shape"),
      ("t", "time in [0, pi/2], broadcasts against x0")),
     "cos(t) x0 + sin(t) sigma_d eps",
     lambda x0, eps, t: TrigFlow(0.5).q_sample(x0, t.flatten(), eps=eps)[0],
     "the noise z has standard deviation sigma_d, not 1.",
     _trig_x0_inputs, ("dstar_edu.process:Process.q_sample",),
+    hints=("x_t = cos(t) x0 + sin(t) z with z = sigma_d eps.",),
     mistakes=((lambda x0, eps, t: torch.cos(t) * x0 + torch.sin(t) * eps,
                "z = sigma_d eps: the noise carries sigma_d = 0.5."),
               (lambda x0, eps, t: torch.sin(t) * x0 + torch.cos(t) * 0.5 * eps,

@@ -212,8 +212,9 @@ def _draw_ect(trial: int, g: torch.Generator) -> Trial:
 register(Exercise(
     name="ect_r", area="trajectory", source="Luo talk, ECT Alg. 1 and Eq. 15",
     prompt=("Easy Consistency Tuning compares f(x_t) with f(x_r) at a smaller noise level r = r(t, iters) that moves "
-            "towards t during training (dt = t - r -> 0). Eq. 15: r/t = 1 - n(t) / q^floor(iters/d) with "
-            "n(t) = 1 + 8 sigmoid(-t). r may not be negative: clamp it at 0. Return r (same shape as t)."),
+            "towards t during training (dt = t - r -> 0). Compute r from Eq. 15 of the Luo talk: the ratio r/t "
+            "depends on t through n(t) and on the training stage iters // d through the shrink factor q. r may "
+            "not be negative: clamp it at 0. Return r (same shape as t)."),
     args=(("t", "EDM noise levels, 1-d float64 tensor"), ("iters", "training iteration (int)"),
           ("q", "shrink factor per stage (float > 1)"), ("d", "iterations per stage (int)")),
     returns="r = max(t (1 - (1 + 8 sigmoid(-t)) / q ** (iters // d)), 0)",
