@@ -7,7 +7,7 @@ One vocabulary, one wording:
 - ``check_int("n", n, lo=1)`` -> ``n=0 must be a positive integer``
 - ``check_real("decay", d, lo=0, hi=1, lo_open=True, hi_open=True)`` -> ``decay=1.5 must be a finite number in (0, 1)``
   (shortcuts ``check_positive``, ``check_finite``, ``check_probability``)
-- ``check_type("process", p, Process)`` -> ``process='vp' must be a Process, got str``
+- ``check_type("process", p, Process)`` -> ``process must be a Process, got str 'vp'``
 - ``check_shape("noise", z, x.shape, "the shape of x")`` -> ``noise has shape (3,); allowed: (4, 2) (the shape of x)``
 - ``check_batch(x, "x")`` -> ``x must be a floating tensor of shape (batch, *shape), got ...``
 
@@ -140,7 +140,7 @@ def check_probability(name: str, value):
 
 def check_type(name: str, value, types, what: str | None = None):
     """``value`` if it is an instance of ``types`` (a class or a tuple; ``None`` in the tuple allows None);
-    else ``ValueError: NAME=VALUE must be WHAT, got TYPE`` (``what`` defaults to the class names)."""
+    else ``ValueError: NAME must be WHAT, got TYPE VALUE`` (``what`` defaults to the class names)."""
     classes = types if isinstance(types, tuple) else (types,)
     classes = tuple(type(None) if c is None else c for c in classes)
     if isinstance(value, classes) and not (isinstance(value, bool) and bool not in classes
@@ -150,7 +150,8 @@ def check_type(name: str, value, types, what: str | None = None):
         names = ["None" if c is type(None) else ("an " if c.__name__[0] in "aeiouAEIOU" else "a ") + c.__name__
                  for c in classes]
         what = " or ".join(names)
-    raise ValueError(f"{name}={show(value)} must be {what}, got {type(value).__name__}")
+    kind, shown = type(value).__name__, show(value)
+    raise ValueError(f"{name} must be {what}, got {kind}" + ("" if shown == kind else f" {shown}"))
 
 
 def check_shape(name: str, value, shape, what: str | None = None) -> Tensor:

@@ -120,13 +120,13 @@ def test_type_passes_through_and_allows_none_when_listed():
 
 
 def test_type_messages():
-    with pytest.raises(ValueError, match=r"^obj='vp' must be a Base, got str$"):
+    with pytest.raises(ValueError, match=r"^obj must be a Base, got str 'vp'$"):
         check_type("obj", "vp", Base)
-    with pytest.raises(ValueError, match=r"^g=3 must be a torch.Generator or None, got int$"):
+    with pytest.raises(ValueError, match=r"^g must be a torch.Generator or None, got int 3$"):
         check_type("g", 3, (torch.Generator, None), "a torch.Generator or None")
-    with pytest.raises(ValueError, match=r"^m=Linear must be a Base or None, got Linear$"):
+    with pytest.raises(ValueError, match=r"^m must be a Base or None, got Linear$"):
         check_type("m", torch.nn.Linear(1, 1), (Base, None))
-    with pytest.raises(ValueError, match=r"^flag=True must be an int or a float, got bool$"):  # bool is not a number
+    with pytest.raises(ValueError, match=r"^flag must be an int or a float, got bool True$"):  # bool is not a number
         check_type("flag", True, (int, float))
 
 
