@@ -413,7 +413,7 @@ TRN = [
     ("lr_inf", dict(lr=INF), r"lr=inf must be a positive finite number"),
     ("optimizer", dict(optimizer="sgd"), r"optimizer='sgd' is unknown"),
     ("lr_schedule", dict(lr_schedule="linear"), r"lr_schedule='linear' is unknown"),
-    ("grad_clip", dict(grad_clip=-1.0), r"grad_clip=-1.0 must be positive"),
+    ("grad_clip", dict(grad_clip=-1.0), r"grad_clip=-1.0 must be a positive"),
     ("warmup", dict(warmup=-2), r"warmup=-2 must be a non-negative integer"),
     ("ema_type", dict(ema=0.99), r"ema must be a dstar_edu.training.EMA"),
     ("params_empty", dict(params_or_model=[]), r"there are no trainable parameters"),
@@ -427,7 +427,7 @@ for cid, kw, pat in TRN:
     case("training-" + cid, lambda kw=kw: _train(**kw), pat)
 case("training-loss_nan", lambda: _train(loss_fn=lambda k, g: _w().sum() * NAN), r"loss is nan at step 0", FloatingPointError)
 TRN2D = [
-    ("data_unknown", dict(data="circles"), r"data='circles' is not a 2D dataset"),
+    ("data_unknown", dict(data="circles"), r"data='circles' is unknown; allowed: "),
     ("data_type", dict(data=5), r"data=5 must be a dataset name"),
     ("process_unknown", dict(process="edm2"), r"process name='edm2' is unknown"),
     ("process_type", dict(process=3), r"process must be a Process or a process name"),
