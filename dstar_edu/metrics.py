@@ -1,9 +1,10 @@
 """Sample-quality measures for 2D experiments: sliced Wasserstein with its noise floor, mode coverage."""
 from __future__ import annotations
 
-import math
 
 import torch
+
+from .validation import check_int, check_positive, check_type
 
 Tensor = torch.Tensor
 
@@ -24,9 +25,7 @@ def _points(x, name: str) -> Tensor:
 
 
 def _positive_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name}={v!r} must be {'a positive integer' if lo == 1 else f'an integer >= {lo}'}")
-    return v
+    return check_int(name, v, lo=lo)
 
 
 def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
@@ -37,8 +36,7 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
     ``ValueError`` on empty or non-finite samples (a NaN would otherwise come back as the distance).
     """
     n_projections = _positive_int("n_projections", n_projections)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+    check_type("generator", generator, (torch.Generator, None), "a torch.Generator or None")
     x, y = _points(x, "x"), _points(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x has dimension {x.shape[1]} but y has dimension {y.shape[1]}")
@@ -77,8 +75,7 @@ def mode_coverage(x: Tensor, means: Tensor, radius: float, min_count: int = 10) 
     ``fraction_covered`` and ``fraction_near`` (share of samples within ``radius`` of some mode), and
     ``counts`` per mode. ``radius`` must be positive and finite; ``min_count >= 1``.
     """
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius={radius!r} must be a positive finite distance")
+    radius = check_positive("radius", radius)
     min_count = _positive_int("min_count", min_count)
     x, means = _points(x, "x"), _points(means, "means")
     if x.shape[1] != means.shape[1]:
