@@ -1,7 +1,6 @@
 """Sample-quality measures for 2D experiments: sliced Wasserstein with its noise floor, mode coverage."""
 from __future__ import annotations
 
-
 import torch
 
 from .validation import check_int, check_positive, check_type
