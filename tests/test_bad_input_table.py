@@ -366,8 +366,8 @@ def _distill(**kw):
 
 
 DIS = [
-    ("steps_zero", dict(steps=0), r"steps=0 must be an integer >= 1"),
-    ("steps_float", dict(steps=2.5), r"steps=2.5 must be an integer"),
+    ("steps_zero", dict(steps=0), r"steps=0 must be a positive integer"),
+    ("steps_float", dict(steps=2.5), r"steps=2.5 must be a positive integer"),
     ("fake_steps_zero", dict(fake_steps=0), r"fake_steps=0"),
     ("fake_warmup_negative", dict(fake_warmup=-1), r"fake_warmup=-1 must be an integer >= 0"),
     ("batch_zero", dict(batch_size=0), r"batch_size=0"),
