@@ -369,7 +369,7 @@ DIS = [
     ("steps_zero", dict(steps=0), r"steps=0 must be a positive integer"),
     ("steps_float", dict(steps=2.5), r"steps=2.5 must be a positive integer"),
     ("fake_steps_zero", dict(fake_steps=0), r"fake_steps=0"),
-    ("fake_warmup_negative", dict(fake_warmup=-1), r"fake_warmup=-1 must be an integer >= 0"),
+    ("fake_warmup_negative", dict(fake_warmup=-1), r"fake_warmup=-1 must be a non-negative integer"),
     ("batch_zero", dict(batch_size=0), r"batch_size=0"),
     ("lr_gen_zero", dict(lr_gen=0.0), r"lr_gen=0.0 must be a positive finite number"),
     ("lr_gen_nan", dict(lr_gen=NAN), r"lr_gen=nan must be a positive finite number"),
