@@ -340,7 +340,7 @@ GEN = [
     ("mlp_init_scale_nan", lambda: MLPGenerator(2, init_scale=NAN), r"init_scale=nan must be a finite number"),
     ("mlp_sample_zero", lambda: MLPGenerator(2).sample(0), r"n=0 must be a positive integer"),
     ("mlp_sample_float", lambda: MLPGenerator(2).sample(1.5), r"n=1.5 must be a positive integer"),
-    ("mlp_sample_generator", lambda: MLPGenerator(2).sample(3, generator=1), r"generator=1 must be a torch.Generator"),
+    ("mlp_sample_generator", lambda: MLPGenerator(2).sample(3, generator=1), r"generator must be a torch.Generator or None, got int 1"),
     ("affine_structure", lambda: AffineGaussianGenerator(2, structure="banded"), r"structure='banded'"),
     ("affine_dim_zero", lambda: AffineGaussianGenerator(0), r"event shape 0 must be a positive int"),
     ("affine_mean_shape", lambda: AffineGaussianGenerator(2, mean=torch.zeros(3)), r"mean has 3 entries; expected D=2"),
