@@ -238,7 +238,7 @@ SAMPLERS = [
     ("ddim_x_shape", lambda: ddim(TEACHER, [1.0, 0.0], torch.zeros(4, 3, dtype=F64)), r"x_t has shape \(4, 3\)"),
     ("ddim_eta_negative", lambda: ddim(TEACHER, [1.0, 0.0], x2(), eta=-0.5), r"eta=-0.5"),
     ("ddim_eta_nan", lambda: ddim(TEACHER, [1.0, 0.0], x2(), eta=NAN), r"eta=nan"),
-    ("ddim_generator", lambda: ddim(TEACHER, [1.0, 0.0], x2(), generator=0), r"generator=0 must be a torch.Generator"),
+    ("ddim_generator", lambda: ddim(TEACHER, [1.0, 0.0], x2(), generator=0), r"generator must be a torch.Generator or None, got int 0"),
     ("ddim_predictor", lambda: ddim(object(), [1.0, 0.0], x2()), r"predictor=object has no dstar_edu process"),
     ("ddim_x_nan", lambda: ddim(TEACHER, [1.0, 0.0], x2() * NAN), r"x_init (contains|must be finite)"),
     ("ddim_x_inf", lambda: ddim(TEACHER, [1.0, 0.0], x2() * INF), r"x_init (contains|must be finite)"),

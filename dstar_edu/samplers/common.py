@@ -9,14 +9,12 @@ share (the batch check, shared with the objectives, is ``dstar_edu.validation.ch
 """
 from __future__ import annotations
 
-import math
-
-
 from typing import Callable
 
 import torch
 
 from ..process import Process
+from ..validation import check_choice, check_int, check_positive, check_shape, check_type
 
 Tensor = torch.Tensor
 
@@ -35,8 +33,7 @@ def _check_predictor(predictor) -> Process:
 
 
 def _check_generator(generator):
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+    check_type("generator", generator, (torch.Generator, None), "a torch.Generator or None")
     return generator
 
 
@@ -57,9 +54,7 @@ def _draw_noise(noise, x: Tensor, generator, noise_dtype=None) -> Tensor:
     call as diffusers' ``randn_tensor`` on CPU, so equal seeds give equal noise.
     """
     if noise is not None:
-        if not isinstance(noise, Tensor) or noise.shape != x.shape:
-            raise ValueError(f"noise must be a tensor of the sample's shape {tuple(x.shape)}, got "
-                             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+        check_shape("noise", noise, x.shape, "the shape of the sample x")
         return noise.to(x.dtype)
     z = torch.randn(x.shape, generator=generator, dtype=noise_dtype or x.dtype, device=x.device)
     return z.to(x.dtype)
@@ -100,8 +95,7 @@ def run_loop(step: Callable[[Tensor, Tensor, Tensor, int], Tensor], timesteps: T
 def uniform_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None,
                  dtype=torch.float64) -> Tensor:
     """``n_steps + 1`` equally spaced times from ``t_start`` (default t_max) down to ``t_end`` (default t_min)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
     t0 = process.t_max if t_start is None else t_start
     t1 = process.t_min if t_end is None else t_end
     return check_timesteps(torch.linspace(t0, t1, n_steps + 1, dtype=dtype), process)
@@ -125,10 +119,8 @@ def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: i
     """
     import numpy as np
 
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T={T!r} must be a positive integer (number of DDPM steps)")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= T:
-        raise ValueError(f"n_steps={n_steps!r} must be an integer in 1..T={T}")
+    check_int("T", T, lo=1)  # number of DDPM steps
+    check_int("n_steps", n_steps, lo=1, hi=T, hi_name="T")
     if spacing == "linspace":
         k = np.linspace(0, T - 1, n_steps).round()[::-1].astype(np.int64)
     elif spacing == "leading":
@@ -136,7 +128,7 @@ def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: i
     elif spacing == "trailing":
         k = np.round(np.arange(T, 0, -T / n_steps)).astype(np.int64) - 1
     else:
-        raise ValueError(f"spacing={spacing!r} is unknown; allowed: 'linspace', 'leading', 'trailing'")
+        check_choice("spacing", spacing, ("linspace", "leading", "trailing"))
     if k.max() > T - 1 or k.min() < 0:
         raise ValueError(f"steps_offset={steps_offset!r} puts timesteps outside 0..T-1={T - 1}")
     ts = torch.cat([torch.as_tensor(k.copy() + 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
@@ -146,12 +138,9 @@ def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: i
 def karras_sigmas(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   append_zero: bool = True, dtype=torch.float64) -> Tensor:
     """EDM (Karras et al. 2022) noise levels ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
-        raise ValueError(f"n_steps={n_steps!r} must be an integer >= 2")
+    check_int("n_steps", n_steps, lo=2)
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}={v!r} must be a positive finite number (EDM: sigma_min=0.002, sigma_max=80, "
-                             "rho=7)")
+        check_positive(name, v)  # EDM: sigma_min=0.002, sigma_max=80, rho=7
     if not sigma_min < sigma_max:
         raise ValueError(f"need sigma_min < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r} "
                          "(the grid runs from sigma_max down to sigma_min)")
