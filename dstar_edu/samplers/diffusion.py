@@ -36,7 +36,7 @@ from .. import conversions as cv
 from ..conversions import convert, to_x0_eps
 from ..predictors import Predictor
 from ..process import DDPM, Process, expand_like
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_int, check_shape
 from .common import _check_generator, _check_predictor, _draw_noise, check_timesteps, run_loop
 
 Tensor = torch.Tensor
@@ -53,9 +53,7 @@ def _noise_arg(noise, x: Tensor, generator) -> Tensor:
     """``noise`` if given (shaped like x), else a standard normal like ``x`` drawn from ``generator``."""
     if noise is None:
         return _draw_noise(None, x, generator)
-    if not isinstance(noise, Tensor) or noise.shape != x.shape:
-        raise ValueError(f"noise has shape {tuple(getattr(noise, 'shape', ()))} but x has shape {tuple(x.shape)}; "
-                         "allowed: None or a tensor shaped like x")
+    check_shape("noise", noise, x.shape, "the shape of x; or None")
     return noise
 
 
@@ -203,10 +201,8 @@ def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str 
 
 
 def _check_ddpm_options(variance, form):
-    if variance not in _VARIANCES:
-        raise ValueError(f"variance={variance!r} is unknown; allowed: {_VARIANCES}")
-    if form not in _FORMS:
-        raise ValueError(f"form={form!r} is unknown; allowed: {_FORMS}")
+    check_choice("variance", variance, _VARIANCES)
+    check_choice("form", form, _FORMS)
 
 
 def ddim_sigma(ab_t, ab_prev, eta: float):
@@ -328,8 +324,7 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
     """
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
-    if method not in _ODE_METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
+    check_choice("method", method, _ODE_METHODS)
     tt, tn = _scalar_t(process, t), _scalar_t(process, t_next, "t_next")
     c = _Coefs(process, torch.stack([tt, tn]))
     return _ode_update(predictor, x, t, t_next, c[0], c[1], method, cond)
@@ -401,8 +396,7 @@ def dpm_solver_step(predictor: Predictor, x: Tensor, t, t_next, order: int = 2, 
     """
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
-    if order not in (1, 2, 3):
-        raise ValueError(f"order={order!r} is not supported; allowed: 1, 2, 3")
+    check_choice("order", order, (1, 2, 3))
     t, t_next = process.check_t(t), process.check_t(t_next)
     if not t_next < t:
         raise ValueError(f"t_next={float(t_next):g} must be smaller than t={float(t):g}")
@@ -449,8 +443,7 @@ def logsnr_grid(process: Process, n_steps: int, t_start: float | None = None, t_
 
     ``t_start`` defaults to t_max and ``t_end`` to t_min; both must have alpha > 0 and sigma > 0.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
     t0 = process.t_max if t_start is None else float(t_start)
     t1 = process.t_min if t_end is None else float(t_end)
     l0, l1 = log_snr(process, t0), log_snr(process, t1)
@@ -535,8 +528,7 @@ def smld(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
     (``x_{t+1}`` from ``x_t``, data at the end); here the level index runs down like every sampler.
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
-    if isinstance(n_steps_per_level, bool) or not isinstance(n_steps_per_level, int) or n_steps_per_level < 1:
-        raise ValueError(f"n_steps_per_level={n_steps_per_level!r} must be a positive integer")
+    check_int("n_steps_per_level", n_steps_per_level, lo=1)
     if not step_size > 0:
         raise ValueError(f"step_size={step_size!r} must be positive")
     deltas = smld_step_sizes(process, ts[1:], step_size)
@@ -576,8 +568,7 @@ def pf_ode(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.
     Deterministic: ``generator`` is accepted for the common signature and not used.
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
-    if method not in _ODE_METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
+    check_choice("method", method, _ODE_METHODS)
     c = _Coefs(process, ts)
     return run_loop(lambda x, t, tn, i: _ode_update(predictor, x, t, tn, c[i], c[i + 1], method, cond),
                     ts, x_init, return_trajectory, progress, desc=f"pf_ode[{method}]")
@@ -593,7 +584,6 @@ def dpm_solver(predictor: Predictor, timesteps, x_init: Tensor, *, generator: to
     grid makes the first h ~ 35 and the Taylor expansion of orders 2-3 meaningless (they blow up).
     """
     _, ts = _prepare(predictor, timesteps, x_init, generator)
-    if order not in (1, 2, 3):
-        raise ValueError(f"order={order!r} is not supported; allowed: 1, 2, 3")
+    check_choice("order", order, (1, 2, 3))
     return run_loop(lambda x, t, tn, i: dpm_solver_step(predictor, x, t, tn, order=order, cond=cond),
                     ts, x_init, return_trajectory, progress, desc=f"dpm_solver[{order}]")
