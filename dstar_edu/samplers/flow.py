@@ -55,7 +55,7 @@ import torch
 
 from ..predictors import Predictor
 from ..process import DDPM, VP, Process, TrigFlow
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_int
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
 from .consistency import consistency_multistep
 
@@ -124,10 +124,8 @@ def flow_match_timesteps(n_steps: int, shift: float = 1.0, num_train_timesteps: 
     ``shift(linspace(1, sigma_min, n_steps))`` with ``shift(s) = k s / (1 + (k - 1) s)``, then 0. diffusers
     stores these in float32; its timesteps are ``T * sigma``.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
+    check_int("num_train_timesteps", num_train_timesteps, lo=1)
     if not float(shift) > 0:
         raise ValueError(f"shift={shift!r} must be positive")
     k = float(shift)
@@ -249,8 +247,7 @@ def instaflow(predictor: Predictor, timesteps, y_init: Tensor, *, method: str = 
     process = _check_vp(_check_predictor(predictor))
     check_batch(y_init, "y_init")
     _check_generator(generator)
-    if method not in INSTAFLOW_METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(INSTAFLOW_METHODS)}")
+    check_choice("method", method, INSTAFLOW_METHODS)
     ts = check_timesteps(timesteps, process)
 
     def step(y, t, t_prev, i):
@@ -284,8 +281,7 @@ def trigflow_step(predictor: Predictor, x: Tensor, s, t, cond=None) -> Tensor:
 
 def trigflow_timesteps(n_steps: int, t_max: float = math.pi / 2) -> Tensor:
     """``linspace(t_max, 0, n_steps + 1)`` in float64 (diffusers' SCMScheduler grid, with ``t_max = pi/2``)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
     if not 0 < t_max <= math.pi / 2:
         raise ValueError(f"t_max={t_max!r} must lie in (0, pi/2]")
     ts = torch.linspace(t_max, 0.0, n_steps + 1, dtype=torch.float64).clamp(0.0, t_max)
@@ -311,8 +307,7 @@ def trigflow(predictor: Predictor, timesteps, x_init: Tensor, *, sampler: str = 
     process = _check_trigflow(predictor)
     check_batch(x_init, "x_init")
     _check_generator(generator)
-    if sampler not in _TRIG_SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is unknown; allowed: 'ddim', 'consistency'")
+    check_choice("sampler", sampler, _TRIG_SAMPLERS)
     if sampler == "consistency":
         return consistency_multistep(predictor, timesteps, x_init, epsilon=0.0, generator=generator, cond=cond,
                                      noise_dtype=noise_dtype, return_trajectory=return_trajectory,
