@@ -318,7 +318,7 @@ OBJ = [
     ("di_space", lambda: diff_instruct_loss(x2(), TEACHER, FAKE, T4, space="v"), r"space='v' is unknown"),
     ("di_eps_shape", lambda: diff_instruct_loss(x2(), TEACHER, FAKE, T4, eps=torch.zeros(3, 2, dtype=F64)),
      r"eps has shape \(3, 2\)"),
-    ("p_sim_std", lambda: p_sim(VP(), P_std=0.0), r"P_std=0.0 must be positive"),
+    ("p_sim_std", lambda: p_sim(VP(), P_std=0.0), r"P_std=0.0 must be a positive"),
     ("p_sim_range", lambda: p_sim(VP(), sigma_min=10.0, sigma_max=1.0), r"sigma_min < sigma_max"),
     ("p_sim_n_zero", lambda: p_sim(VP())(0), r"n=0 must be a positive integer"),
     ("p_edm_sigma_max_out", lambda: p_edm(VP(), sigma_max=1e9), r"sigma_max"),

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..process import Process, expand_like
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_finite, check_int, check_positive, check_shape
 from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
 from .pretrain import _reduce as pretrain_reduce
 
@@ -114,9 +114,8 @@ def _noisy(x0: Tensor, process: Process, t, eps, generator) -> tuple[Tensor, Ten
     if bool((process._sigma(t) <= 0).any()):
         raise ValueError(f"t has values where sigma(t) = 0 (t_min={process.t_min:g}); score distillation needs "
                          "sigma(t) > 0: draw t strictly inside the domain")
-    if eps is not None and (not isinstance(eps, Tensor) or eps.shape != x0.shape):
-        raise ValueError(f"eps has shape {tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}; "
-                         f"it must match x0 {tuple(x0.shape)}")
+    if eps is not None:
+        check_shape("eps", eps, x0.shape, "it must match x0")
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     return t, x_t, eps
 
@@ -267,8 +266,7 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha={alpha!r} must be a finite number (SiD uses 1.2; 1.0 is SIM with squared L2)")
+    check_finite("alpha", alpha)  # SiD uses 1.2; 1.0 is SIM with squared L2
     t, x_t, eps = _noisy(x0, process, t, eps, generator)
     with frozen(teacher, fake):
         D_q = teacher.predict("x0", x_t, t, cond)
@@ -282,8 +280,7 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
         elif weighting == "none":
             w = torch.ones_like(per)
         else:
-            raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'sid', 'none', a number, a (batch,) "
-                             "tensor or a callable w(t)")
+            check_choice("weighting", weighting, ("sid", "none"), also="a number, a (batch,) tensor or a callable w(t)")
     else:
         w = _weight(weighting, t, x0.shape[0], x0.dtype, "weighting")
     return _reduce(w * per, reduction, f"sid_generator_loss(alpha={alpha})")
@@ -383,14 +380,12 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
         elif weighting == "none":
             k = 0.5 * a / (s * s)
         else:
-            raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'dmd', 'none', a number, a (batch,) "
-                             "tensor or a callable w(t)")
+            check_choice("weighting", weighting, ("dmd", "none"), also="a number, a (batch,) tensor or a callable w(t)")
     else:
         k = 0.5 * _weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)
     per = k * _sum((x0 - (x0 - delta).detach()) ** 2)
     if discriminator is not None and gan_weight:
-        if not (isinstance(gan_weight, (int, float)) and gan_weight > 0):
-            raise ValueError(f"gan_weight={gan_weight!r} must be a positive number")
+        check_positive("gan_weight", gan_weight, finite=False)
         with frozen(discriminator, getattr(discriminator, "backbone", None), fake):
             per = per + gan_weight * F.softplus(-discriminator(x_t, t, cond))
     return _reduce(per, reduction, "dmd_loss")
@@ -403,9 +398,7 @@ def dmd_regression_loss(x0: Tensor, target: Tensor, *, distance="l2", c: float |
     """
     from .distances import get_distance as get_pair_distance
     x0 = _check_x0(x0)
-    if not isinstance(target, Tensor) or target.shape != x0.shape:
-        raise ValueError(f"target has shape {tuple(target.shape) if isinstance(target, Tensor) else type(target)}; "
-                         f"it must match x0 {tuple(x0.shape)} (one teacher sample per generator sample)")
+    check_shape("target", target, x0.shape, "it must match x0: one teacher sample per generator sample")
     d = get_pair_distance(distance, c)
     return _reduce(d(x0, target.detach()), reduction, "dmd_regression_loss")
 
@@ -504,8 +497,7 @@ def fgm_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
 def _lognormal_sampler(process: Process, P_mean: float, P_std: float, sigma_min: float | None,
                        sigma_max: float | None) -> Callable[[int, torch.Generator], Tensor]:
     from .pretrain import t_from_edm_sigma
-    if not (isinstance(P_std, (int, float)) and P_std > 0):
-        raise ValueError(f"P_std={P_std!r} must be positive")
+    check_positive("P_std", P_std, finite=False)
     lo = process.edm_sigma(process.t_min).item() if sigma_min is None else float(sigma_min)
     hi = process.edm_sigma(process.t_max).item() if sigma_max is None else float(sigma_max)
     p_lo, p_hi = process.edm_sigma(process.t_min).item(), process.edm_sigma(process.t_max).item()
@@ -514,8 +506,7 @@ def _lognormal_sampler(process: Process, P_mean: float, P_std: float, sigma_min:
                          f"got sigma_min={lo:g}, sigma_max={hi:g}")
 
     def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} must be a positive integer")
+        check_int("n", n, lo=1)
         s = torch.exp(P_mean + P_std * torch.randn(n, generator=generator, dtype=torch.float64))
         return t_from_edm_sigma(process, s.clamp(lo, hi))
     return sampler
@@ -544,12 +535,10 @@ def p_sim(process: Process, P_mean: float = -3.5, P_std: float = 2.5, *, sigma_m
 
 def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """``sigma_k = (sigma_max^(1/rho) + k/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, k = 0..K-1 (SIM Eq. B.8)."""
-    if not (isinstance(K, int) and K >= 2):
-        raise ValueError(f"K={K!r} must be an integer >= 2")
+    check_int("K", K, lo=2)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho={rho!r} must be a positive finite number (EDM uses 7)")
+    check_positive("rho", rho)  # EDM uses 7
     k = torch.arange(K, dtype=torch.float64)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (a + k / (K - 1) * (b - a)) ** rho
@@ -564,10 +553,8 @@ def p_sid(process: Process, k_max: int = 800, K: int = 1000, sigma_min: float = 
     the public SiD code limits sigma to <= 24.4, i.e. this end of the grid). Levels beyond the process's range are clamped.
     """
     from .pretrain import t_from_edm_sigma
-    if from_end not in ("max", "min"):
-        raise ValueError(f"from_end={from_end!r}; allowed: 'max' (as printed in Eq. B.8) or 'min'")
-    if not (isinstance(k_max, int) and 0 <= k_max < K):
-        raise ValueError(f"k_max={k_max!r} must be an integer in 0..K-1={K - 1}")
+    check_choice("from_end", from_end, ("max", "min"))  # max: as printed in Eq. B.8
+    check_int("k_max", k_max, lo=0, hi=K - 1, hi_name="K-1")
     grid = karras_sigma_grid(K, sigma_min, sigma_max, rho)
     if from_end == "min":
         grid = grid.flip(0)
