@@ -21,12 +21,11 @@ give closed forms for the exact checks (``dstar_edu/verify/checks/align.py``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .pretrain import _reduce, _draw_t, denoising_loss
+from ..validation import check_positive
 
 Tensor = torch.Tensor
 
@@ -36,8 +35,7 @@ __all__ = ["kl_regularized_objective", "kl_regularized_optimum", "kl_optimum_log
 
 
 def _beta(beta) -> float:
-    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta={beta!r} must be a positive finite number (the KL weight / temperature)")
+    check_positive("beta", beta)  # the KL weight / temperature
     return float(beta)
 
 
