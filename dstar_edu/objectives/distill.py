@@ -148,9 +148,7 @@ def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
 
 
 def _check_space(space: str) -> str:
-    if space not in SPACES:
-        raise ValueError(f"space={space!r} is unknown; allowed: 'score' (SIM Eq. 3.7-3.8) or 'x0' "
-                         "(denoiser space, SIM Alg. 2 / Eq. B.13)")
+    check_choice("space", space, SPACES)  # score: SIM Eq. 3.7-3.8; x0: denoiser space, SIM Alg. 2 / Eq. B.13
     return space
 
 
