@@ -99,9 +99,7 @@ def rectified_flow_euler(predictor: Predictor, timesteps, x_init: Tensor, *, dir
     process = _check_predictor(predictor)
     check_batch(x_init, "x_init")
     _check_generator(generator)
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction={direction!r} is unknown; allowed: 'to_data' (decreasing timesteps) or "
-                         "'to_noise' (increasing timesteps)")
+    check_choice("direction", direction, _DIRECTIONS)  # to_data: decreasing timesteps; to_noise: increasing
     if direction == "to_data":
         ts = check_timesteps(timesteps, process)
     else:
