@@ -12,8 +12,7 @@ __all__ = ["sliced_wasserstein", "sw_noise_floor", "mode_coverage"]
 
 def _points(x, name: str) -> Tensor:
     """``x`` as float64 ``(n, d)`` points; raises naming ``name`` if empty, non-finite or not a tensor."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a tensor of shape (n, *shape), got {type(x).__name__}")
+    check_type(name, x, Tensor, "a tensor of shape (n, *shape)")
     if x.ndim < 1 or x.shape[0] < 1 or x[0].numel() < 1:
         raise ValueError(f"{name} must have at least one sample of dimension >= 1, got shape {tuple(x.shape)}")
     x = x.reshape(x.shape[0], -1).to(torch.float64)
