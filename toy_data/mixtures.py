@@ -287,9 +287,8 @@ class EmpiricalDistribution(GaussianMixture):
                              f"{tuple(points.shape)}")
         if points.shape[0] == 0:
             raise ValueError(f"points has no components (shape {tuple(points.shape)}); need K >= 1 points")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got chunk_size={chunk_size!r}")
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, lo=1)  # or None
         self.prediction, self.process, self.chunk_size = "score", process, chunk_size
         K = points.shape[0]
         self.event_shape = tuple(points.shape[1:])
