@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .process import Coefficients, Process, TrigFlow, expand_like
+from .validation import check_choice
 
 Tensor = torch.Tensor
 
@@ -42,9 +43,7 @@ __all__ = [
 
 
 def check_prediction(name: str, argument: str = "prediction") -> str:
-    if name not in PREDICTIONS:
-        raise ValueError(f"{argument}={name!r} is unknown; allowed: {', '.join(PREDICTIONS)}")
-    return name
+    return check_choice(argument, name, PREDICTIONS)
 
 
 def _nonzero(c: Tensor, what: str, t) -> Tensor:

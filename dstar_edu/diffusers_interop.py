@@ -55,6 +55,7 @@ from torch import nn
 from .conversions import check_prediction
 from .predictors import Predictor
 from .process import DDPM, VE, Process, RectifiedFlow, TrigFlow
+from .validation import check_choice, check_type
 
 Tensor = torch.Tensor
 
@@ -89,8 +90,7 @@ def default_timestep_fn(process: Process) -> Callable[[Tensor], Tensor]:
 def edm_preconditioning(sigma: Tensor, sigma_data: float = 0.5, prediction_type: str = "epsilon"):
     """EDM (Karras et al. 2022, Table 1) ``c_in, c_noise, c_skip, c_out`` at noise level sigma, as diffusers'
     EDMEulerScheduler computes them (``v_prediction`` flips the sign of ``c_out``)."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type={prediction_type!r} is not supported by EDM; allowed: 'epsilon', 'v_prediction'")
+    check_choice("prediction_type", prediction_type, ("epsilon", "v_prediction"))  # the EDM ones
     r = torch.sqrt(sigma * sigma + sigma_data ** 2)
     c_out = sigma * sigma_data / r
     return 1 / r, 0.25 * torch.log(sigma), sigma_data ** 2 / r ** 2, (c_out if prediction_type == "epsilon" else -c_out)
@@ -129,8 +129,7 @@ class DiffusersUNetPredictor(Predictor):
     def __init__(self, unet: nn.Module, process: Process, prediction: str = "epsilon", *,
                  timestep_fn: Callable[[Tensor], Tensor] | None = None, preconditioning: str | None = None,
                  sigma_data: float = 0.5, edm_prediction_type: str = "epsilon", learned_variance: bool = False):
-        if preconditioning not in (None, "edm"):
-            raise ValueError(f"preconditioning={preconditioning!r} is unknown; allowed: None, 'edm'")
+        check_choice("preconditioning", preconditioning, (None, "edm"))
         if preconditioning == "edm" and not isinstance(process, VE):
             raise ValueError(f"preconditioning='edm' needs a VE process (t = sigma), got process={process!r}")
         super().__init__(process, "x0" if preconditioning == "edm" else prediction_from_diffusers(prediction))
@@ -138,8 +137,7 @@ class DiffusersUNetPredictor(Predictor):
         self.timestep_fn = timestep_fn or default_timestep_fn(process)
         self.preconditioning = preconditioning
         self.sigma_data, self.edm_prediction_type = float(sigma_data), edm_prediction_type
-        if not isinstance(learned_variance, bool):
-            raise ValueError(f"learned_variance={learned_variance!r} must be True or False")
+        check_type("learned_variance", learned_variance, bool, "True or False")
         self.learned_variance = learned_variance
         if preconditioning == "edm":
             edm_preconditioning(torch.ones(()), sigma_data, edm_prediction_type)   # validates the type

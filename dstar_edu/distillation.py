@@ -23,6 +23,7 @@ from torch import nn
 from .failures import Diverged, TrainingFailure, loss_name, make_detector
 from .objectives.distill import fake_score_loss, frozen
 from .training import EMA
+from .validation import check_int, check_positive
 
 Tensor = torch.Tensor
 
@@ -31,15 +32,11 @@ __all__ = ["distill", "alternate", "guarded_update", "NonFiniteError"]
 
 def _positive_int(name: str, v, allow_zero: bool = False) -> int:
     lo = 0 if allow_zero else 1
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
-    return v
+    return check_int(name, v, lo=lo)
 
 
 def _positive(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name}={v!r} must be a positive finite number")
-    return float(v)
+    return float(check_positive(name, v))
 
 
 class NonFiniteError(TrainingFailure):

@@ -30,6 +30,8 @@ from __future__ import annotations
 import functools
 import math
 
+from .validation import check_int, check_real
+
 __all__ = ["TrainingFailure", "Diverged", "DivergenceDetector", "loss_name", "make_detector"]
 
 
@@ -57,13 +59,10 @@ class DivergenceDetector:
 
     def __init__(self, what: str = "loss", *, factor: float = 1e3, patience: int = 5, warmup: int = 20,
                  decay: float = 0.98):
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
-            raise ValueError(f"factor={factor!r} must be a finite number > 1")
+        check_real("factor", factor, 1, lo_open=True)
         for name, v in (("patience", patience), ("warmup", warmup)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "patience" else 0):
-                raise ValueError(f"{name}={v!r} must be an integer >= {1 if name == 'patience' else 0}")
-        if not (isinstance(decay, (int, float)) and 0 < decay < 1):
-            raise ValueError(f"decay={decay!r} must be a number in (0, 1)")
+            check_int(name, v, lo=1 if name == "patience" else 0)
+        check_real("decay", decay, 0, 1, lo_open=True, hi_open=True)
         self.what, self.factor, self.patience, self.warmup, self.decay = what, float(factor), patience, warmup, decay
         self.n, self.ema, self.floor, self.run = 0, None, math.inf, 0
         self.first_bad = None

@@ -40,6 +40,7 @@ from torch import nn
 from .conversions import check_prediction, convert
 from .predictors import Predictor
 from .process import Process, expand_like
+from .validation import check_choice, check_finite, check_int, check_positive, check_type
 
 Tensor = torch.Tensor
 
@@ -63,8 +64,7 @@ def _event_shape(dim_or_shape) -> tuple[int, ...]:
 
 
 def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be a positive integer number of samples")
+    n = check_int("n", n, lo=1)
     return n
 
 
@@ -82,8 +82,7 @@ class Generator(nn.Module):
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``z ~ N(0, I)`` of shape ``(n, *latent_shape)`` in the generator's dtype/device."""
         ref = self._param_like()
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+        check_type("generator", generator, (torch.Generator, None), "a torch.Generator or None")
         return torch.randn((_check_n(n), *self.latent_shape), generator=generator, dtype=ref.dtype, device=ref.device)
 
     def sample(self, n: int, generator: torch.Generator | None = None, return_noise: bool = False):
@@ -111,10 +110,8 @@ class MLPGenerator(Generator):
         super().__init__()
         latent_dim = dim if latent_dim is None else latent_dim
         for name, v in (("dim", dim), ("latent_dim", latent_dim), ("hidden", hidden), ("depth", depth)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not math.isfinite(init_scale):
-            raise ValueError(f"init_scale={init_scale!r} must be a finite number")
+            check_int(name, v, lo=1)
+        check_finite("init_scale", init_scale)
         self.dim, self.latent_dim = dim, latent_dim
         self.event_shape, self.latent_shape = (dim,), (latent_dim,)
         self.inp = nn.Linear(latent_dim, hidden)
@@ -161,12 +158,10 @@ class TeacherInitGenerator(Generator):
     def __init__(self, predictor: Predictor, t_star: float | None = None, *, sigma_star: float = 2.5,
                  event_shape: Sequence[int] | int | None = None, input_std: float | None = None):
         super().__init__()
-        if not isinstance(predictor, Predictor):
-            raise ValueError(f"predictor must be a dstar_edu Predictor, got {type(predictor).__name__}")
+        check_type("predictor", predictor, Predictor, "a dstar_edu Predictor")
         process = predictor.process
         if t_star is None:
-            if not (isinstance(sigma_star, (int, float)) and sigma_star > 0):
-                raise ValueError(f"sigma_star={sigma_star!r} must be a positive EDM noise level")
+            check_positive("sigma_star", sigma_star, finite=False)  # an EDM noise level
             from .objectives.pretrain import t_from_edm_sigma
             t = float(t_from_edm_sigma(process, sigma_star))
             if process.discrete:
@@ -182,9 +177,7 @@ class TeacherInitGenerator(Generator):
         if input_std is None:
             self.input_gain = self.alpha_star                      # alpha(t*) z: x_t* of Eq. B.4
         else:
-            if isinstance(input_std, bool) or not isinstance(input_std, (int, float)) or not (
-                    input_std > 0 and math.isfinite(input_std)):
-                raise ValueError(f"input_std={input_std!r} must be a positive finite standard deviation or None")
+            check_positive("input_std", input_std)  # a standard deviation (or None)
             self.input_gain = float(input_std) / sig              # (input_std / sigma*) z ~ N(0, input_std^2)
         if event_shape is None:
             if hasattr(predictor, "dim") and isinstance(predictor.dim, int):
@@ -253,8 +246,7 @@ class ExactGenerator(Generator):
 
     def _batch_coefficients(self, t, x: Tensor, process: Process) -> tuple[Tensor, Tensor]:
         """``(alpha, sigma)`` of ``process.at(t)`` as ``(batch,)`` vectors in x's dtype."""
-        if not isinstance(process, Process):
-            raise ValueError(f"process must be a dstar_edu Process, got {type(process).__name__}")
+        check_type("process", process, Process, "a dstar_edu Process")
         c, B = process.at(t, x), x.shape[0]
         return c.alpha.reshape(-1).expand(B), c.sigma.reshape(-1).expand(B)
 
@@ -298,8 +290,7 @@ class AffineGaussianGenerator(ExactGenerator):
         self.D = D
         if structure is None:
             structure = "full" if D <= 64 else "diagonal"
-        if structure not in ("full", "diagonal"):
-            raise ValueError(f"structure={structure!r} is unknown; allowed: 'full', 'diagonal'")
+        check_choice("structure", structure, ("full", "diagonal"))
         self.structure = structure
         mu = torch.zeros(D, dtype=dtype) if mean is None else torch.as_tensor(mean, dtype=dtype).reshape(-1)
         if mu.numel() != D:
@@ -384,15 +375,13 @@ class MixtureGenerator(ExactGenerator):
                  log_scales: Tensor | None = None, scale: str = "isotropic", dtype: torch.dtype = torch.float64,
                  init_generator: torch.Generator | None = None):
         super().__init__()
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-            raise ValueError(f"K={K!r} must be a positive integer number of components")
+        check_int("K", K, lo=1)  # components
         self.K = K
         self.event_shape = _event_shape(event_shape)
         D = math.prod(self.event_shape)
         self.D = D
         self.latent_shape = (1 + D,)
-        if scale not in ("isotropic", "diagonal"):
-            raise ValueError(f"scale={scale!r} is unknown; allowed: 'isotropic', 'diagonal'")
+        check_choice("scale", scale, ("isotropic", "diagonal"))
         self.scale = scale
         if weights is None:
             w = torch.full((K,), 1.0 / K, dtype=torch.float64)

@@ -1,9 +1,9 @@
 """Sample-quality measures for 2D experiments: sliced Wasserstein with its noise floor, mode coverage."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .validation import check_int, check_positive, check_type
 
 Tensor = torch.Tensor
 
@@ -12,8 +12,7 @@ __all__ = ["sliced_wasserstein", "sw_noise_floor", "mode_coverage"]
 
 def _points(x, name: str) -> Tensor:
     """``x`` as float64 ``(n, d)`` points; raises naming ``name`` if empty, non-finite or not a tensor."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a tensor of shape (n, *shape), got {type(x).__name__}")
+    check_type(name, x, Tensor, "a tensor of shape (n, *shape)")
     if x.ndim < 1 or x.shape[0] < 1 or x[0].numel() < 1:
         raise ValueError(f"{name} must have at least one sample of dimension >= 1, got shape {tuple(x.shape)}")
     x = x.reshape(x.shape[0], -1).to(torch.float64)
@@ -24,9 +23,7 @@ def _points(x, name: str) -> Tensor:
 
 
 def _positive_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name}={v!r} must be {'a positive integer' if lo == 1 else f'an integer >= {lo}'}")
-    return v
+    return check_int(name, v, lo=lo)
 
 
 def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
@@ -37,8 +34,7 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
     ``ValueError`` on empty or non-finite samples (a NaN would otherwise come back as the distance).
     """
     n_projections = _positive_int("n_projections", n_projections)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+    check_type("generator", generator, (torch.Generator, None), "a torch.Generator or None")
     x, y = _points(x, "x"), _points(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x has dimension {x.shape[1]} but y has dimension {y.shape[1]}")
@@ -77,8 +73,7 @@ def mode_coverage(x: Tensor, means: Tensor, radius: float, min_count: int = 10) 
     ``fraction_covered`` and ``fraction_near`` (share of samples within ``radius`` of some mode), and
     ``counts`` per mode. ``radius`` must be positive and finite; ``min_count >= 1``.
     """
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (math.isfinite(radius) and radius > 0):
-        raise ValueError(f"radius={radius!r} must be a positive finite distance")
+    radius = check_positive("radius", radius)
     min_count = _positive_int("min_count", min_count)
     x, means = _points(x, "x"), _points(means, "means")
     if x.shape[1] != means.shape[1]:

@@ -37,6 +37,8 @@ from typing import Sequence
 
 import torch
 
+from .validation import check_choice, check_int
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -323,8 +325,7 @@ class _AlphaBarProcess(Process):
 def ddpm_betas(T: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
                cosine_s: float = 0.008) -> Tensor:
     """Per-step variances beta_1..beta_T (float64). Linear (Ho et al.) or cosine (Nichol & Dhariwal)."""
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T={T!r} must be a positive integer number of diffusion steps")
+    check_int("T", T, lo=1)  # number of diffusion steps
     for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
         if not (_finite_number(v) and 0 < v < 1):
             raise ValueError(f"{name}={v!r} must be a number in (0, 1)")
@@ -358,8 +359,7 @@ class DDPM(_AlphaBarProcess):
     def __init__(self, T: int = 1000, schedule: str = "linear", betas: Tensor | None = None, **kw):
         self.schedule = schedule if betas is None else "custom"
         if betas is None:
-            if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-                raise ValueError(f"T={T!r} must be a positive integer number of diffusion steps")
+            check_int("T", T, lo=1)  # number of diffusion steps
             betas = ddpm_betas(T, schedule, **kw)
         else:
             try:
@@ -431,8 +431,7 @@ class DDPM(_AlphaBarProcess):
             return cls(betas=torch.as_tensor(trained, dtype=torch.float64))
         schedule = get("beta_schedule", "linear")
         mapping = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-        if schedule not in mapping:
-            raise ValueError(f"beta_schedule={schedule!r} is not supported; allowed: {sorted(mapping)}")
+        check_choice("beta_schedule", schedule, sorted(mapping))
         if mapping[schedule] == "cosine":
             return cls(T, "cosine")
         return cls(T, mapping[schedule], beta_start=float(get("beta_start", 1e-4)),
@@ -454,8 +453,7 @@ class VP(_AlphaBarProcess):
 
     def __init__(self, schedule: str = "linear", beta_min: float = 0.1, beta_max: float = 20.0,
                  cosine_s: float = 0.008):
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule={schedule!r} is not supported; allowed: 'linear', 'cosine'")
+        check_choice("schedule", schedule, ("linear", "cosine"))
         if not (_finite_number(beta_min) and _finite_number(beta_max) and 0 < beta_min < beta_max):
             raise ValueError(f"need finite 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
         if not (_finite_number(cosine_s) and 0 <= cosine_s < 1):
@@ -596,6 +594,5 @@ PROCESSES = {"ddpm": DDPM, "vp": VP, "ve": VE, "edm": VE, "rectified_flow": Rect
 
 def make_process(name: str, **kwargs) -> Process:
     """Build a process by name (``ddpm``, ``vp``, ``ve``/``edm``, ``rectified_flow``/``rf``, ``trigflow``)."""
-    if name not in PROCESSES:
-        raise ValueError(f"process name={name!r} is unknown; allowed: {sorted(PROCESSES)}")
+    check_choice("process name", name, sorted(PROCESSES))
     return PROCESSES[name](**kwargs)

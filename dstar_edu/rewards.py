@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .validation import check_finite, check_int, check_type
+
 Tensor = torch.Tensor
 
 __all__ = ["Reward", "RegionReward", "ClassReward", "AestheticReward", "LinearReward", "QuadraticReward",
@@ -111,8 +113,7 @@ class LinearReward(Reward):
     def __init__(self, w, b: float = 0.0):
         super().__init__()
         self.register_buffer("w", _as_vector(w, "w"))
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
-            raise ValueError(f"b={b!r} must be a finite number")
+        check_finite("b", b)
         self.b = float(b)
 
     def reward(self, x, cond=None):
@@ -216,8 +217,7 @@ class NegatedReward(Reward):
 
     def __init__(self, base: Reward, offset: float = 1.0):
         super().__init__()
-        if not isinstance(base, Reward):
-            raise ValueError(f"base must be a dstar_edu Reward, got {type(base).__name__}")
+        check_type("base", base, Reward, "a dstar_edu Reward")
         self.base, self.offset = base, float(offset)
         self.differentiable = base.differentiable
 
@@ -235,10 +235,9 @@ class BradleyTerryReward(Reward):
 
     def __init__(self, dim: int, hidden: int = 64, depth: int = 2, generator: torch.Generator | None = None):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim={dim!r} must be a positive integer (entries per sample)")
-        if not isinstance(hidden, int) or hidden < 1 or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"hidden={hidden!r} and depth={depth!r} must be positive integers")
+        dim = check_int("dim", dim, lo=1)
+        hidden = check_int("hidden", hidden, lo=1)
+        depth = check_int("depth", depth, lo=1)
         layers, d = [], dim
         for _ in range(depth):
             layers += [nn.Linear(d, hidden), nn.SiLU()]
@@ -298,10 +297,8 @@ def fit_bradley_terry(model: BradleyTerryReward, x_a: Tensor, x_b: Tensor, prefs
                       lr: float = 1e-2, batch_size: int = 256, weight_decay: float = 0.0,
                       generator: torch.Generator | None = None) -> list[float]:
     """Train ``model`` on preference pairs with Adam (minibatches drawn with ``generator``); returns the losses."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    steps = check_int("steps", steps, lo=1)
+    batch_size = check_int("batch_size", batch_size, lo=1)
     opt = torch.optim.Adam(model.parameters(), lr=_positive(lr, "lr"), weight_decay=weight_decay)
     n, losses = x_a.shape[0], []
     for _ in range(steps):

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .process import DDPM, Process
+from .validation import check_choice, check_int, check_positive
 
 Tensor = torch.Tensor
 
@@ -54,8 +55,7 @@ def check_timesteps(timesteps, process: Process, dtype=torch.float64) -> Tensor:
 def uniform_grid(process: Process, n_steps: int, t_start: float | None = None, t_end: float | None = None,
                  dtype=torch.float64) -> Tensor:
     """``n_steps + 1`` equally spaced times from ``t_start`` (default t_max) down to ``t_end`` (default t_min)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
     t0 = process.t_max if t_start is None else t_start
     t1 = process.t_min if t_end is None else t_end
     return check_timesteps(torch.linspace(t0, t1, n_steps + 1, dtype=dtype), process)
@@ -84,10 +84,8 @@ def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: i
     """
     import numpy as np
 
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T={T!r} must be a positive integer (number of DDPM steps)")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= T:
-        raise ValueError(f"n_steps={n_steps!r} must be an integer in 1..T={T}")
+    check_int("T", T, lo=1)  # number of DDPM steps
+    check_int("n_steps", n_steps, lo=1, hi=T, hi_name="T")
     if spacing == "linspace":
         k = np.linspace(0, T - 1, n_steps).round()[::-1].astype(np.int64)
     elif spacing == "leading":
@@ -95,7 +93,7 @@ def subsequence(T: int, n_steps: int, spacing: str = "linspace", steps_offset: i
     elif spacing == "trailing":
         k = np.round(np.arange(T, 0, -T / n_steps)).astype(np.int64) - 1
     else:
-        raise ValueError(f"spacing={spacing!r} is unknown; allowed: 'linspace', 'leading', 'trailing'")
+        check_choice("spacing", spacing, ("linspace", "leading", "trailing"))
     if k.max() > T - 1 or k.min() < 0:
         raise ValueError(f"steps_offset={steps_offset!r} puts timesteps outside 0..T-1={T - 1}")
     ts = torch.cat([torch.as_tensor(k.copy() + 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
@@ -117,12 +115,9 @@ def rho_grid(t_start: float, t_end: float, n_steps: int, rho: float = 7.0, dtype
 def karras_sigmas(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   append_zero: bool = True, dtype=torch.float64) -> Tensor:
     """EDM (Karras et al. 2022) noise levels ``(s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
-        raise ValueError(f"n_steps={n_steps!r} must be an integer >= 2")
+    check_int("n_steps", n_steps, lo=2)
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name}={v!r} must be a positive finite number (EDM: sigma_min=0.002, sigma_max=80, "
-                             "rho=7)")
+        check_positive(name, v)  # EDM: sigma_min=0.002, sigma_max=80, rho=7
     if not sigma_min < sigma_max:
         raise ValueError(f"need sigma_min < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r} "
                          "(the grid runs from sigma_max down to sigma_min)")
@@ -134,8 +129,7 @@ def logsnr_grid(process: Process, n_steps: int, t_start: float | None = None, t_
 
     ``t_start`` defaults to t_max and ``t_end`` to t_min; both must have alpha > 0 and sigma > 0.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
     t0 = process.t_max if t_start is None else float(t_start)
     t1 = process.t_min if t_end is None else float(t_end)
     l0, l1 = log_snr(process, t0), log_snr(process, t1)
@@ -149,8 +143,7 @@ def logsnr_grid(process: Process, n_steps: int, t_start: float | None = None, t_
 
 def trigflow_timesteps(n_steps: int, t_max: float = math.pi / 2) -> Tensor:
     """``linspace(t_max, 0, n_steps + 1)`` in float64 (diffusers' SCMScheduler grid, with ``t_max = pi/2``)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
     if not 0 < t_max <= math.pi / 2:
         raise ValueError(f"t_max={t_max!r} must lie in (0, pi/2]")
     ts = torch.linspace(t_max, 0.0, n_steps + 1, dtype=torch.float64).clamp(0.0, t_max)
@@ -164,10 +157,8 @@ def flow_match_timesteps(n_steps: int, shift: float = 1.0, num_train_timesteps: 
     ``shift(linspace(1, sigma_min, n_steps))`` with ``shift(s) = k s / (1 + (k - 1) s)``, then 0. diffusers
     stores these in float32; its timesteps are ``T * sigma``.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer")
+    check_int("n_steps", n_steps, lo=1)
+    check_int("num_train_timesteps", num_train_timesteps, lo=1)
     if not float(shift) > 0:
         raise ValueError(f"shift={shift!r} must be positive")
     k = float(shift)
@@ -187,8 +178,7 @@ def lcm_timesteps(n_steps: int, original_steps: int = 50, T: int = 1000) -> Tens
     of that grid reversed. E.g. ``n_steps=4``: diffusers ``[999, 759, 499, 259]`` -> ``[1000, 760, 500, 260, 0]``.
     """
     for name, v in (("n_steps", n_steps), ("original_steps", original_steps), ("T", T)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+        check_int(name, v, lo=1)
     if original_steps > T:
         raise ValueError(f"original_steps={original_steps} must be <= T={T}")
     if n_steps > original_steps:
@@ -274,14 +264,12 @@ def sample_t(process: Process, n: int, kind: str | None = None, *, generator: to
     * ``logit_normal``: ``t = lo + (hi - lo) sigmoid(m + s z)`` (Esser et al. 2024 for rectified flow;
       default m=0, s=1).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be a positive integer number of times")
+    check_int("n", n, lo=1)  # number of times
     if kind is None:
         kind = "discrete" if process.discrete else "uniform"
     allowed = {"uniform": ("lo", "hi"), "discrete": ("lo", "hi"), "edm_lognormal": ("P_mean", "P_std"),
                "lognormal": ("P_mean", "P_std"), "logit_normal": ("m", "s", "lo", "hi")}
-    if kind not in allowed:
-        raise ValueError(f"t_sampler kind={kind!r} is unknown; allowed: {', '.join(T_SAMPLERS)}")
+    check_choice("t_sampler kind", kind, allowed)
     extra = set(params) - set(allowed[kind])
     if extra:
         raise ValueError(f"t_sampler {kind!r} got unknown parameters {sorted(extra)}; allowed: {list(allowed[kind])}")
@@ -329,8 +317,7 @@ def make_t_sampler(process: Process, kind: str | None = None, **params) -> Calla
 
 def _lognormal_sampler(process: Process, P_mean: float, P_std: float, sigma_min: float | None,
                        sigma_max: float | None) -> Callable[[int, torch.Generator], Tensor]:
-    if not (isinstance(P_std, (int, float)) and P_std > 0):
-        raise ValueError(f"P_std={P_std!r} must be positive")
+    check_positive("P_std", P_std, finite=False)
     p_lo, p_hi = edm_sigma_range(process)
     lo = p_lo if sigma_min is None else float(sigma_min)
     hi = p_hi if sigma_max is None else float(sigma_max)
@@ -339,8 +326,7 @@ def _lognormal_sampler(process: Process, P_mean: float, P_std: float, sigma_min:
                          f"got sigma_min={lo:g}, sigma_max={hi:g}")
 
     def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} must be a positive integer")
+        check_int("n", n, lo=1)
         return lognormal_times(process, n, P_mean, P_std, sigma_min=lo, sigma_max=hi, generator=generator)
     return sampler
 
@@ -365,12 +351,10 @@ def p_sim(process: Process, P_mean: float = -3.5, P_std: float = 2.5, *, sigma_m
 
 def karras_sigma_grid(K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """``sigma_k = (sigma_max^(1/rho) + k/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, k = 0..K-1 (SIM Eq. B.8)."""
-    if not (isinstance(K, int) and K >= 2):
-        raise ValueError(f"K={K!r} must be an integer >= 2")
+    check_int("K", K, lo=2)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho={rho!r} must be a positive finite number (EDM uses 7)")
+    check_positive("rho", rho)  # EDM uses 7
     return rho_grid(sigma_max, sigma_min, K - 1, rho)
 
 def p_sid(process: Process, k_max: int = 800, K: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -382,10 +366,8 @@ def p_sid(process: Process, k_max: int = 800, K: int = 1000, sigma_min: float = 
     the public SiD code limits sigma to <= 24.4, i.e. this end of the grid). Levels beyond the process's range are clamped,
     and to ``clamp=(lo, hi)`` when given (a run's noise-level range, e.g. ``scaled_runs``).
     """
-    if from_end not in ("max", "min"):
-        raise ValueError(f"from_end={from_end!r}; allowed: 'max' (as printed in Eq. B.8) or 'min'")
-    if not (isinstance(k_max, int) and 0 <= k_max < K):
-        raise ValueError(f"k_max={k_max!r} must be an integer in 0..K-1={K - 1}")
+    check_choice("from_end", from_end, ("max", "min"))  # max: as printed in Eq. B.8
+    check_int("k_max", k_max, lo=0, hi=K - 1, hi_name="K-1")
     grid = karras_sigma_grid(K, sigma_min, sigma_max, rho)
     if from_end == "min":
         grid = grid.flip(0)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .failures import Diverged, TrainingFailure, loss_name, make_detector
 from .process import Process, make_process
+from .validation import check_choice, check_int, check_positive, check_probability, check_type
 
 Tensor = torch.Tensor
 
@@ -59,10 +60,8 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"EMA needs an nn.Module, got {type(model).__name__}")
-        if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
-            raise ValueError(f"decay={decay!r} must be a number in [0, 1]")
+        check_type("model", model, nn.Module, "an nn.Module (the model EMA averages)")
+        check_probability("decay", decay)
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.source = model
@@ -124,23 +123,17 @@ def training_steps(loss_fn: Callable[[int, torch.Generator], Tensor], params_or_
     None/False: off). Failures raise ``failures.TrainingFailure`` (a ``FloatingPointError``) naming the step,
     the phase and the loss.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr={lr!r} must be a positive finite number")
-    if optimizer not in ("adam", "adamw"):
-        raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: 'adam', 'adamw'")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule={lr_schedule!r} is unknown; allowed: 'constant', 'cosine'")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip={grad_clip!r} must be positive (or None)")
-    if ema is not None and not isinstance(ema, EMA):
-        raise ValueError(f"ema must be a dstar_edu.training.EMA (or None), got {type(ema).__name__}")
+    check_int("steps", steps, lo=1)
+    lr = check_positive("lr", lr)
+    check_choice("optimizer", optimizer, ("adam", "adamw"))
+    check_choice("lr_schedule", lr_schedule, ("constant", "cosine"))
+    if grad_clip is not None:
+        check_positive("grad_clip", grad_clip, finite=False)
+    check_type("ema", ema, (EMA, None), "a dstar_edu.training.EMA or None")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas={betas!r} must be two numbers in [0, 1) (Adam's (beta1, beta2))")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup={warmup!r} must be a non-negative integer")
+    check_int("warmup", warmup, lo=0)
     params = _params(params_or_model)
     detector = make_detector(divergence, "loss")
     name = loss_name(loss_fn)
@@ -233,9 +226,8 @@ def data_sampler(data) -> Callable[[int, torch.Generator], Tensor]:
     """``(n, generator) -> (n, dim)`` float samples from a dataset name, a sampler or an exact mixture."""
     if isinstance(data, str):
         from toy_data.datasets2d import DATASETS
-        if data not in DATASETS:
-            raise ValueError(f"data={data!r} is not a 2D dataset; allowed: {sorted(DATASETS)}, a sampler "
-                             "(n, generator) -> tensor, or an object with .sample(n, generator=...)")
+        check_choice("data", data, sorted(DATASETS),
+                     also="a sampler (n, generator) -> tensor, or an object with .sample(n, generator=...)")
         fn = DATASETS[data]
         return lambda n, g: fn(n, generator=g)
     if hasattr(data, "sample"):
@@ -266,10 +258,8 @@ def train_2d(data, process: Process | str = "rectified_flow", prediction: str = 
     from .predictors import MLPPredictor
     if isinstance(process, str):
         process = make_process(process)
-    if not isinstance(process, Process):
-        raise ValueError(f"process must be a Process or a process name, got {process!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    check_type("process", process, Process, "a Process or a process name")
+    check_int("batch_size", batch_size, lo=1)
     sample = data_sampler(data)
     gen = torch.Generator().manual_seed(seed)
     dim = sample(2, torch.Generator().manual_seed(seed + 1)).shape[1]
@@ -288,8 +278,7 @@ def train_2d(data, process: Process | str = "rectified_flow", prediction: str = 
         def obj(m, x0, g):
             return trigflow_diffusion_loss(m, x0, generator=g, **loss_kw)
     else:
-        raise ValueError(f"objective={objective!r} is unknown; allowed: {', '.join(OBJECTIVES_2D)} or a callable "
-                         "objective(model, x0, generator) -> loss")
+        check_choice("objective", objective, OBJECTIVES_2D, also="a callable objective(model, x0, generator) -> loss")
     if callable(objective) and loss_kw:
         raise ValueError(f"keywords {sorted(loss_kw)} are for the named objectives; bind them in your callable")
 

@@ -13,10 +13,11 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 
 import torch
+
+from dstar_edu.validation import check_choice, check_int, check_positive, check_real
 
 Tensor = torch.Tensor
 
@@ -89,31 +90,26 @@ class BaseConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not allowed; allowed: {list(choices)}")
+            if choices is not None:
+                check_choice(f.name, getattr(self, f.name), choices)
         if self.mixed_precision == "fp16":
             raise ValueError("mixed_precision='fp16' is refused: fp16 overflows (NaN) in SDXL's VAE and in score "
                              "differences at small sigma; use 'bf16' (or 'no' for fp32)")
         for name in ("steps", "batch_size", "grad_accum", "fake_steps", "log_every", "n_samples"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
+            check_int(name, v, lo=1)
         for name in ("sample_every", "num_threads", "checkpoint_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}={v!r} must be a non-negative integer")
+            check_int(name, v, lo=0)
         for name in ("lr_gen", "lr_fake"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name}={v!r} must be a positive finite number")
+            check_positive(name, v)
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name}={v!r} must lie in [0, 1)")
+            check_real(name, v, 0, 1, hi_open=True)
         for name in ("checkpoints_total_limit", "lora_rank"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}={v!r} must be a non-negative integer")
+            check_int(name, v, lo=0)
         if self.target_gpus < 1 or not self.target_gpu_memory_gib > 0 or self.lora_alpha < 0:
             raise ValueError(f"need target_gpus >= 1, target_gpu_memory_gib > 0, lora_alpha >= 0, got "
                              f"{self.target_gpus}, {self.target_gpu_memory_gib}, {self.lora_alpha}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dstar_edu.validation import check_int
+
 __all__ = ["LORA_TARGETS", "add_lora", "make_optimizer", "checkpoint_frozen", "checkpointed"]
 
 # attention projections, feed-forward and resnet convolutions of diffusers UNets / DiTs (those present are used)
@@ -25,8 +27,7 @@ def add_lora(net: nn.Module, rank: int, alpha: float | None = None) -> nn.Module
     """Freeze ``net`` and add LoRA adapters of ``rank`` (``peft``'s ``inject_adapter_in_model``) on the layers
     named in :data:`LORA_TARGETS`; only the adapters are trainable. ``B`` starts at zero, so the network
     computes exactly what it did before."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora_rank={rank!r} must be a positive integer")
+    check_int("lora_rank", rank, lo=1)
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:   # pragma: no cover - peft is in the scaled extra

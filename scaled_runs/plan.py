@@ -47,6 +47,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from dstar_edu.validation import check_choice  # noqa: E402  (after the sys.path line above)
+
 ARCH = Path(__file__).resolve().parent / "configs" / "arch"
 GiB = 2 ** 30
 
@@ -490,8 +492,7 @@ def plan_config(path, overrides=(), gpus: int | None = None, gpu_memory: float |
 def plan_run(cfg, planner, gpus: int, gpu_memory: float, strategy: str | None = None, margin: float = 0.10) -> Plan:
     """The plan of ``cfg`` on ``gpus`` x ``gpu_memory`` GiB; ``strategy`` None: the config's (``fsdp`` or ddp)."""
     strategy = strategy or ("fsdp" if getattr(cfg, "fsdp", False) else "ddp")
-    if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"strategy={strategy!r} is unknown; allowed: 'ddp', 'fsdp'")
+    check_choice("strategy", strategy, ("ddp", "fsdp"))
     if gpus < 1 or not gpu_memory > 0 or not 0 <= margin < 1:
         raise ValueError(f"need gpus >= 1, gpu_memory > 0, 0 <= margin < 1; got {gpus}, {gpu_memory}, {margin}")
     plan = planner(cfg, gpus, gpu_memory, strategy)

@@ -181,8 +181,8 @@ def test_velocity_conversion_at_t0_raises(proc, source, target):
 
 
 def test_make_process_unknown():
-    with pytest.raises(ValueError, match=r"process name='foo' is unknown; allowed: \['ddpm', 'edm', 'rectified_flow', "
-                                         r"'rf', 'trigflow', 've', 'vp'\]"):
+    with pytest.raises(ValueError, match=r"process name='foo' is unknown; allowed: ddpm, edm, rectified_flow, "
+                                         r"rf, trigflow, ve, vp$"):
         make_process("foo")
 
 
@@ -190,7 +190,7 @@ def test_bad_schedules():
     with pytest.raises(ValueError, match=r"schedule='quadratic' is not supported; allowed: 'linear', 'scaled_linear', "
                                          r"'cosine'"):
         DDPM(1000, "quadratic")
-    with pytest.raises(ValueError, match=r"schedule='scaled_linear' is not supported; allowed: 'linear', 'cosine'"):
+    with pytest.raises(ValueError, match=r"schedule='scaled_linear' is unknown; allowed: linear, cosine"):
         VP("scaled_linear")
     with pytest.raises(ValueError, match=r"T=0 must be a positive integer"):
         DDPM(0)

@@ -198,7 +198,7 @@ def test_sample_env_override_and_errors(tmp_path, monkeypatch):
     assert ys.tolist() == [3, 1] and ys.dtype == torch.int64
     assert xs[0, 0, 0, 1] == _scaled(3)  # HWC -> CHW: pixel (0, 1) red is byte 3
     assert xs[0, 2, 0, 0] == _scaled(2)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match=r"n=5 must be an integer in 1..4"):
         cifar.load_cifar10_sample(n=5)
     _, source = cifar.image_dataset_for_checks(2, generator=torch.Generator().manual_seed(0))
     assert "mine.npz" in source                       # checks record that the data came from elsewhere
@@ -299,7 +299,7 @@ def test_image_dataset_for_checks_draws_real_images():
     match = (full[None] == x[:, None]).flatten(2).all(dim=2)  # (16, 1000)
     assert (match.sum(dim=1) >= 1).all()  # every image comes from the sample
     assert len({int(i) for i in match.float().argmax(dim=1)}) == 16  # without repeats
-    with pytest.raises(ValueError, match="n must be a positive integer"):
+    with pytest.raises(ValueError, match="n=0 must be a positive integer"):
         cifar.image_dataset_for_checks(0)
     with pytest.raises(ValueError, match="at most 1000"):
         cifar.image_dataset_for_checks(1001)

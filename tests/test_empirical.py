@@ -81,7 +81,7 @@ def test_far_queries_do_not_underflow():
     (torch.zeros(3), {}, r"points must have shape \(K, \*event_shape\)"),
     (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), {}, r"points must be finite; points\[1\] contains NaN"),
     (torch.tensor([[0.0, float("inf")]]), {}, r"points must be finite; points\[0\] contains NaN or inf"),
-    (torch.zeros(2, 2), {"chunk_size": 0}, r"chunk_size must be a positive integer"),
+    (torch.zeros(2, 2), {"chunk_size": 0}, r"chunk_size=0 must be a positive integer"),
     (torch.zeros(2, 2), {"labels": [0]}, r"labels has 1 entries but there are K=2"),
 ])
 def test_bad_points_are_refused(points, kwargs, message):

@@ -75,7 +75,7 @@ def test_noisy_healthy_loss_does_not_trigger():
 def test_detector_argument_checks():
     with pytest.raises(ValueError, match=r"factor=0.5 must be a finite number > 1"):
         DivergenceDetector(factor=0.5)
-    with pytest.raises(ValueError, match=r"patience=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"patience=0 must be a positive integer"):
         DivergenceDetector(patience=0)
     with pytest.raises(ValueError, match=r"divergence='yes' must be True"):
         train(lambda k, g: (_param() ** 2).sum(), [_param()], steps=1, progress=False, divergence="yes")

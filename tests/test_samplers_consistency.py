@@ -258,7 +258,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         cs.lcm_timesteps(60)
     with pytest.raises(ValueError, match="t=0"):
         cs.lcm_boundary_scalings(0.0)
-    with pytest.raises(ValueError, match="noise must be a tensor"):
+    with pytest.raises(ValueError, match=r"noise has shape \(3, 2\); allowed: \(2, 2\)"):
         cs.lcm_step(g, x, 10.0, 5.0, noise=torch.zeros(3, 2, dtype=F64))
     with pytest.raises(ValueError, match="one-component"):
         cs.GaussianFlowMap(GaussianMixture(torch.zeros(2, 2, dtype=F64), 1.0, process=ve))

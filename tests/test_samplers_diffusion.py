@@ -307,7 +307,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         (lambda: ddim(dist, [500], x), "at least 2"),
         (lambda: ddim(dist, [500, 0], x, eta=1.5), "eta=1.5"),
         (lambda: ddim(dist, [500, 0], torch.ones(4, 2, dtype=torch.long)), "x_init"),
-        (lambda: ddim(dist, [500, 0], x, generator=0), "generator=0"),
+        (lambda: ddim(dist, [500, 0], x, generator=0), "generator must be a torch.Generator or None, got int 0"),
         (lambda: pf_ode(dist, [500, 0], x, method="rk45"), "method='rk45'"),
         (lambda: dpm_solver(dist, [500, 1], x, order=4), "order=4"),
         (lambda: ddpm(dist, [500, 0], x, variance="large"), "variance='large'"),

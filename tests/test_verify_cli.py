@@ -109,7 +109,7 @@ def test_seed_redraws_monte_carlo_and_keeps_identities(capsys):
     assert base[cid]["abs_err"] == again[cid]["abs_err"]          # seed 0 = the registered draw, exactly
     assert other[cid]["abs_err"] != base[cid]["abs_err"] and other[cid]["seed"] == 3
     assert other[cid]["passed"]
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+    with pytest.raises(ValueError, match="seed=-1 must be a non-negative integer"):
         run_checks("basics.forward_chaining_mc.2d", seed=-1)
     assert main(["verify", "-k", "basics.forward_chaining_mc.2d", "--seed", "3"]) == 0
     assert "1 passed" in capsys.readouterr().out

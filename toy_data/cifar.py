@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import numbers
 import os
 import pickle
 import tarfile
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from dstar_edu.validation import check_choice, check_int
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -204,8 +205,7 @@ def load_cifar10(
     ``split="train"`` concatenates ``data_batch_1..5`` in order (50000 images), ``"test"`` is
     ``test_batch`` (10000). With ``download=True`` a missing archive is downloaded and MD5-checked.
     """
-    if split not in _SPLIT_FILES:
-        raise ValueError(f"split must be one of {sorted(_SPLIT_FILES)}, got split={split!r}")
+    check_choice("split", split, sorted(_SPLIT_FILES))
     root = Path(root).expanduser()
     names = _SPLIT_FILES[split]
     folder_ok = all((root / CIFAR10_FOLDER / name).is_file() for name in names)
@@ -333,8 +333,7 @@ def load_cifar10_sample(
         found = find_cifar10_sample()
     x, y = _read_sample(found)
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 < n <= len(x):
-            raise ValueError(f"n must be None or an integer in [1, {len(x)}], got n={n!r}")
+        check_int("n", n, lo=1, hi=len(x))
         x, y = x[:n], y[:n]
     return _to_unit_range(x.transpose(0, 3, 1, 2), dtype), torch.from_numpy(y.astype(np.int64))
 
@@ -350,8 +349,7 @@ def image_dataset_for_checks(
     the label (``"cifar10_test1000"``, or the file name when ``$DSTAR_EDU_CIFAR_SAMPLE`` points elsewhere)
     is what checks record as their data source. There is no synthetic fallback: a missing sample is an error.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-        raise ValueError(f"n must be a positive integer, got n={n!r}")
+    check_int("n", n, lo=1)
     path = find_cifar10_sample()
     x, _ = load_cifar10_sample(path=path, dtype=dtype)
     if n > len(x):

@@ -14,10 +14,11 @@ across dtypes up to rounding.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import torch
+
+from dstar_edu.validation import check_choice, check_int
 
 __all__ = [
     "EIGHT_GAUSSIANS_RADIUS",
@@ -56,9 +57,7 @@ _F64 = torch.float64
 
 
 def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-        raise ValueError(f"n must be a positive integer, got n={n!r}")
-    return int(n)
+    return check_int("n", n, lo=1)
 
 
 def _check_dtype(dtype) -> None:
@@ -185,6 +184,5 @@ def sample_dataset(
     name: str, n: int, generator: torch.Generator | None = None, dtype=torch.float32
 ) -> torch.Tensor:
     """Draw n samples from the dataset registered under ``name`` in :data:`DATASETS`."""
-    if name not in DATASETS:
-        raise ValueError(f"name must be one of {sorted(DATASETS)}, got name={name!r}")
+    check_choice("name", name, sorted(DATASETS))
     return DATASETS[name](n, generator=generator, dtype=dtype)

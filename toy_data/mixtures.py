@@ -19,6 +19,7 @@ from torch import nn
 from dstar_edu.conversions import check_prediction, convert
 from dstar_edu.predictors import Predictor
 from dstar_edu.process import Process
+from dstar_edu.validation import check_int, check_type
 
 from .datasets2d import EIGHT_GAUSSIANS_STD, GRID25_STD, eight_gaussians_means, grid25_means
 
@@ -43,8 +44,7 @@ class GaussianMixture(Predictor):
                  process: Process | None = None, *, _allow_zero_cov: bool = False):
         nn.Module.__init__(self)
         self.prediction = "score"
-        if process is not None and not isinstance(process, Process):
-            raise ValueError(f"process={process!r} must be a dstar_edu Process (e.g. VP()) or None")
+        check_type("process", process, (Process, None), "a dstar_edu Process (e.g. VP()) or None")
         self.process = process
         name = "points" if _allow_zero_cov else "means"
         try:
@@ -127,8 +127,7 @@ class GaussianMixture(Predictor):
     def sample(self, n: int, generator: torch.Generator | None = None, cond=None,
                dtype: torch.dtype = torch.float64, return_components: bool = False):
         """``n`` samples of x0 (seeded by ``generator``); ``cond`` restricts to one class."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} must be a positive integer")
+        check_int("n", n, lo=1)
         logw = self._log_weights(cond, n)
         k = torch.multinomial(torch.softmax(logw, -1), 1, replacement=True, generator=generator).squeeze(1)
         z = torch.randn(n, self.D, generator=generator, dtype=torch.float64)
@@ -295,9 +294,8 @@ class EmpiricalDistribution(GaussianMixture):
                              f"{tuple(points.shape)}")
         if points.shape[0] == 0:
             raise ValueError(f"points has no components (shape {tuple(points.shape)}); need K >= 1 points")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got chunk_size={chunk_size!r}")
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, lo=1)  # or None
         self.prediction, self.process, self.chunk_size = "score", process, chunk_size
         K = points.shape[0]
         self.event_shape = tuple(points.shape[1:])

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..validation import check_choice, check_int
+
 Tensor = torch.Tensor
 
 __all__ = ["Exercise", "Trial", "GradientTrial", "OutcomeTrial", "GradingGuardError", "EXERCISES", "RTOL", "ATOL",
@@ -137,22 +139,19 @@ def register(*exercises: Exercise) -> None:
     for ex in exercises:
         if ex.name in EXERCISES:
             raise ValueError(f"exercise name={ex.name!r} is already registered (area {EXERCISES[ex.name].area!r})")
-        if ex.graded_by not in GRADED_BY:
-            raise ValueError(f"graded_by={ex.graded_by!r} is unknown; allowed: {', '.join(GRADED_BY)}")
+        check_choice("graded_by", ex.graded_by, GRADED_BY)
         EXERCISES[ex.name] = ex
 
 
 # ---- public API ------------------------------------------------------------------------------------------
 def _get(name: str) -> Exercise:
-    if name not in EXERCISES:
-        raise ValueError(f"exercise name={name!r} is unknown; allowed: {', '.join(EXERCISES)}")
+    check_choice("exercise name", name, EXERCISES)
     return EXERCISES[name]
 
 
 def _n_trials(ex: Exercise, n_trials) -> int:
     n = ex.n_trials if n_trials is None else n_trials
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n_trials={n_trials!r} must be a positive integer")
+    check_int("n_trials", n, lo=1)
     return n
 
 
@@ -161,8 +160,7 @@ def list_exercises(area: str | None = None) -> list[str]:
     if area is None:
         return list(EXERCISES)
     areas = list(dict.fromkeys(ex.area for ex in EXERCISES.values()))
-    if area not in areas:
-        raise ValueError(f"area={area!r} is unknown; allowed: {', '.join(areas)}")
+    check_choice("area", area, areas)
     return [name for name, ex in EXERCISES.items() if ex.area == area]
 
 
@@ -526,8 +524,8 @@ def check(name: str, student_fn: Callable, n_trials: int | None = None, seed: in
     fn_name = f"my_{name}" if fn_name == "<lambda>" else fn_name
     if seed is None:
         seed = secrets.randbelow(2**31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be a non-negative integer or None (a fresh seed)")
+    else:
+        check_int("seed", seed, lo=0)  # or None: a fresh seed
     print(f"Grading {name!r} on fresh problems, seed {seed} "
           f"(reproduce with exercises.check({name!r}, {fn_name}, seed={seed})).")
     grade = {"gradient": _grade_gradient, "outcome": _grade_outcome}.get(ex.graded_by, _grade_value)

@@ -34,13 +34,11 @@ the talk's ``beta`` corresponds to ``alpha_rew = 1/beta``, ``alpha_cfg = 1/beta`
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..predictors import Predictor
 from ..process import Process
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_finite, check_type
 from .common import DISTILL_HINT, noisy_batch, reduce_loss, sample_weight
 from .distill import diff_instruct_loss, sim_generator_loss
 
@@ -53,8 +51,7 @@ CFG_MODES = ("in", "out")
 
 
 def _scale(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name}={v!r} must be a finite number")
+    check_finite(name, v)
     return float(v)
 
 
@@ -115,8 +112,7 @@ class GuidedPredictor(Predictor):
         self.negative = negative
         self.scale = _scale(scale, "scale")
         self.uncond = uncond
-        if not isinstance(batched, bool):
-            raise ValueError(f"batched={batched!r} must be True or False")
+        check_type("batched", batched, bool, "True or False")
         if batched and negative is not None:
             raise ValueError("batched=True needs negative=None (one network evaluates both conditions)")
         self.batched = batched
@@ -197,9 +193,7 @@ def _prepare(x0, reference, fake, t, eps, generator, cfg, alpha_rew, alpha_cfg, 
     x0 = check_batch(x0, "x0", nonempty=True)
     _process(reference, "reference")
     _process(fake, "fake")
-    if cfg not in CFG_MODES:
-        raise ValueError(f"cfg={cfg!r} is unknown; allowed: 'in' (CFG-enhanced reference, DI*-In) or 'out' "
-                         "(implicit CFG reward loss, DI*-Out)")
+    check_choice("cfg", cfg, CFG_MODES)  # in: CFG-enhanced reference (DI*-In); out: implicit CFG reward loss (DI*-Out)
     alpha_rew, alpha_cfg = _scale(alpha_rew, "alpha_rew"), _scale(alpha_cfg, "alpha_cfg")
     if alpha_cfg != 0 and cond is None:
         raise ValueError(f"alpha_cfg={alpha_cfg} needs cond (classifier-free guidance guides towards a condition)")

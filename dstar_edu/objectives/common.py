@@ -15,6 +15,7 @@ import torch
 
 from ..process import Process
 from ..times import T_SAMPLERS, sample_t
+from ..validation import check_choice, check_shape
 
 Tensor = torch.Tensor
 
@@ -45,8 +46,7 @@ DISTILL_HINT = ("check the time range (sigma(t) -> 0 blows scores up), the netwo
 
 def reduce_loss(per_sample: Tensor, reduction: str, what: str, hint: str = PRETRAIN_HINT) -> Tensor:
     """Mean / sum / per-sample reduction that raises ``FloatingPointError`` (with ``hint``) on NaN or inf."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is unknown; allowed: {', '.join(REDUCTIONS)}")
+    check_choice("reduction", reduction, REDUCTIONS)
     out = per_sample.mean() if reduction == "mean" else per_sample.sum() if reduction == "sum" else per_sample
     if not bool(torch.isfinite(out.detach()).all()):
         bad = per_sample.detach()
@@ -123,9 +123,8 @@ def noisy_batch(x0: Tensor, process: Process, t, eps=None, generator: torch.Gene
     if bool((process.at(t).sigma <= 0).any()):
         raise ValueError(f"t has values where sigma(t) = 0 (t_min={process.t_min:g}); score distillation needs "
                          "sigma(t) > 0: draw t strictly inside the domain")
-    if eps is not None and (not isinstance(eps, Tensor) or eps.shape != x0.shape):
-        raise ValueError(f"eps has shape {tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}; "
-                         f"it must match x0 {tuple(x0.shape)}")
+    if eps is not None:
+        check_shape("eps", eps, x0.shape, "it must match x0")
     x_t, eps = process.q_sample(x0, t, eps=eps, generator=generator)
     return NoisyBatch(x0, eps, t, x_t)
 

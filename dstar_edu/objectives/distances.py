@@ -14,10 +14,11 @@ go through the same code.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
+
+from ..validation import check_choice, check_positive
 
 Tensor = torch.Tensor
 
@@ -50,8 +51,7 @@ def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
     the cancellation of ``sqrt(r + c^2) - c`` when ``r << c^2`` (and has a finite gradient at r = 0).
     """
     _check_pair(x, y)
-    if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-        raise ValueError(f"c={c!r} must be a positive finite number (the pseudo-Huber constant)")
+    check_positive("c", c)  # the pseudo-Huber constant
     r = squared_norm(x - y)
     return r / (torch.sqrt(r + c * c) + c)
 
@@ -70,8 +70,7 @@ def get_pair_distance(distance: str | Callable[[Tensor, Tensor], Tensor], c: flo
             raise ValueError(f"c={c!r} was given together with a callable distance; "
                              "bind the constant inside the callable instead")
         return distance
-    if distance not in PAIR_DISTANCES:
-        raise ValueError(f"distance={distance!r} is unknown; allowed: {sorted(PAIR_DISTANCES)} or a callable d(x, y)")
+    check_choice("distance", distance, sorted(PAIR_DISTANCES), also="a callable d(x, y)")
     if distance == "pseudo_huber":
         if c is None:
             raise ValueError("distance='pseudo_huber' needs the constant c > 0 (e.g. c=0.03 for 2D data, "

@@ -31,14 +31,13 @@ Time distributions of SIM App. B.2: ``p_edm`` (Eq. B.5-B.6), ``p_sim`` (Eq. B.9-
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 
 from ..process import Process
 from ..times import karras_sigma_grid, p_edm, p_sid, p_sim  # noqa: F401  (re-exported)
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_finite, check_positive, check_shape
 from .distances import get_pair_distance
 from .divergences import ScoreDistance, default_pseudo_huber_c, get_distance
 from .common import DISTILL_HINT, noisy_batch, reduce_loss, sample_weight
@@ -115,9 +114,7 @@ def _reduce(per_sample: Tensor, reduction: str, what: str) -> Tensor:
 
 
 def _check_space(space: str) -> str:
-    if space not in SPACES:
-        raise ValueError(f"space={space!r} is unknown; allowed: 'score' (SIM Eq. 3.7-3.8) or 'x0' "
-                         "(denoiser space, SIM Alg. 2 / Eq. B.13)")
+    check_choice("space", space, SPACES)  # score: SIM Eq. 3.7-3.8; x0: denoiser space, SIM Alg. 2 / Eq. B.13
     return space
 
 
@@ -234,8 +231,7 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
     """
     x0 = _check_x0(x0)
     process = _pair_process(teacher, fake)
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha={alpha!r} must be a finite number (SiD uses 1.2; 1.0 is SIM with squared L2)")
+    check_finite("alpha", alpha)  # SiD uses 1.2; 1.0 is SIM with squared L2
     nb = noisy_batch(x0, process, t, eps, generator)
     t, x_t, eps = nb.t, nb.x_t, nb.eps
     with frozen(teacher, fake):
@@ -250,8 +246,7 @@ def sid_generator_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = Non
         elif weighting == "none":
             w = torch.ones_like(per)
         else:
-            raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'sid', 'none', a number, a (batch,) "
-                             "tensor or a callable w(t)")
+            check_choice("weighting", weighting, ("sid", "none"), also="a number, a (batch,) tensor or a callable w(t)")
     else:
         w = sample_weight(weighting, t, x0.shape[0], x0.dtype, "weighting")
     return _reduce(w * per, reduction, f"sid_generator_loss(alpha={alpha})")
@@ -355,14 +350,12 @@ def dmd_loss(x0: Tensor, teacher, fake, t, *, eps: Tensor | None = None, generat
         elif weighting == "none":
             k = 0.5 * a / (s * s)
         else:
-            raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'dmd', 'none', a number, a (batch,) "
-                             "tensor or a callable w(t)")
+            check_choice("weighting", weighting, ("dmd", "none"), also="a number, a (batch,) tensor or a callable w(t)")
     else:
         k = 0.5 * sample_weight(weighting, t, x0.shape[0], x0.dtype, "weighting") * a / (s * s)
     per = k * _sum((x0 - (x0 - delta).detach()) ** 2)
     if discriminator is not None and gan_weight:
-        if not (isinstance(gan_weight, (int, float)) and gan_weight > 0):
-            raise ValueError(f"gan_weight={gan_weight!r} must be a positive number")
+        check_positive("gan_weight", gan_weight, finite=False)
         with frozen(discriminator, getattr(discriminator, "backbone", None), fake):
             per = per + gan_weight * F.softplus(-discriminator(x_t, t, cond))
     return _reduce(per, reduction, "dmd_loss")
@@ -374,9 +367,7 @@ def dmd_regression_loss(x0: Tensor, target: Tensor, *, distance="l2", c: float |
     the same noise (Yin et al. 2024; LPIPS there, any ``objectives.distances`` distance or callable here).
     """
     x0 = _check_x0(x0)
-    if not isinstance(target, Tensor) or target.shape != x0.shape:
-        raise ValueError(f"target has shape {tuple(target.shape) if isinstance(target, Tensor) else type(target)}; "
-                         f"it must match x0 {tuple(x0.shape)} (one teacher sample per generator sample)")
+    check_shape("target", target, x0.shape, "it must match x0: one teacher sample per generator sample")
     d = get_pair_distance(distance, c)
     return _reduce(d(x0, target.detach()), reduction, "dmd_regression_loss")
 

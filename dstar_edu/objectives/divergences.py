@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from ..validation import check_choice
+
 Tensor = torch.Tensor
 
 __all__ = ["ScoreDistance", "SquaredL2", "AlphaPower", "ExpPower", "L1", "Huber", "PseudoHuber",
@@ -237,8 +239,7 @@ def get_distance(distance="pseudo_huber", **params) -> ScoreDistance:
             raise ValueError(f"parameters {sorted(extra)} were given with a ScoreDistance instance {distance!r}; "
                              "set them when constructing it")
         return distance
-    if distance not in DISTANCES:
-        raise ValueError(f"distance={distance!r} is unknown; allowed: {', '.join(DISTANCES)} or a ScoreDistance")
+    check_choice("distance", distance, DISTANCES, also="a ScoreDistance")
     cls = DISTANCES[distance]
     allowed = {"l2": (), "alpha_power": ("alpha",), "exp_power": ("alpha", "beta"), "l1": (), "huber": ("delta",),
                "pseudo_huber": ("c",)}[distance]

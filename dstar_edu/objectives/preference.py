@@ -21,11 +21,10 @@ give closed forms for the exact checks (``dstar_edu/verify/checks/alignment.py``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..validation import check_positive
 from .common import draw_times, reduce_loss
 from .pretrain import denoising_loss
 
@@ -37,8 +36,7 @@ __all__ = ["kl_regularized_objective", "kl_regularized_optimum", "kl_optimum_log
 
 
 def _beta(beta) -> float:
-    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta={beta!r} must be a positive finite number (the KL weight / temperature)")
+    check_positive("beta", beta)  # the KL weight / temperature
     return float(beta)
 
 

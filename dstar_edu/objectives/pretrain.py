@@ -28,6 +28,7 @@ from ..conversions import check_prediction, from_x0_eps, to_x0_eps
 from ..process import Process, RectifiedFlow, TrigFlow, expand_like
 from ..samplers.diffusion import ddim_update
 from ..times import T_SAMPLERS, make_t_sampler, sample_t, t_from_edm_sigma  # noqa: F401  (re-exported)
+from ..validation import check_choice, check_int, check_probability, check_real
 from .common import batch_times, check_process, draw_times, reduce_loss
 from .distances import get_pair_distance, squared_norm
 
@@ -88,8 +89,7 @@ def loss_weight(weighting, target: str, t: Tensor, process: Process, *, min_snr_
     if callable(weighting):
         w = torch.as_tensor(weighting(t), dtype=dtype, device=t.device)
         return w.expand(t.shape[0]) if w.ndim == 0 else w
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting={weighting!r} is unknown; allowed: {', '.join(WEIGHTINGS)} or a callable w(t)")
+    check_choice("weighting", weighting, WEIGHTINGS, also="a callable w(t)")
     if weighting == "none":
         return torch.ones_like(t)
     c = process.at(t, dtype=t.dtype)
@@ -152,8 +152,7 @@ def denoising_loss(predictor, x0: Tensor, *, generator: torch.Generator | None =
 
 
 def _drop_condition(cond, uncond, p_uncond: float, B: int, generator):
-    if not (isinstance(p_uncond, (int, float)) and 0.0 <= p_uncond <= 1.0):
-        raise ValueError(f"p_uncond={p_uncond!r} must be a probability in [0, 1]")
+    check_probability("p_uncond", p_uncond)
     if cond is None or uncond is None:
         raise ValueError(f"p_uncond={p_uncond} needs both cond (one entry per sample) and uncond (the null "
                          f"condition), got cond={type(cond).__name__}, uncond={uncond!r}")
@@ -182,8 +181,7 @@ def flow_matching_loss(predictor, x0: Tensor, sigma_min: float = 0.0, *, generat
     """
     process = check_process(predictor, RectifiedFlow, "flow_matching_loss")
     x0 = _check_x0(x0)
-    if not (isinstance(sigma_min, (int, float)) and 0.0 <= sigma_min < 1.0):
-        raise ValueError(f"sigma_min={sigma_min!r} must be a number in [0, 1)")
+    check_real("sigma_min", sigma_min, 0, 1, hi_open=True)
     if sigma_min > 0 and predictor.prediction != "velocity":
         raise ValueError(f"flow_matching_loss with sigma_min={sigma_min} > 0 needs a predictor whose prediction is "
                          f"'velocity' (got {predictor.prediction!r}): conversions assume the sigma_min = 0 path")
@@ -241,8 +239,7 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, *, method: str = "exac
     ``E_v[v^T (grad_x psi) v]`` with ``n_probes`` Rademacher vectors ``v`` (any dimension).
     ``create_graph=True`` keeps the result differentiable in the parameters of ``fn`` (for training).
     """
-    if method not in ("exact", "hutchinson"):
-        raise ValueError(f"method={method!r} is unknown; allowed: 'exact', 'hutchinson'")
+    check_choice("method", method, ("exact", "hutchinson"))
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = fn(x)
@@ -257,8 +254,7 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, *, method: str = "exac
                 (g,) = torch.autograd.grad(flat_out[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
                 div = div + g.reshape(B, -1)[:, i]
             return out, div
-        if not isinstance(n_probes, int) or n_probes < 1:
-            raise ValueError(f"n_probes={n_probes!r} must be a positive integer")
+        check_int("n_probes", n_probes, lo=1)
         div = torch.zeros(B, dtype=out.dtype, device=out.device)
         for _ in range(n_probes):
             v = torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
@@ -425,8 +421,7 @@ def consistency_distillation_loss(model, ema_model, teacher, x0: Tensor, t_grid,
     if repr(teacher.process) != repr(process):
         raise ValueError(f"teacher.process={teacher.process} differs from model.process={process}; "
                          "consistency distillation needs aligned timesteps (the same process)")
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m={m!r} must be a positive integer number of teacher steps (Eq. 22)")
+    check_int("m", m, lo=1)  # number of teacher steps (Eq. 22)
     if denoise is not None and cfg_scale is not None:
         raise ValueError("cfg_scale applies to the default DDIM Denoise; a custom denoise must guide itself")
     ema_model = model if ema_model is None else ema_model

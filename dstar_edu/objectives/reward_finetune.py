@@ -37,6 +37,7 @@ import torch
 from ..process import Process
 from ..samplers.common import check_timesteps
 from ..samplers.diffusion import ddim_sigma, ddim_step, denoise
+from ..validation import check_batch, check_choice, check_finite, check_int, check_positive, check_real
 from .common import reduce_loss
 from .pretrain import denoising_loss
 
@@ -73,9 +74,7 @@ def _rewards(reward, x: Tensor, cond) -> Tensor:
 
 
 def _check_x(x, name: str) -> Tensor:
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[0] < 1:
-        raise ValueError(f"{name} must be a floating tensor of shape (batch, *shape), got "
-                         f"{type(x).__name__}{tuple(x.shape) if isinstance(x, Tensor) else ''}")
+    check_batch(x, name, nonempty=True)
     return x
 
 
@@ -90,8 +89,7 @@ def sample_until(predictor, timesteps, x_init: Tensor, stop: int, *, eta: float 
     """
     process = _process(predictor, "sample_until")
     ts = check_timesteps(timesteps, process)
-    if isinstance(stop, bool) or not isinstance(stop, int) or not 0 <= stop < len(ts):
-        raise ValueError(f"stop={stop!r} must be an index in 0..{len(ts) - 1} of timesteps")
+    check_int("stop", stop, lo=0, hi=len(ts) - 1)  # an index of timesteps
     x = _check_x(x_init, "x_init")
     for i in range(stop):
         x = ddim_step(predictor, x, ts[i], ts[i + 1], eta=eta, cond=cond, generator=generator)
@@ -132,8 +130,7 @@ def draft_loss(predictor, timesteps, x_init: Tensor, reward, *, K: int | None = 
     N = len(ts) - 1
     if K is None:
         K = N
-    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= N:
-        raise ValueError(f"K={K!r} must be an integer in 1..{N} (the number of sampler steps to back-propagate)")
+    check_int("K", K, lo=1, hi=N, hi_name="N")  # the number of sampler steps to back-propagate
     x = _check_x(x_init, "x_init").detach()
     for i in range(N):
         if i < N - K:
@@ -158,8 +155,7 @@ def qsm_loss(predictor, x_t: Tensor, t, reward, *, scale: float = 1.0, cond=None
     _process(predictor, "qsm_loss")
     _check_reward(reward, "qsm_loss")
     x_t = _check_x(x_t, "x_t").detach()
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale={scale!r} must be a finite number")
+    check_finite("scale", scale)
     with torch.enable_grad():
         xr = x_t.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(_rewards(reward, xr, reward_cond).sum(), xr)
@@ -290,8 +286,7 @@ def ddpo_is_loss(predictor, trajectory, timesteps, advantages, old_log_probs: Te
     """
     process = _process(predictor, "ddpo_is_loss")
     ts = _check_chain(process, timesteps, eta)
-    if not (isinstance(clip_range, (int, float)) and 0 < clip_range < 1):
-        raise ValueError(f"clip_range={clip_range!r} must be in (0, 1)")
+    check_real("clip_range", clip_range, 0, 1, lo_open=True, hi_open=True)
     logp = _traj_log_probs(predictor, trajectory, ts, eta, cond)
     old = torch.as_tensor(old_log_probs).detach()
     if old.shape != logp.shape:
@@ -316,11 +311,9 @@ def drwr_weights(rewards: Tensor, beta: float, *, w_max: float | None = None, ba
     r = torch.as_tensor(rewards).detach()
     if r.ndim != 1:
         raise ValueError(f"rewards must have shape (batch,), got {tuple(r.shape)}")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta={beta!r} must be a positive finite number")
+    check_positive("beta", beta)
     if isinstance(baseline, str):
-        if baseline != "mean":
-            raise ValueError(f"baseline={baseline!r} is unknown; allowed: None, a number, a tensor or 'mean'")
+        check_choice("baseline", baseline, ("mean",), also="None, a number or a tensor")
         a = r - r.mean()
     elif baseline is None:
         a = r
@@ -328,8 +321,7 @@ def drwr_weights(rewards: Tensor, beta: float, *, w_max: float | None = None, ba
         a = r - torch.as_tensor(baseline, dtype=r.dtype)
     w = torch.exp(beta * a)
     if w_max is not None:
-        if not (isinstance(w_max, (int, float)) and w_max > 0):
-            raise ValueError(f"w_max={w_max!r} must be a positive number or None")
+        check_positive("w_max", w_max, finite=False)  # or None
         w = w.clamp(max=w_max)
     if not bool(torch.isfinite(w).all()):
         raise FloatingPointError(f"DRWR weights overflow (beta={beta} times rewards up to {float(a.max()):g}); "

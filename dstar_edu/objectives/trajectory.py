@@ -28,7 +28,7 @@ from ..conversions import from_x0_eps
 from ..process import Process, expand_like
 from ..samplers.diffusion import ddim_update
 from ..times import lognormal_edm_sigma
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_int, check_shape
 from .distances import get_pair_distance, squared_norm
 from .common import batch_times, check_process, draw_times, reduce_loss
 from .pretrain import (consistency_distillation_loss, consistency_training_loss, ddim_denoise, denoising_loss,
@@ -105,8 +105,7 @@ def halve_timesteps(teacher_timesteps) -> Tensor:
 def pd_halving_schedule(n_teacher_steps: int, n_final_steps: int = 1) -> list[int]:
     """Step counts of the PD rounds ``N, N/2, ..., n_final`` (Sec. 3.2.1: after M rounds ``ceil(N / 2^M)`` steps)."""
     for name, v in (("n_teacher_steps", n_teacher_steps), ("n_final_steps", n_final_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+        check_int(name, v, lo=1)
     if n_final_steps > n_teacher_steps:
         raise ValueError(f"n_final_steps={n_final_steps} exceeds n_teacher_steps={n_teacher_steps}")
     out = [n_teacher_steps]
@@ -143,10 +142,8 @@ def progressive_distillation_loss(student, teacher, x0: Tensor, teacher_timestep
     if repr(teacher.process) != repr(process):
         raise ValueError(f"teacher.process={teacher.process} differs from student.process={process}")
     x0 = check_batch(x0, "x0", nonempty=True)
-    if space not in ("x", "x0"):
-        raise ValueError(f"space={space!r} is unknown; allowed: 'x' (handbook Sec. 3.2.1), 'x0' (Salimans & Ho)")
-    if weighting not in ("snr_trunc", "snr", "none"):
-        raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'snr_trunc', 'snr', 'none'")
+    check_choice("space", space, ("x", "x0"))  # x: handbook Sec. 3.2.1, x0: Salimans & Ho
+    check_choice("weighting", weighting, ("snr_trunc", "snr", "none"))
     ts = _check_timesteps_dec(teacher_timesteps, process, "teacher_timesteps")
     student_ts = halve_timesteps(ts)
     N, B = student_ts.numel() - 1, x0.shape[0]
@@ -190,12 +187,10 @@ def ect_mapping(t, iters: int, *, q: float = 2.0, d: int = 1000, k: float = 8.0,
     t = torch.as_tensor(t, dtype=torch.float64)
     if bool((t < 0).any()) or bool(torch.isnan(t).any()):
         raise ValueError("t must be non-negative EDM noise levels")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters={iters!r} must be a non-negative integer (training iteration)")
+    check_int("iters", iters, lo=0)  # training iteration
     if not q > 1:
         raise ValueError(f"q={q!r} must be > 1 (dt shrinks by q every d iterations)")
-    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-        raise ValueError(f"d={d!r} must be a positive integer number of iterations per stage")
+    check_int("d", d, lo=1)  # iterations per stage
     n = 1.0 + k * torch.sigmoid(-b * t)
     r = t * (1.0 - n / q ** (iters // d))
     return r.clamp_min(0.0)
@@ -217,8 +212,7 @@ def ect_loss(model, x0: Tensor, iters: int, *, generator: torch.Generator | None
     """
     process = check_process(model, None, "ect_loss")
     x0 = check_batch(x0, "x0", nonempty=True)
-    if weighting not in ("inv_dt", "none"):
-        raise ValueError(f"weighting={weighting!r} is unknown; allowed: 'inv_dt', 'none'")
+    check_choice("weighting", weighting, ("inv_dt", "none"))
     r_min = max(float(r_min), process.edm_sigma(process.t_min).item())
     lo, hi = 2 * r_min, process.edm_sigma(process.t_max).item()
     if t is None:
@@ -294,8 +288,7 @@ def phase_edges(t_grid, n_phases: int) -> Tensor:
     if g.numel() < 2 or not bool((g[1:] > g[:-1]).all()):
         raise ValueError("t_grid must be strictly increasing with at least 2 times")
     N = g.numel() - 1
-    if isinstance(n_phases, bool) or not isinstance(n_phases, int) or not 1 <= n_phases <= N:
-        raise ValueError(f"n_phases={n_phases!r} must be an integer in 1..{N} (number of grid intervals)")
+    check_int("n_phases", n_phases, lo=1, hi=N, hi_name="N")  # number of grid intervals
     idx = torch.round(torch.linspace(0, N, n_phases + 1, dtype=torch.float64)).long()
     return g[idx]
 
@@ -412,8 +405,7 @@ def ode_pairs(teacher, z: Tensor, timesteps, *, sampler: str = "ddim", cond=None
     rectified flow this is Euler) or ``"dpm_solver"``. Runs without gradient."""
     from ..samplers.diffusion import ddim, dpm_solver
     fns = {"ddim": ddim, "dpm_solver": dpm_solver}
-    if sampler not in fns:
-        raise ValueError(f"sampler={sampler!r} is unknown; allowed: {sorted(fns)}")
+    check_choice("sampler", sampler, sorted(fns))
     with torch.no_grad():
         return fns[sampler](teacher, timesteps, z, cond=cond, progress=progress)
 
@@ -422,8 +414,7 @@ def reflow_loss(model, x_hat0: Tensor, z: Tensor, *, generator: torch.Generator 
                 cond=None, reduction: str = "mean") -> Tensor:
     """k-rectified flow on coupled pairs (handbook Eq. 29; Wang talk Alg. 3): flow matching with ``x0 = Flow_k(z)``
     and the SAME ``z`` as noise (instead of an independent draw). ``model`` is a rectified-flow velocity model."""
-    if not isinstance(z, Tensor) or z.shape != x_hat0.shape:
-        raise ValueError(f"z must be a tensor shaped like x_hat0 {tuple(x_hat0.shape)} (the coupled noise)")
+    check_shape("z", z, x_hat0.shape, "the shape of x_hat0: the coupled noise")
     return flow_matching_loss(model, x_hat0, eps=z, generator=generator, t=t, cond=cond, reduction=reduction)
 
 
@@ -432,8 +423,7 @@ def rectified_diffusion_loss(model, x_hat0: Tensor, z: Tensor, *, generator: tor
     """Rectified diffusion (Wang talk Alg. 4): retrain a diffusion model on its own ODE-coupled pairs, keeping its
     process and parameterisation: ``x_t = alpha x_hat0 + sigma z``, loss ``||eps_theta(x_t) - z||^2`` (or the
     model's own target). It is ``denoising_loss`` with ``x0 = x_hat0`` and ``eps = z`` coupled."""
-    if not isinstance(z, Tensor) or z.shape != x_hat0.shape:
-        raise ValueError(f"z must be a tensor shaped like x_hat0 {tuple(x_hat0.shape)} (the coupled noise)")
+    check_shape("z", z, x_hat0.shape, "the shape of x_hat0: the coupled noise")
     return denoising_loss(model, x_hat0, eps=z, generator=generator, t=t, target=target, cond=cond,
                           reduction=reduction)
 
@@ -532,8 +522,7 @@ def dmd2_backward_simulation(student, timesteps, z: Tensor, *, generator: torch.
     K = ts.numel() - 1
     if stop is None:
         stop = int(torch.randint(0, K, (1,), generator=generator))
-    if isinstance(stop, bool) or not isinstance(stop, int) or not 0 <= stop < K:
-        raise ValueError(f"stop={stop!r} must be an integer in 0..{K - 1} (a student step)")
+    check_int("stop", stop, lo=0, hi=K - 1, hi_name="K-1")  # a student step
     x = check_batch(z, "z")
     with torch.no_grad():
         for k in range(stop):

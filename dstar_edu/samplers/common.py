@@ -15,6 +15,7 @@ import torch
 
 from ..process import Process
 from ..times import check_timesteps, karras_sigmas, subsequence, uniform_grid  # noqa: F401  (re-exported)
+from ..validation import check_shape, check_type
 
 Tensor = torch.Tensor
 
@@ -33,8 +34,7 @@ def _check_predictor(predictor) -> Process:
 
 
 def _check_generator(generator):
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+    check_type("generator", generator, (torch.Generator, None), "a torch.Generator or None")
     return generator
 
 
@@ -55,9 +55,7 @@ def _draw_noise(noise, x: Tensor, generator, noise_dtype=None) -> Tensor:
     call as diffusers' ``randn_tensor`` on CPU, so equal seeds give equal noise.
     """
     if noise is not None:
-        if not isinstance(noise, Tensor) or noise.shape != x.shape:
-            raise ValueError(f"noise must be a tensor of the sample's shape {tuple(x.shape)}, got "
-                             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+        check_shape("noise", noise, x.shape, "the shape of the sample x")
         return noise.to(x.dtype)
     z = torch.randn(x.shape, generator=generator, dtype=noise_dtype or x.dtype, device=x.device)
     return z.to(x.dtype)

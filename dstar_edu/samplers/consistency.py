@@ -54,7 +54,7 @@ import torch
 from ..predictors import Predictor
 from ..process import DDPM, Process, time_tensor
 from ..times import lcm_timesteps, rho_grid  # noqa: F401  (lcm_timesteps re-exported)
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_int
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
 from .diffusion import ddim_update
 
@@ -211,8 +211,7 @@ def lcm_step(predictor: Predictor, x: Tensor, t, t_next, *, noise="fresh", bound
         x0_hat = consistency_output(predictor, x, t, cond)
     a, s = (float(c) for c in (process.alpha(t_next), process.sigma(t_next)))
     if isinstance(noise, str):
-        if noise not in _LCM_NOISE:
-            raise ValueError(f"noise={noise!r} is unknown; allowed: 'fresh', 'predicted' or a tensor")
+        check_choice("noise", noise, _LCM_NOISE, also="a tensor")
         if noise == "predicted":
             z = predictor.predict("eps", x, t, cond)
         elif s == 0.0:
@@ -319,8 +318,7 @@ class ODEFlowMap(Predictor):
     def __init__(self, teacher: Predictor, n_steps: int = 200, t_end: float | None = None, rho: float = 7.0):
         process = _check_predictor(teacher)
         super().__init__(process, "x0")
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+        check_int("n_steps", n_steps, lo=1)
         if not rho > 0:
             raise ValueError(f"rho={rho!r} must be positive")
         self.teacher, self.n_steps, self.rho = teacher, n_steps, float(rho)

@@ -36,7 +36,7 @@ from ..conversions import convert, to_x0_eps
 from ..predictors import Predictor
 from ..process import Process
 from ..times import ddpm_grid, log_snr, logsnr_grid, time_from_log_snr  # noqa: F401  (re-exported)
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_int, check_shape
 from .common import _check_generator, _check_predictor, _draw_noise, check_timesteps, run_loop
 
 Tensor = torch.Tensor
@@ -53,9 +53,7 @@ def _noise_arg(noise, x: Tensor, generator) -> Tensor:
     """``noise`` if given (shaped like x), else a standard normal like ``x`` drawn from ``generator``."""
     if noise is None:
         return _draw_noise(None, x, generator)
-    if not isinstance(noise, Tensor) or noise.shape != x.shape:
-        raise ValueError(f"noise has shape {tuple(getattr(noise, 'shape', ()))} but x has shape {tuple(x.shape)}; "
-                         "allowed: None or a tensor shaped like x")
+    check_shape("noise", noise, x.shape, "the shape of x; or None")
     return noise
 
 
@@ -222,10 +220,8 @@ def ddpm_step(predictor: Predictor, x: Tensor, t, t_prev=None, *, variance: str 
 
 
 def _check_ddpm_options(variance, form):
-    if variance not in _VARIANCES:
-        raise ValueError(f"variance={variance!r} is unknown; allowed: {_VARIANCES}")
-    if form not in _FORMS:
-        raise ValueError(f"form={form!r} is unknown; allowed: {_FORMS}")
+    check_choice("variance", variance, _VARIANCES)
+    check_choice("form", form, _FORMS)
 
 
 def ddim_sigma(ab_t, ab_prev, eta: float):
@@ -346,8 +342,7 @@ def pf_ode_step(predictor: Predictor, x: Tensor, t, t_next, method: str = "euler
     """
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
-    if method not in _ODE_METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
+    check_choice("method", method, _ODE_METHODS)
     tt, tn = _step_time(process, t), _step_time(process, t_next, "t_next")
     c = _Coefs(process, torch.stack([tt, tn]), x.dtype)
     return _ode_update(predictor, x, t, t_next, c, 0, method, cond)
@@ -377,8 +372,7 @@ def dpm_solver_step(predictor: Predictor, x: Tensor, t, t_next, order: int = 2, 
     """
     process = _check_predictor(predictor)
     x = check_batch(x, "x")
-    if order not in (1, 2, 3):
-        raise ValueError(f"order={order!r} is not supported; allowed: 1, 2, 3")
+    check_choice("order", order, (1, 2, 3))
     t, t_next = process.check_t(t), process.check_t(t_next)
     if not t_next < t:
         raise ValueError(f"t_next={float(t_next):g} must be smaller than t={float(t):g}")
@@ -485,8 +479,7 @@ def smld(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.Ge
     (``x_{t+1}`` from ``x_t``, data at the end); here the level index runs down like every sampler.
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
-    if isinstance(n_steps_per_level, bool) or not isinstance(n_steps_per_level, int) or n_steps_per_level < 1:
-        raise ValueError(f"n_steps_per_level={n_steps_per_level!r} must be a positive integer")
+    check_int("n_steps_per_level", n_steps_per_level, lo=1)
     if not step_size > 0:
         raise ValueError(f"step_size={step_size!r} must be positive")
     deltas = smld_step_sizes(process, ts[1:], step_size)
@@ -526,8 +519,7 @@ def pf_ode(predictor: Predictor, timesteps, x_init: Tensor, *, generator: torch.
     Deterministic: ``generator`` is accepted for the common signature and not used.
     """
     process, ts = _prepare(predictor, timesteps, x_init, generator)
-    if method not in _ODE_METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {_ODE_METHODS}")
+    check_choice("method", method, _ODE_METHODS)
     c = _Coefs(process, ts, x_init.dtype)
     return run_loop(lambda x, t, tn, i: _ode_update(predictor, x, t, tn, c, i, method, cond),
                     ts, x_init, return_trajectory, progress, desc=f"pf_ode[{method}]")
@@ -543,7 +535,6 @@ def dpm_solver(predictor: Predictor, timesteps, x_init: Tensor, *, generator: to
     grid makes the first h ~ 35 and the Taylor expansion of orders 2-3 meaningless (they blow up).
     """
     _, ts = _prepare(predictor, timesteps, x_init, generator)
-    if order not in (1, 2, 3):
-        raise ValueError(f"order={order!r} is not supported; allowed: 1, 2, 3")
+    check_choice("order", order, (1, 2, 3))
     return run_loop(lambda x, t, tn, i: dpm_solver_step(predictor, x, t, tn, order=order, cond=cond),
                     ts, x_init, return_trajectory, progress, desc=f"dpm_solver[{order}]")

@@ -56,7 +56,7 @@ import torch
 from ..predictors import Predictor
 from ..process import DDPM, VP, Process, TrigFlow
 from ..times import flow_match_timesteps, trigflow_timesteps  # noqa: F401  (re-exported)
-from ..validation import check_batch
+from ..validation import check_batch, check_choice
 from .common import _check_generator, _check_predictor, _draw_noise, _scalar_t, check_timesteps, run_loop
 from .consistency import consistency_multistep
 from .diffusion import ddim_sigma, ddim_update, ddpm_posterior
@@ -101,9 +101,7 @@ def rectified_flow_euler(predictor: Predictor, timesteps, x_init: Tensor, *, dir
     process = _check_predictor(predictor)
     check_batch(x_init, "x_init")
     _check_generator(generator)
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction={direction!r} is unknown; allowed: 'to_data' (decreasing timesteps) or "
-                         "'to_noise' (increasing timesteps)")
+    check_choice("direction", direction, _DIRECTIONS)  # to_data: decreasing timesteps; to_noise: increasing
     if direction == "to_data":
         ts = check_timesteps(timesteps, process)
     else:
@@ -224,8 +222,7 @@ def instaflow(predictor: Predictor, timesteps, y_init: Tensor, *, method: str = 
     process = _check_vp(_check_predictor(predictor))
     check_batch(y_init, "y_init")
     _check_generator(generator)
-    if method not in INSTAFLOW_METHODS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(INSTAFLOW_METHODS)}")
+    check_choice("method", method, INSTAFLOW_METHODS)
     ts = check_timesteps(timesteps, process)
 
     def step(y, t, t_prev, i):
@@ -275,8 +272,7 @@ def trigflow(predictor: Predictor, timesteps, x_init: Tensor, *, sampler: str = 
     process = _check_trigflow(predictor)
     check_batch(x_init, "x_init")
     _check_generator(generator)
-    if sampler not in _TRIG_SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is unknown; allowed: 'ddim', 'consistency'")
+    check_choice("sampler", sampler, _TRIG_SAMPLERS)
     if sampler == "consistency":
         return consistency_multistep(predictor, timesteps, x_init, epsilon=0.0, generator=generator, cond=cond,
                                      noise_dtype=noise_dtype, return_trajectory=return_trajectory,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..objectives.pretrain import ddim_denoise
-from ..validation import check_batch
+from ..validation import check_batch, check_choice, check_int
 from .common import _check_predictor, check_timesteps
 from .diffusion import velocity
 
@@ -50,8 +50,7 @@ def _prep(predictor, timesteps, x_init, solver):
     process = _check_predictor(predictor)
     ts = check_timesteps(timesteps, process)
     x = check_batch(x_init, "x_init")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is unknown; allowed: {SOLVERS}")
+    check_choice("solver", solver, SOLVERS)
     return ts, x
 
 
@@ -91,11 +90,9 @@ def picard(predictor, timesteps, x_init: Tensor, *, solver: str = "ddim", max_ro
     """
     ts, x0 = _prep(predictor, timesteps, x_init, solver)
     N = ts.numel() - 1
-    if init != "constant":
-        raise ValueError(f"init={init!r} is unknown; allowed: 'constant'")
+    check_choice("init", init, ("constant",))
     max_rounds = N if max_rounds is None else max_rounds
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds={max_rounds!r} must be a positive integer")
+    check_int("max_rounds", max_rounds, lo=1)
     if not tol >= 0:
         raise ValueError(f"tol={tol!r} must be >= 0")
     states = [x0] * (N + 1)
@@ -131,8 +128,7 @@ def parareal(predictor, timesteps, x_init: Tensor, n_coarse: int, *, solver: str
     M = Nf // n_coarse
     edges = list(range(0, Nf + 1, M))
     max_iters = n_coarse if max_iters is None else max_iters
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"max_iters={max_iters!r} must be a positive integer")
+    check_int("max_iters", max_iters, lo=1)
     B = x0.shape[0]
 
     def G(x, i):

@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from ..validation import check_int
+
 __all__ = ["CheckResult", "Check", "register", "REGISTRY", "identity", "monte_carlo", "erratum",
            "run_check", "run_checks", "select", "base_of", "DIMS", "check_generator", "check_seed", "run_seed", "seeded",
            "NoCheckMatches", "Erratum", "register_errata", "mutate", "mutating", "run_power", "run_power_checks", "POWER_IDENTITY",
@@ -260,8 +262,7 @@ def select(pattern: str | None = None) -> list[Check]:
 
 
 def _validate_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer (0 = the registered draws), got seed={seed!r}")
+    check_int("seed", seed, lo=0)  # 0 = the registered draws
     return seed
 
 
