@@ -81,28 +81,51 @@ COVERS: dict[str, tuple[str, ...]] = {
     "basics.sm_loss_weight": ("dstar_edu.process.Process.alpha_bar",),
     # ---- samplers.*
     "samplers.ddim_eta1_is_ddpm": (
-        "dstar_edu.samplers.diffusion.ddpm_step", "dstar_edu.samplers.diffusion.ddim_step"
+        "dstar_edu.samplers.diffusion.ddpm_step", "dstar_edu.samplers.diffusion.ddim_step",
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.samplers.diffusion.ddim_update"
     ),
-    "samplers.ddim_eta0_ode_order": ("dstar_edu.samplers.diffusion.ddim_step",),
+    "samplers.ddim_eta0_ode_order": (
+        "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.samplers.diffusion.ddim_update"
+    ),
     "samplers.dpm_solver1_is_ddim": (
         "dstar_edu.times.subsequence", "dstar_edu.samplers.diffusion.ddim",
-        "dstar_edu.samplers.diffusion.dpm_solver"
+        "dstar_edu.samplers.diffusion.dpm_solver", "dstar_edu.samplers.diffusion.ddim_update"
     ),
     "samplers.dpm_solver_orders": (
         "dstar_edu.samplers.diffusion.dpm_solver", "dstar_edu.times.logsnr_grid"
     ),
-    "samplers.subsequence_eq10": ("dstar_edu.samplers.diffusion.ddim_step",),
+    "samplers.subsequence_eq10": (
+        "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.samplers.diffusion.ddpm_posterior",
+        "dstar_edu.samplers.diffusion.ddim_update"
+    ),
     "samplers.subsequence_claim_value": ("dstar_edu.process.DDPM.alpha_bars", "dstar_edu.process.DDPM.step_alpha"),
     "samplers.alg1_x0_hat": ("dstar_edu.conversions.x0_from_eps",),
-    "samplers.alg1_mean": ("dstar_edu.samplers.diffusion.ddpm_step",),
-    "samplers.alg1_sigma": ("dstar_edu.samplers.diffusion.ddim_sigma",),
-    "samplers.alg2_eps_coefficient": ("dstar_edu.samplers.diffusion.ddpm_step",),
-    "samplers.alg2_noise_scale": ("dstar_edu.samplers.diffusion.ddim_sigma",),
+    "samplers.alg1_mean": (
+        "dstar_edu.samplers.diffusion.ddpm_step", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
+    "samplers.alg1_sigma": (
+        "dstar_edu.samplers.diffusion.ddim_sigma", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
+    "samplers.alg2_eps_coefficient": (
+        "dstar_edu.samplers.diffusion.ddpm_step", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
+    "samplers.alg2_noise_scale": (
+        "dstar_edu.samplers.diffusion.ddim_sigma", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
     "samplers.alg3_x0_hat": ("dstar_edu.conversions.x0_from_eps",),
-    "samplers.alg3_mean": ("dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.samplers.diffusion.ddim_sigma"),
-    "samplers.alg3_sigma": ("dstar_edu.samplers.diffusion.ddim_sigma",),
-    "samplers.ddpm_text_step_iii": ("dstar_edu.samplers.diffusion.ddpm_step",),
-    "samplers.eta0_remark": ("dstar_edu.samplers.diffusion.ddim_step",),
+    "samplers.alg3_mean": (
+        "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.samplers.diffusion.ddim_sigma",
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.samplers.diffusion.ddim_update"
+    ),
+    "samplers.alg3_sigma": (
+        "dstar_edu.samplers.diffusion.ddim_sigma", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
+    "samplers.ddpm_text_step_iii": (
+        "dstar_edu.samplers.diffusion.ddpm_step", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
+    "samplers.eta0_remark": (
+        "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.samplers.diffusion.ddim_update"
+    ),
     "samplers.sde_ode_marginals_vp": (
         "dstar_edu.samplers.diffusion.pf_ode", "dstar_edu.samplers.diffusion.reverse_sde"
     ),
@@ -111,13 +134,16 @@ COVERS: dict[str, tuple[str, ...]] = {
         "dstar_edu.samplers.diffusion.reverse_sde"
     ),
     "samplers.smld_convergence": ("dstar_edu.samplers.diffusion.smld",),
-    "samplers.diffusers_ddpm_step": ("dstar_edu.samplers.diffusion.ddpm_step",),
+    "samplers.diffusers_ddpm_step": (
+        "dstar_edu.samplers.diffusion.ddpm_step", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
     "samplers.diffusers_ddim_step": (
-        "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.diffusers_interop.diffusers_ddim_transitions"
+        "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.diffusers_interop.diffusers_ddim_transitions",
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.samplers.diffusion.ddim_update"
     ),
     "samplers.diffusers_edm_euler_step": (
         "dstar_edu.diffusers_interop.edm_preconditioning", "dstar_edu.samplers.diffusion.pf_ode_step",
-        "dstar_edu.times.karras_sigmas"
+        "dstar_edu.times.karras_sigmas", "dstar_edu.times.rho_grid"
     ),
     "samplers.prop23_lcm_is_ddim": ("dstar_edu.samplers.consistency.lcm",),
     "samplers.lcm_fresh_noise": ("dstar_edu.samplers.consistency.lcm_step",),
@@ -133,14 +159,17 @@ COVERS: dict[str, tuple[str, ...]] = {
     ),
     "samplers.cm_mixture_sw": ("dstar_edu.samplers.consistency.consistency_multistep",),
     "samplers.instaflow_alg6_coefficient": (
-        "dstar_edu.samplers.flow.instaflow_beta", "dstar_edu.samplers.flow.instaflow_posterior_step"
+        "dstar_edu.samplers.flow.instaflow_beta", "dstar_edu.samplers.flow.instaflow_posterior_step",
+        "dstar_edu.samplers.diffusion.ddpm_posterior"
     ),
     "samplers.instaflow_alg8_gamma": (
-        "dstar_edu.samplers.flow.instaflow_beta", "dstar_edu.samplers.flow.instaflow_ddim_step"
+        "dstar_edu.samplers.flow.instaflow_beta", "dstar_edu.samplers.flow.instaflow_ddim_step",
+        "dstar_edu.samplers.diffusion.ddpm_posterior", "dstar_edu.samplers.diffusion.ddim_update"
     ),
     "samplers.instaflow_alg8_sigma": (
         "dstar_edu.samplers.flow.instaflow_beta", "dstar_edu.samplers.flow.instaflow_ddim_step",
-        "dstar_edu.samplers.flow.instaflow_posterior_step"
+        "dstar_edu.samplers.flow.instaflow_posterior_step", "dstar_edu.samplers.diffusion.ddpm_posterior",
+        "dstar_edu.samplers.diffusion.ddim_update"
     ),
     "samplers.instaflow_alg7": (
         "dstar_edu.samplers.flow.instaflow_simplified_step", "dstar_edu.samplers.flow.instaflow_beta",
@@ -280,7 +309,9 @@ COVERS: dict[str, tuple[str, ...]] = {
         "dstar_edu.objectives.reward_finetune.gaussian_log_prob",
         "dstar_edu.objectives.reward_finetune.transition_stats"
     ),
-    "align.ddpo_posterior_restated": ("dstar_edu.objectives.reward_finetune.transition_stats",),
+    "align.ddpo_posterior_restated": (
+        "dstar_edu.objectives.reward_finetune.transition_stats", "dstar_edu.samplers.diffusion.ddpm_posterior"
+    ),
     "align.draft_k": ("dstar_edu.objectives.reward_finetune.draft_loss",),
     "align.drwr_weight": (
         "dstar_edu.objectives.reward_finetune.drwr_loss", "dstar_edu.objectives.reward_finetune.drwr_weights"
@@ -342,11 +373,15 @@ COVERS: dict[str, tuple[str, ...]] = {
     "guards.diffusion_dpo": (
         "dstar_edu.objectives.preference.diffusion_dpo_loss", "dstar_edu.objectives.preference.diffusion_npo_loss"
     ),
+    "guards.lognormal_time_distributions": (
+        "dstar_edu.times.p_edm", "dstar_edu.times.p_sim", "dstar_edu.times.lognormal_edm_sigma",
+        "dstar_edu.times.t_from_edm_sigma"
+    ),
     # ---- distill.traj.*
     "distill.traj.pd_target": (
         "dstar_edu.samplers.diffusion.ddim_step", "dstar_edu.objectives.trajectory.pd_target",
         "dstar_edu.objectives.trajectory.teacher_two_steps", "dstar_edu.objectives.trajectory.halve_timesteps",
-        "dstar_edu.times.subsequence"
+        "dstar_edu.times.subsequence", "dstar_edu.samplers.diffusion.ddim_update"
     ),
     "distill.traj.pd_halving": (
         "dstar_edu.objectives.trajectory.halve_timesteps", "dstar_edu.objectives.trajectory.pd_halving_schedule"

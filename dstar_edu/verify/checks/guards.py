@@ -435,3 +435,40 @@ def diffusion_dpo():
                 diffusion_npo_loss(model, ref, x_w, x_l, beta=beta, t=t, eps_w=eps, reduction="none")]
         rhs += [-F.logsigmoid(-b * (d_w - d_l)), -F.logsigmoid(-b * (d_l - d_w))]
     return identity(torch.cat(lhs), torch.cat(rhs), rtol=1e-10, data=POINTWISE)
+
+
+# ---- log-normal time distributions (SIM App. B.2, Eq. B.5-B.6 and B.9-B.10) -------------------------------------
+def _clamped_normal_cdf(q: Tensor, mean: float, std: float, lo: float, hi: float) -> Tensor:
+    """P(clamp(Y, lo, hi) <= q) for Y ~ N(mean, std^2): Phi((q - mean)/std) inside [lo, hi), 1 from hi on."""
+    cdf = 0.5 * torch.erfc(-(q - mean) / (std * math.sqrt(2)))
+    return torch.where(q >= hi, torch.ones_like(cdf), cdf)
+
+
+@register("guards.lognormal_time_distributions",
+          "p_EDM and p_SIM draw ln sigma ~ N(P_mean, P_std^2) (clamped to the range) in the process's own time",
+          "SIM App. B.2, Eq. B.5-B.6 (p_EDM) and B.9-B.10 (p_SIM)")
+def lognormal_time_distributions():
+    """For VE(80) and VP, 20 000 times from ``p_edm`` (ln sigma ~ N(-1.2, 1.2^2)) and ``p_sim`` (N(-3.5, 2.5^2)) are
+    mapped back to the EDM noise level ``sigma(t)/alpha(t)`` (``process.at(t).edm_sigma``); the empirical CDF of
+    ln sigma at 7 points (P_mean + k P_std, k = -3..3, those inside the clamp range) must equal the clamped normal's
+    within 5 binomial s.e. ``sqrt(p (1 - p) / n)``. Counterfactual: P_std used as a variance (P_std^2), the slip
+    between N(m, s) and N(m, s^2): >= 16 s.e. away at n = 20 000."""
+    from dstar_edu.process import VP as _VP
+    from dstar_edu.times import p_edm, p_sim
+    n, est, ref, se, rows = 20000, [], [], [], []
+    for process in (VE(80.0), _VP()):
+        lo, hi = (float(process.at(t).edm_sigma) for t in (process.t_min, process.t_max))
+        lo = max(lo, 1e-300)
+        for name, make, (m, s) in (("p_edm", p_edm, (-1.2, 1.2)), ("p_sim", p_sim, (-3.5, 2.5))):
+            t = make(process, m, mutate(s, s * s))(n, _gen(900 + len(rows)))      # counterfactual: P_std as variance
+            log_sigma = process.at(t).edm_sigma.log()
+            q = torch.tensor([m + k * s for k in range(-3, 4)], dtype=F64)
+            q = q[(q > math.log(lo)) & (q < math.log(hi))]
+            p = _clamped_normal_cdf(q, m, s, math.log(lo), math.log(hi))
+            emp = (log_sigma[:, None] <= q[None, :]).to(F64).mean(0)
+            est.append(emp)
+            ref.append(p)
+            se.append((p * (1 - p) / n).sqrt())
+            rows.append({"process": type(process).__name__, "distribution": name, "points": q.tolist(),
+                         "empirical": emp.tolist(), "clamped_normal": p.tolist()})
+    return monte_carlo(torch.cat(est), torch.cat(ref), torch.cat(se), n=n, per_distribution=rows)
