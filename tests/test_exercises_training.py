@@ -74,3 +74,19 @@ def test_library_loss_refuses_while_graded(capsys):
     assert ex.check("denoising_step", via_library, seed=SEED) is False
     assert "dstar_edu.objectives.pretrain.denoising_loss refuses to run" in capsys.readouterr().out
 
+
+
+def test_graded_error_is_the_geometric_mean_over_the_graded_times():
+    # independent reference: the cube root of the product, by hand (the statistic is scale-aware: a 10x smaller
+    # error at one time offsets a 10x larger one at another)
+    errs = {t: 1.0 for t in tr.PROBE_TIMES} | {0.1: 0.08, 0.2: 0.01, 0.3: 0.002}
+    assert tr.GRADED_TIMES == (0.1, 0.2, 0.3)
+    assert tr.graded_error(errs) == pytest.approx((0.08 * 0.01 * 0.002) ** (1 / 3), rel=1e-12)
+
+
+def test_noise_without_sigma_fails_on_the_denoiser_criterion(instructor, capsys):
+    # the catalogued mistake whose samples can look right (SW ratio 1.3-5 in the bench): the denoiser criterion
+    # is what fails it, so its feedback must state the denoiser error
+    wrong, _ = ex.EXERCISES["denoising_step"].mistakes[3]
+    assert ex.check("denoising_step", wrong, seed=SEED) is False
+    assert "(geometric mean over these times)" in capsys.readouterr().out

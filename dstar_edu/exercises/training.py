@@ -9,17 +9,27 @@ learning rate, ``STEPS`` steps of batch ``BATCH``, a few seconds on one idle CPU
 1. its samples (the library's DDIM sampler, ``DDIM_STEPS`` steps of the VP process) against the data by the sliced
    Wasserstein distance (``metrics.sliced_wasserstein``) divided by the *noise floor*, the same distance between
    two independent data samples of the same size estimated in the same run: at most ``THRESHOLD``;
-2. its noise prediction against the exact one of the mixture (closed form) at ``GRADED_TIMES``: relative squared
-   error at most ``DENOISER_THRESHOLD`` at each.
+2. its noise prediction against the exact one of the mixture (closed form) at ``GRADED_TIMES``: the geometric mean
+   of the relative squared errors there at most ``DENOISER_THRESHOLD`` (the geometric mean weighs each time by its
+   own scale: a correct network is ~10x more accurate at t = 0.3 than at t = 0.1, a network trained on badly built
+   noisy batches is off at every one of them).
 
 Where the thresholds come from (``bench/bench_exercise_denoising_step.py``, measured in this session on a loaded
-2-core machine; grading seeds 0-11 for the reference, 1000-1004 for each mistake): the reference reaches SW
-ratios 0.64-1.86 (median 1.2) and denoiser errors 0.011-0.051; ``THRESHOLD = 2.5`` is 1.34x its largest ratio
-and ``DENOISER_THRESHOLD = 0.1`` 2x its largest error. The catalogued mistakes all fail on every seed: the loss
-with the wrong sign drives the network to non-finite outputs (training or sampling stops); the target -eps
-reaches ratios 2e5-1.5e6 (denoiser error 4), the target x0 207-1800 (2.6-5.3), every time t = 1 6-32 (2-4.8),
-times only in [0, 0.1] 30-5e10 (0.28-0.63); the noise without its coefficient reaches ratios 1.42-4.97, partly
-inside the reference's range -- its denoiser error (0.14-0.53 at the graded times) is why criterion 2 exists.
+2-core machine, one process; grading seeds 0-99 and 100-116 for the reference, 1000-1009 for each mistake, 1000-1011
+for the noise without its coefficient). The reference reaches SW ratios 0.52-2.46 (median 1.17) and graded denoiser
+errors 0.0013-0.012 (median 0.0055), and fails neither criterion on any seed. Its false-fail probability per
+grading, from log-normal fits to the 100 values of seeds 0-99 (a union bound over the criteria; the logs have
+skewness -0.6 and 0.0 and negative excess kurtosis, so their tails are no heavier than the fitted Gaussian's):
+P(ratio > ``THRESHOLD`` = 4.0) = 2e-4 (z = 3.5) and P(error > ``DENOISER_THRESHOLD`` = 0.03) = 2.5e-4 (z = 3.5), so
+below 5e-4 in all; 0.03 is 2.6x the largest measured error (0.0116, seed 116, whose error of 0.145 at t = 0.1 failed
+the earlier rule). The earlier rule (largest error at the graded times <= 0.1, ratio <= 2.5) failed the reference on
+3 of these 117 seeds (errors 0.12-0.15 at t = 0.1, where a correct network is least accurate) with ratios up to 2.46
+-- the geometric mean weighs each time by its own scale. Every catalogued mistake fails the denoiser criterion on
+every seed measured, most also the SW one: the loss with the wrong sign drives the network to non-finite outputs
+(ratios 1.5e15 to inf, errors 2e25-1e26); the target -eps reaches ratios 2e5-1.5e6 (errors 3.9-4.0), the target x0
+207-2650 (1.2-3.9), every time t = 1 5.2-32 (0.65-2.3), times only in [0, 0.1] 21-5e13 (0.054-0.14); the noise
+without its coefficient reaches ratios 1.3-5.1, overlapping the reference's, but errors 0.072-0.144 (12 seeds): 2.4x
+above the threshold at its smallest, and a log-normal fit puts P(error <= 0.03) at 2e-13 (z = 7.2).
 
 A wrong answer is told which property fails, measured without stating the formula: a non-scalar or non-finite
 loss, a loss that grows during training, a loss that is not smallest at the exact noise predictor of the mixture
@@ -43,14 +53,15 @@ STEPS, BATCH, LR, HIDDEN, DEPTH = 800, 256, 1e-2, 64, 2
 #: samples for the distance (and for each of the two data samples of the noise floor), DDIM steps, projections
 N_SAMPLES, DDIM_STEPS, N_PROJECTIONS, REPEATS = 1000, 50, 512, 2
 #: pass when SW(samples, data) <= THRESHOLD * SW(data, data'); basis in the module docstring
-THRESHOLD = 2.5
+THRESHOLD = 4.0
 #: the mixture: K components with means uniform in [-2, 2]^2 and a common standard deviation
 K, SPREAD, STD = 3, 2.0, 0.35
 #: times at which the trained network's noise prediction is compared with the exact one of the mixture: all of
-#: them in the feedback; GRADED_TIMES also grade (relative squared error at most DENOISER_THRESHOLD at each)
+#: them in the feedback; GRADED_TIMES also grade (geometric mean of their relative squared errors at most
+#: DENOISER_THRESHOLD)
 PROBE_TIMES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.6, 1.0)
 GRADED_TIMES = (0.1, 0.2, 0.3)
-DENOISER_THRESHOLD = 0.1
+DENOISER_THRESHOLD = 0.03
 PROCESS = VP()
 
 
@@ -145,7 +156,12 @@ def sample_distance(model, mix, gen: torch.Generator):
     return samples, data, sw, floor
 
 
-def denoiser_errors(model, mix, gen: torch.Generator, n: int = 2000) -> dict[float, float]:
+def graded_error(errs: dict[float, float]) -> float:
+    """The denoiser statistic that grades: the geometric mean of ``errs`` over ``GRADED_TIMES``."""
+    return float(torch.tensor([errs[t] for t in GRADED_TIMES], dtype=F64).log().mean().exp())
+
+
+def denoiser_errors(model, mix, gen: torch.Generator, n: int = 4000) -> dict[float, float]:
     """For each of ``PROBE_TIMES``: ``E||eps_model(x_t, t) - eps*(x_t, t)||^2 / E||eps*(x_t, t)||^2`` over
     ``x_t ~ q_t``, where ``eps*`` is the exact noise predictor of the mixture (closed form)."""
     x0 = mix.sample(n, generator=gen)
@@ -203,7 +219,7 @@ def _trial(trial: int, g: torch.Generator) -> OutcomeTrial:
             parts = ["the samples of your trained network contain NaN or inf: training made its noise prediction "
                      "blow up."]
         else:
-            ratio, worst = sw / floor, max(errs[t] for t in GRADED_TIMES)
+            ratio, worst = sw / floor, graded_error(errs)
             if ratio <= THRESHOLD and worst <= DENOISER_THRESHOLD:
                 state.clear()
                 return None
@@ -215,8 +231,9 @@ def _trial(trial: int, g: torch.Generator) -> OutcomeTrial:
                              f"{THRESHOLD} times.")
             if worst > DENOISER_THRESHOLD:
                 parts.append(f"after {STEPS} training steps with your loss, the network's noise prediction at t = "
-                             f"{list(GRADED_TIMES)} is off by a relative squared error of up to {worst:.2g} from the "
-                             f"exact one of this mixture; a correct loss reaches at most {DENOISER_THRESHOLD}.")
+                             f"{list(GRADED_TIMES)} is off from the exact one of this mixture by a relative "
+                             f"squared error of {worst:.2g} (geometric mean over these times); a correct loss "
+                             f"reaches at most {DENOISER_THRESHOLD}.")
             spread = (samples.std(0) / data[0].std(0)).mean().item()
             if abs(spread - 1) > 0.15:
                 parts.append(f"The spread of the samples is {spread:.3g} times the data's (a scale property).")
@@ -301,7 +318,7 @@ register(Exercise(
              f"Wasserstein distance to the data is at most {THRESHOLD} times the noise floor (the distance between "
              "two independent data samples of the same size, measured in the same run) and the network's noise "
              f"prediction at t = {list(GRADED_TIMES)} is within a relative squared error of {DENOISER_THRESHOLD} "
-             "of the exact one of the mixture."),
+             "of the exact one of the mixture (geometric mean over these times)."),
     mistakes=(
         (lambda m, x0, a, s, g: _step(m, x0, a, s, g, sign=-1.0),
          "your loss has the wrong sign: the optimiser minimises what you return, so it pushes the prediction away "
