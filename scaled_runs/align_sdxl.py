@@ -106,7 +106,7 @@ def build_tiny_pipeline(workdir, seed: int = 0, full: bool = False, device="cpu"
     encoders of width 32, VAE 32px) and a tiny ``CLIPReward``, offline and seeded. The byte-level tokenizer
     (written to ``workdir``) is the reward's and both text encoders'. ``full``: UNet, VAE, both text encoders and
     a CLIP-H reward at SDXL / PickScore's published sizes (``configs/arch``), built on ``device``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     reward = tiny_clip_reward(Path(workdir) / "tiny_tokenizer", seed=seed)
     tok = reward.tokenizer
@@ -130,15 +130,21 @@ def build_tiny_pipeline(workdir, seed: int = 0, full: bool = False, device="cpu"
                             layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=0.13025)
     finally:
         torch.random.set_rng_state(state)
-    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                                     unet=unet, scheduler=sched)
+    pipe = _sdxl_pipeline(vae, te1, te2, tok, unet)
     return pipe, reward
 
 
+def _sdxl_pipeline(vae, te1, te2, tok, unet):
+    """An SDXL pipeline around random networks, with SDXL's Euler scheduler (scaled-linear betas, trailing spacing)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   timestep_spacing="trailing")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+
+
 def _full_random_pipeline(tok, tiny_reward, seed: int, device):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from scaled_runs.plan import _arch
@@ -157,10 +163,7 @@ def _full_random_pipeline(tok, tiny_reward, seed: int, device):
                                         projection_dim=rc["projection_dim"]))
     finally:
         torch.random.set_rng_state(state)
-    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                                     unet=unet, scheduler=sched)
+    pipe = _sdxl_pipeline(vae, te1, te2, tok, unet)
     return pipe, CLIPReward(clip, tok)
 
 

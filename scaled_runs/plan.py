@@ -312,6 +312,18 @@ def _grad_bytes(plan: Plan, cfg, n_train: int) -> int:
     return n_train * 4
 
 
+def _frozen_and_trained(plan: Plan, cfg, make, wdt) -> tuple:
+    """``(frozen teacher, generator, fake score, n_train)``, each built by ``make`` on the meta device: the trained
+    pair (LoRA-wrapped when ``cfg.lora_rank``) is counted in ``plan``'s rows, then cast to ``wdt`` (autocast:
+    activations are measured in the run's precision)."""
+    teacher = _on_meta(make).to(wdt).requires_grad_(False)
+    gen, fake = _on_meta(make), _on_meta(make)
+    if cfg.lora_rank:
+        gen, fake = (_lora(m.to(wdt), cfg.lora_rank, cfg.lora_scale_alpha()) for m in (gen, fake))
+    n_train = _trained_rows(plan, cfg, {"generator": gen, "fake score": fake}, _bytes_of(wdt))
+    return teacher, gen.to(wdt), fake.to(wdt), n_train
+
+
 def plan_sdxl(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, \
@@ -321,14 +333,8 @@ def plan_sdxl(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
     act_dt = wdt
     ucfg = _local_or_arch(cfg.pretrained, "unet", "sdxl_unet")
     vcfg = _local_or_arch(cfg.pretrained, "vae", "sdxl_vae")
-    reference = _on_meta(lambda: UNet2DConditionModel(**ucfg)).to(wdt).requires_grad_(False)
-    gen = _on_meta(lambda: UNet2DConditionModel(**ucfg))
-    fake = _on_meta(lambda: UNet2DConditionModel(**ucfg))
-    if cfg.lora_rank:
-        gen, fake = (_lora(m.to(wdt), cfg.lora_rank, cfg.lora_scale_alpha()) for m in (gen, fake))
+    reference, gen, fake, n_train = _frozen_and_trained(plan, cfg, lambda: UNet2DConditionModel(**ucfg), wdt)
     vae = _on_meta(lambda: AutoencoderKL(**vcfg)).to(wdt).requires_grad_(False)
-    n_train = _trained_rows(plan, cfg, {"generator": gen, "fake score": fake}, _bytes_of(wdt))
-    gen, fake = gen.to(act_dt), fake.to(act_dt)          # autocast: measured with bf16 activations
     plan.rows["reference UNet (frozen)"] = _nbytes(reference)
     plan.rows["VAE (frozen)"] = _nbytes(vae)
     if not cfg.prompt_embeddings:
@@ -390,13 +396,7 @@ def plan_pixart(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
     plan = Plan("distill_pixart (SIM, PixArt-alpha 512px)", gpus, gpu_memory, strategy)
     wdt = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
     tcfg = _local_or_arch(cfg.pretrained, "transformer", "pixart_512_transformer")
-    teacher = _on_meta(lambda: PixArtTransformer2DModel(**tcfg)).to(wdt).requires_grad_(False)
-    gen = _on_meta(lambda: PixArtTransformer2DModel(**tcfg))
-    fake = _on_meta(lambda: PixArtTransformer2DModel(**tcfg))
-    if cfg.lora_rank:
-        gen, fake = (_lora(m.to(wdt), cfg.lora_rank, cfg.lora_scale_alpha()) for m in (gen, fake))
-    n_train = _trained_rows(plan, cfg, {"generator": gen, "fake score": fake}, _bytes_of(wdt))
-    gen, fake = gen.to(wdt), fake.to(wdt)                # autocast: measured with bf16 activations
+    teacher, gen, fake, n_train = _frozen_and_trained(plan, cfg, lambda: PixArtTransformer2DModel(**tcfg), wdt)
     plan.rows["teacher transformer (frozen)"] = _nbytes(teacher)
     vae = _on_meta(lambda: AutoencoderKL(**_local_or_arch(cfg.pretrained, "vae", "sd_vae_512"))).to(wdt)
     plan.rows["VAE (frozen, sample grids)"] = _nbytes(vae)
@@ -430,13 +430,7 @@ def plan_cifar(cfg, gpus: int, gpu_memory: float, strategy: str) -> Plan:
     plan = Plan("distill_cifar (DDPM-CIFAR UNet, 32px)", gpus, gpu_memory, strategy)
     wdt = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
     ucfg = _local_or_arch(cfg.teacher, "unet", "ddpm_cifar10_unet")
-    teacher = _on_meta(lambda: UNet2DModel(**ucfg)).to(wdt).requires_grad_(False)
-    gen = _on_meta(lambda: UNet2DModel(**ucfg))
-    fake = _on_meta(lambda: UNet2DModel(**ucfg))
-    if cfg.lora_rank:
-        gen, fake = (_lora(m.to(wdt), cfg.lora_rank, cfg.lora_scale_alpha()) for m in (gen, fake))
-    n_train = _trained_rows(plan, cfg, {"generator": gen, "fake score": fake}, _bytes_of(wdt))
-    gen, fake = gen.to(wdt), fake.to(wdt)                # autocast: measured with bf16 activations
+    teacher, gen, fake, n_train = _frozen_and_trained(plan, cfg, lambda: UNet2DModel(**ucfg), wdt)
     plan.rows["teacher UNet (frozen)"] = _nbytes(teacher)
     if cfg.ema_halflife_kimg > 0 or cfg.ema_decay > 0:
         plan.rows["generator EMA (fp32)"] = _nbytes(gen, 4) // _shard(plan)
